@@ -1,0 +1,84 @@
+"""The ``sftkit`` command: ``train`` (the default), ``check`` and ``adapters``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sftkit.errors import SftkitError
+
+USAGE = """\
+usage: sftkit [train] --config RECIPE.yaml [--key value ...]
+       sftkit check --config RECIPE.yaml [--rows N] [--key value ...]
+       sftkit adapters
+
+  train     fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m sftkit)
+  check     validate the recipe and data and show what would train, without training
+  adapters  list the installed dataset adapters and their options
+
+Any recipe key can be given as --key value; it overrides the file.
+"""
+
+
+def _setup_logging() -> None:
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(format="sftkit: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("sftkit").setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+def _adapters() -> str:
+    from sftkit import plugins
+
+    registry = plugins.registry()
+    lines = []
+    for name, installed in sorted(registry.adapters.items()):
+        adapter = installed.adapter
+        lines.append(f"{name:<20} {installed.distribution} {installed.version}  {adapter.description}")
+        for option, spec in adapter.options.items():
+            lines.append(f"{'':<22}{option} (default {spec.default!r}): {spec.help}")
+    for distribution, error in registry.broken.items():
+        lines.append(f"{'(failed to load)':<20} {distribution}: {error}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = "train"
+    if arguments and not arguments[0].startswith("-"):
+        command = arguments.pop(0)
+    if command in ("help", "-h", "--help") or arguments[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    _setup_logging()
+    try:
+        if command == "adapters":
+            print(_adapters())
+            return 0
+        if command not in ("train", "check"):
+            raise SftkitError(f"unknown command {command!r}; commands are train, check and adapters")
+
+        from sftkit.recipe import load_recipe, parse_overrides
+
+        rows = 2
+        if command == "check" and "--rows" in arguments:
+            at = arguments.index("--rows")
+            rows = int(arguments[at + 1])
+            del arguments[at : at + 2]
+        config, overrides = parse_overrides(arguments)
+        if config is None:
+            raise SftkitError("no recipe: give --config RECIPE.yaml (see configs/recipes/ for examples)")
+        recipe = load_recipe(config, overrides)
+        if command == "check":
+            from sftkit.check import check
+
+            print(check(recipe, rows))
+            return 0
+        from sftkit.train import train
+
+        train(recipe)
+        return 0
+    except SftkitError as error:
+        print(f"sftkit: error: {error}", file=sys.stderr)
+        return 1 if command == "check" else 2

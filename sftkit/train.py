@@ -1,0 +1,72 @@
+"""The training job, top to bottom: recipe -> data (load, adapt, validate) -> record -> SFTTrainer -> model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accelerate import PartialState
+from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+from sftkit.data import prepare_data
+from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
+from sftkit.recipe import Recipe, number_of_processes
+from sftkit.run_record import write_run_record
+from sftkit.summary import TrainedTokenCounter, summarise
+
+logger = logging.getLogger(__name__)
+
+
+def train(recipe: Recipe) -> None:
+    """Run one supervised fine-tuning job as the recipe describes it."""
+    state = PartialState()
+    for note in recipe.notes:
+        logger.info(note)
+    args = recipe.training
+    output_dir = Path(args.output_dir)
+
+    # Data: the main process prepares first so that the others reuse its cache.
+    tokenizer = load_tokenizer(recipe)
+    with state.main_process_first():
+        data = prepare_data(recipe, tokenizer)
+    logger.info("eval rows: %s", data.eval_origin)
+    if data.eval is None and args.eval_strategy != "no":
+        logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
+        args.eval_strategy = "no"
+
+    # The run record is written before the first step, so even a crashed run says what it was.
+    args.model_init_kwargs = model_init_kwargs(recipe)
+    if state.is_main_process:
+        details = {"processes": number_of_processes(), **data.describe()}
+        record = write_run_record(args.output_dir, recipe.values, details)
+        logger.info("run record: %s", record)
+
+    trainer = SFTTrainer(
+        model=model_path(recipe),
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(recipe.model),
+        quantization_config=get_quantization_config(recipe.model),
+    )
+    if trainer.train_dataset.num_rows < data.train.num_rows and not args.packing:
+        dropped = data.train.num_rows - trainer.train_dataset.num_rows
+        logger.warning("%d train rows have no trained token within max_length %s and are left out", dropped,
+                       args.max_length)
+    counter = TrainedTokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
+    if end_of_turn is not None:
+        logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
+
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if data.eval is not None:
+        trainer.evaluate()
+    trainer.save_model(args.output_dir)
+
+    written = {"model": str(output_dir), "run record": str(output_dir / "sftkit_run.yaml")}
+    summary = summarise(trainer, counter, written)
+    if state.is_main_process:
+        print(f"\nsftkit: training finished\n{summary}", flush=True)
+    trainer.end()
