@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from sftkit.errors import SftkitError
 
@@ -23,6 +24,8 @@ Any recipe key can be given as --key value; it overrides the file.
 
 
 def _setup_logging() -> None:
+    # TRL's own default (gradient_checkpointing=True) trips this transformers deprecation on every run.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(format="sftkit: %(message)s", level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("sftkit").setLevel(logging.INFO if main_process else logging.WARNING)

@@ -85,8 +85,12 @@ def _distribution_of(plugin_name: str) -> tuple[str, str]:
 
 @functools.cache
 def registry() -> Registry:
-    """Every installed adapter by name; two adapters claiming one name is an error."""
-    manager, broken = plugin_manager()
+    """Every installed adapter by name."""
+    return collect_adapters(*plugin_manager())
+
+
+def collect_adapters(manager: pluggy.PluginManager, broken: dict[str, str]) -> Registry:
+    """Ask every plugin for its adapters; two adapters claiming one name is an error."""
     found = Registry(broken=dict(broken))
     # Call each implementation on its own so that every adapter is credited to its distribution.
     for impl in manager.hook.register_adapters.get_hookimpls():

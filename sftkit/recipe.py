@@ -269,7 +269,7 @@ def _check_together(values: dict[str, Any], source: str) -> None:
     if values.get("max_steps", -1) <= 0 and values.get("num_train_epochs", 1) <= 0:
         fail("the run would train nothing: set max_steps > 0 or num_train_epochs > 0")
     size = values.get("test_split_size")
-    if size is not None and not 0 < size < 1 and not (size >= 1 and float(size).is_integer()):
+    if size and not 0 < size < 1 and not (size >= 1 and float(size).is_integer()):
         fail(f"test_split_size must be a fraction between 0 and 1 or a whole number of rows, got {size}")
 
 

@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import torch
-
-
-class TrainedTokenCounter:
-    """Wraps the trainer's collator to count the tokens that carry loss and the tokens fed in."""
-
-    def __init__(self, collator: Callable[[list], dict[str, Any]]) -> None:
-        self.collator = collator
-        self.trained = 0
-        self.seen = 0
-
-    def __call__(self, examples: list) -> dict[str, Any]:
-        batch = self.collator(examples)
-        labels = batch["labels"]
-        self.trained += int((labels[..., 1:] != -100).sum())
-        mask = batch.get("attention_mask")
-        self.seen += int(mask.sum()) if mask is not None else labels.numel()
-        return batch
+from sftkit.trainer import SftkitTrainer
 
 
 def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, float | None]:
@@ -30,10 +12,9 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def summarise(trainer: Any, counter: TrainedTokenCounter, written: dict[str, str]) -> str:
+def summarise(trainer: SftkitTrainer, written: dict[str, str]) -> str:
     """A few lines for the terminal; token counts are summed over every process."""
-    totals = torch.tensor([counter.trained, counter.seen], dtype=torch.long, device=trainer.accelerator.device)
-    trained, seen = (int(value) for value in trainer.accelerator.reduce(totals, reduction="sum"))
+    seen, trained = trainer.token_totals()
     history = trainer.state.log_history
     runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
     first, last = _losses(history, "loss")

@@ -6,13 +6,14 @@ import logging
 from pathlib import Path
 
 from accelerate import PartialState
-from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl import get_peft_config, get_quantization_config
 
 from sftkit.data import prepare_data
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.run_record import write_run_record
-from sftkit.summary import TrainedTokenCounter, summarise
+from sftkit.summary import summarise
+from sftkit.trainer import SftkitTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def train(recipe: Recipe) -> None:
         record = write_run_record(args.output_dir, recipe.values, details)
         logger.info("run record: %s", record)
 
-    trainer = SFTTrainer(
+    trainer = SftkitTrainer(
         model=model_path(recipe),
         args=args,
         train_dataset=data.train,
@@ -54,8 +55,6 @@ def train(recipe: Recipe) -> None:
         dropped = data.train.num_rows - trainer.train_dataset.num_rows
         logger.warning("%d train rows have no trained token within max_length %s and are left out", dropped,
                        args.max_length)
-    counter = TrainedTokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
@@ -64,9 +63,10 @@ def train(recipe: Recipe) -> None:
     if data.eval is not None:
         trainer.evaluate()
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
     written = {"model": str(output_dir), "run record": str(output_dir / "sftkit_run.yaml")}
-    summary = summarise(trainer, counter, written)
+    summary = summarise(trainer, written)
     if state.is_main_process:
         print(f"\nsftkit: training finished\n{summary}", flush=True)
     trainer.end()

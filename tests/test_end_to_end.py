@@ -1,0 +1,97 @@
+"""End to end, as a user runs it: `accelerate launch -m sftkit --config ...` on the CPU with the embedded assets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT, sharegpt_row, write_jsonl
+
+QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
+
+
+def run(*arguments: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("quickstart")
+    result = run(
+        "accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "sftkit", "--config", str(QUICKSTART),
+        "--output_dir", str(output), "--max_steps", "60", "--eval_steps", "30",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_run_writes_a_loadable_model_that_stops_at_end_of_turn(trained):
+    output, _ = trained
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert (output / "model.safetensors").is_file()
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
+
+
+def test_loss_falls_on_train_and_held_out_rows(trained):
+    output, result = trained
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) >= 2
+    assert losses[-1] < losses[0] / 2
+    assert eval_losses[-1] < eval_losses[0] / 2
+    assert "sftkit: training finished" in result.stdout
+    assert "held-out loss" in result.stdout and "trained of" in result.stdout
+
+
+def test_run_record_is_complete(trained):
+    output, _ = trained
+    record = yaml.safe_load((output / "sftkit_run.yaml").read_text())
+    assert record["recipe"]["max_steps"] == 60  # the command-line override, resolved
+    assert record["recipe"]["bf16"] is False and record["recipe"]["fp16"] is False  # derived on CPU
+    assert record["adapter"]["name"] == "sharegpt" and record["adapter"]["distribution"] == "sftkit"
+    assert record["data"]["eval_rows"] == 60
+    assert set(record["versions"]) >= {"sftkit", "trl", "transformers", "accelerate", "deepspeed", "datasets", "torch"}
+
+
+def test_check_shows_what_trains_without_training(tmp_path):
+    result = run(sys.executable, "-m", "sftkit", "check", "--config", str(QUICKSTART), "--rows", "1",
+                 "--output_dir", str(tmp_path / "never"))
+    assert result.returncode == 0, result.stderr
+    assert "adapter        sharegpt" in result.stdout
+    assert "<|im_start|>user" in result.stdout and "training would start: ok" in result.stdout
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_data_stops_check_and_train_with_the_row_named(tmp_path):
+    rows = [sharegpt_row(0, ("human", "hi"), ("gpt", "hello")), sharegpt_row(1, ("human", "hi"), ("robot", "x"))]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ("--config", str(QUICKSTART), "--dataset_name", str(data), "--test_split_size", "0",
+              "--eval_strategy", "no", "--output_dir", str(tmp_path / "out"))
+    checked = run(sys.executable, "-m", "sftkit", "check", *common)
+    assert checked.returncode == 1
+    assert "train row 1: turn 1 has unknown role 'robot'" in checked.stderr
+    assert "Traceback" not in checked.stderr
+    trained = run(sys.executable, "-m", "sftkit", *common)
+    assert trained.returncode == 2 and "unknown role 'robot'" in trained.stderr
+
+
+def test_misspelled_key_on_the_command_line_fails_fast(tmp_path):
+    result = run(sys.executable, "-m", "sftkit", "train", f"--config={QUICKSTART}", "--max_step", "5")
+    assert result.returncode == 2
+    assert "unknown key 'max_step'; did you mean max_steps?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_adapters_lists_name_distribution_version_and_description():
+    result = run("sftkit", "adapters")
+    assert result.returncode == 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("sharegpt"))
+    assert "sftkit 0.1.0" in line and "human -> user" in line

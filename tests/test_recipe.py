@@ -1,0 +1,169 @@
+"""Recipes are strict: every key, type and combination is checked before anything loads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from sftkit.errors import SftkitError
+from sftkit.recipe import derive_gradient_accumulation, load_recipe, parse_overrides
+
+WALKTHROUGH = """\
+model_name_or_path: Qwen/Qwen2.5-0.5B
+dataset_name: BAAI/Infinity-Instruct
+dataset_config: '0625'
+do_train: true
+per_device_train_batch_size: 4
+output_dir: /tmp/my-first-sft-exp
+max_steps: 10
+logging_steps: 1
+"""
+
+
+@pytest.fixture
+def walkthrough(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(WALKTHROUGH)
+    return path
+
+
+def recipe_with(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(WALKTHROUGH + text)
+    return path
+
+
+def test_walkthrough_recipe_is_accepted_unchanged(walkthrough):
+    recipe = load_recipe(str(walkthrough))
+    assert recipe.script.dataset_config == "0625"
+    assert recipe.training.do_train is True
+    assert recipe.training.per_device_train_batch_size == 4
+    assert recipe.training.max_steps == 10
+    assert recipe.model.model_name_or_path == "Qwen/Qwen2.5-0.5B"
+    assert recipe.sftkit.dataset_format == "auto"
+
+
+def test_misspelled_key_names_key_file_and_closest(tmp_path):
+    path = recipe_with(tmp_path, "per_device_train_batchsize: 8\n")
+    with pytest.raises(SftkitError) as error:
+        load_recipe(str(path))
+    message = str(error.value)
+    assert "per_device_train_batchsize" in message
+    assert str(path) in message
+    assert "did you mean per_device_train_batch_size?" in message
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(WALKTHROUGH.replace("max_steps: 10", "max_steps: ten"))
+    with pytest.raises(SftkitError, match="max_steps must be integer, got 'ten'"):
+        load_recipe(str(path))
+
+
+def test_unquoted_config_name_is_a_type_error_with_a_hint(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(WALKTHROUGH.replace("'0625'", "0625"))
+    with pytest.raises(SftkitError, match="dataset_config must be string or null.*quote it"):
+        load_recipe(str(path))
+
+
+def test_yaml_float_without_dot_is_accepted(tmp_path):
+    recipe = load_recipe(str(recipe_with(tmp_path, "learning_rate: 2e-5\n")))
+    assert recipe.training.learning_rate == pytest.approx(2e-5)
+
+
+def test_both_config_spellings_and_overrides_win(walkthrough):
+    for arguments in (["--config", str(walkthrough)], [f"--config={walkthrough}"]):
+        config, overrides = parse_overrides(arguments + ["--max_steps", "3", "--packing", "--dataset_config=0625"])
+        recipe = load_recipe(config, overrides)
+        assert recipe.training.max_steps == 3
+        assert recipe.training.packing is True
+        assert recipe.script.dataset_config == "0625"  # text stays text on the command line
+
+
+def test_command_line_typo_is_caught_too(walkthrough):
+    _, overrides = parse_overrides(["--learning_rat", "1e-4"])
+    with pytest.raises(SftkitError, match="did you mean learning_rate"):
+        load_recipe(str(walkthrough), overrides)
+
+
+def test_env_sets_environment_variables(tmp_path):
+    load_recipe(str(recipe_with(tmp_path, "env:\n  SFTKIT_TEST_VARIABLE: 42\n")))
+    assert os.environ["SFTKIT_TEST_VARIABLE"] == "42"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lora_r: 8\n", "only take effect with use_peft"),
+        ("global_batch_size: 8\ngradient_accumulation_steps: 2\n", "both set"),
+        ("bf16: true\nfp16: true\n", "choose one"),
+        ("packing_strategy: bfd\n", "packing is not enabled"),
+        ("test_split_size: 1.5\n", "test_split_size must be"),
+        ("datasets:\n  - path: x.json\n", "use one of them"),
+    ],
+)
+def test_keys_that_go_together(tmp_path, text, message):
+    with pytest.raises(SftkitError, match=message):
+        load_recipe(str(recipe_with(tmp_path, text)))
+
+
+def test_mixture_entries_are_strict(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    text = WALKTHROUGH.replace("dataset_name: BAAI/Infinity-Instruct\ndataset_config: '0625'\n", "")
+    path.write_text(text + "datasets:\n  - path: data.json\n    spilt: train\n")
+    with pytest.raises(SftkitError, match=r"datasets\[0\] has unknown key 'spilt'; did you mean split"):
+        load_recipe(str(path))
+
+
+def test_missing_optional_package_is_a_clear_error(tmp_path):
+    pytest.importorskip("peft")
+    assert load_recipe(str(recipe_with(tmp_path, "use_peft: true\nlora_r: 8\n"))).model.lora_r == 8
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(SftkitError, match="load_in_4bit: true needs the bitsandbytes package"):
+            load_recipe(str(recipe_with(tmp_path, "load_in_4bit: true\n")))
+
+
+def test_global_batch_size_derives_accumulation(tmp_path, monkeypatch):
+    recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
+    assert recipe.training.gradient_accumulation_steps == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
+    assert recipe.training.gradient_accumulation_steps == 4
+    assert recipe.values["gradient_accumulation_steps"] == 4
+
+
+def test_indivisible_global_batch_proposes_valid_values():
+    with pytest.raises(SftkitError) as error:
+        derive_gradient_accumulation(30, per_device=4, processes=2, source="r.yaml")
+    message = str(error.value)
+    assert "global_batch_size: 24 or 32" in message
+    assert "per_device_train_batch_size one of [1, 3, 5, 15]" in message
+
+
+def test_precision_defaults_to_fp32_on_cpu_and_ignores_the_launcher(walkthrough, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    recipe = load_recipe(str(walkthrough))
+    assert (recipe.training.bf16, recipe.training.fp16) == (False, False)
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert any("launcher asked for mixed_precision=fp16" in note for note in recipe.notes)
+    assert any(note.startswith("precision: fp32") for note in recipe.notes)
+
+
+def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(SftkitError, match="no such file"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: [1,\n")
+    with pytest.raises(SftkitError, match=f"recipe {bad}: not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_recipe_values_record_overrides_and_derived_values(walkthrough):
+    _, overrides = parse_overrides(["--global_batch_size", "8"])
+    recipe = load_recipe(str(walkthrough), overrides)
+    assert yaml.safe_load(yaml.safe_dump(recipe.values))["gradient_accumulation_steps"] == 2

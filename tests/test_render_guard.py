@@ -1,0 +1,109 @@
+"""The render guard stops a run whose chat template drops turns or leaves nothing to train, before step 1."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+from trl import SFTConfig
+
+from sftkit.errors import SftkitError
+from sftkit.render_guard import check_rendering, missing_turns
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of Veloria?"},
+    {"role": "assistant", "content": "The capital of Veloria is Amberhold."},
+]
+
+# Renders assistant turns only, the way Qwen2.5's template treats roles it does not know.
+DROPS_USER_TURNS = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+)
+# Trims and re-indents content, and drops the reasoning of all but the last assistant turn (like Qwen3).
+TRIMS_AND_DROPS_REASONING = (
+    "{% for m in messages %}{% set content = m['content'] %}"
+    "{% if m['role'] == 'assistant' and not loop.last and '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n  {{ content | trim }}<|im_end|>\n{% endfor %}"
+)
+
+
+def args(**values) -> SFTConfig:
+    return SFTConfig(output_dir="unused", bf16=False, report_to="none", **values)
+
+
+def dataset(*conversations) -> datasets.Dataset:
+    return datasets.Dataset.from_list([{"messages": conversation} for conversation in conversations])
+
+
+def test_clean_data_passes(tokenizer):
+    assert check_rendering(dataset(CONVERSATION, CONVERSATION), tokenizer, args(), rows=8, split="train") == 2
+
+
+def test_template_that_drops_turns_is_caught(tokenizer):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = DROPS_USER_TURNS
+    try:
+        with pytest.raises(SftkitError) as error:
+            check_rendering(dataset(CONVERSATION), tokenizer, args(), rows=8, split="train")
+    finally:
+        tokenizer.chat_template = original
+    message = str(error.value)
+    assert "train row 0: turn 0 (system)" in message
+    assert "role_map" in message and "renders train row 0 as" in message
+
+
+def test_unmapped_sharegpt_roles_are_caught_with_qwen25_template(tokenizer):
+    # What TRL 1.16 trains on when human/gpt roles reach Qwen2.5's template: the default system prompt only.
+    unmapped = [{"role": "human", "content": "What is 2 + 2?"}, {"role": "gpt", "content": "2 + 2 = 4."}]
+    with pytest.raises(SftkitError, match="turn 0 \\(human\\).*missing from the rendering"):
+        check_rendering(dataset(unmapped), tokenizer, args(), rows=8, split="train")
+
+
+def test_trimming_and_dropped_reasoning_are_not_false_alarms():
+    rendered_by = {
+        "reasoning": "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\n  Q2<|im_end|>\n<|im_start|>assistant\n<think>r2</think>A2<|im_end|>\n",
+    }
+    messages = [
+        {"role": "user", "content": "  Q1\n"},
+        {"role": "assistant", "content": "<think>long reasoning</think>A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "<think>r2</think>A2"},
+    ]
+    assert missing_turns(messages, rendered_by["reasoning"]) == []
+
+
+def test_trimming_template_end_to_end(tokenizer):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = TRIMS_AND_DROPS_REASONING
+    conversation = [
+        {"role": "user", "content": "  Why?  \n"},
+        {"role": "assistant", "content": "<think>because</think>\nSo."},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    try:
+        assert check_rendering(dataset(conversation), tokenizer, args(), rows=8, split="train") == 1
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_tool_calls_count_as_content():
+    messages = [
+        {"role": "user", "content": "Weather in Amberhold?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {}}}]},
+    ]
+    assert missing_turns(messages, "user: Weather in Amberhold? assistant: <tool_call>get_weather</tool_call>") == []
+    assert missing_turns(messages, "user: Weather in Amberhold? assistant:") != []
+
+
+def test_example_with_no_trained_tokens_is_caught(tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(SftkitError, match="no token of this example would be trained"):
+        check_rendering(
+            dataset(long_prompt), tokenizer, args(assistant_only_loss=True, max_length=32), rows=8, split="train"
+        )
+    # Without assistant_only_loss every token trains, so the same example passes.
+    assert check_rendering(dataset(long_prompt), tokenizer, args(max_length=32), rows=8, split="train") == 1

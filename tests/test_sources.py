@@ -1,0 +1,90 @@
+"""Sources: files by path or glob, directories, the dataset's own test split or a seeded held-out part."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from helpers import TINY_MODEL, write_jsonl, write_recipe
+
+from sftkit.errors import SftkitError
+from sftkit.recipe import load_recipe
+from sftkit.sources import load_raw, load_splits
+
+
+def test_json_jsonl_parquet_csv_and_globs(tmp_path, sharegpt_rows):
+    write_jsonl(tmp_path / "a.jsonl", sharegpt_rows[:10])
+    write_jsonl(tmp_path / "b.jsonl", sharegpt_rows[10:25])
+    (tmp_path / "array.json").write_text(json.dumps(sharegpt_rows))
+    datasets.Dataset.from_list(sharegpt_rows).to_parquet(str(tmp_path / "rows.parquet"))
+    (tmp_path / "plain.csv").write_text("text\nhello\nworld\n")
+    assert load_raw(str(tmp_path / "a.jsonl"), None)["train"].num_rows == 10
+    assert load_raw(str(tmp_path / "*.jsonl"), None)["train"].num_rows == 25
+    assert load_raw(str(tmp_path / "array.json"), None)["train"].num_rows == 40
+    assert load_raw(str(tmp_path / "rows.parquet"), None)["train"].num_rows == 40
+    assert load_raw(str(tmp_path / "plain.csv"), None)["train"]["text"] == ["hello", "world"]
+
+
+def test_directory_with_splits(tmp_path, sharegpt_rows):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", sharegpt_rows[:30])
+    write_jsonl(folder / "test.jsonl", sharegpt_rows[30:])
+    loaded = load_raw(str(folder), None)
+    assert (loaded["train"].num_rows, loaded["test"].num_rows) == (30, 10)
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(SftkitError, match="no such file or directory"):
+        load_raw(str(tmp_path / "missing.jsonl"), None)
+    with pytest.raises(SftkitError, match="the glob matches no files"):
+        load_raw(str(tmp_path / "*.jsonl"), None)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SftkitError, match="cannot read files with suffix .txt"):
+        load_raw(str(tmp_path / "notes.txt"), None)
+
+
+def recipe_for(tmp_path, data: str, **extra):
+    path = write_recipe(
+        tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, dataset_name=data, output_dir=str(tmp_path), **extra
+    )
+    return load_recipe(str(path))
+
+
+def test_own_test_split_is_preferred(tmp_path, sharegpt_rows):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", sharegpt_rows[:30])
+    write_jsonl(folder / "test.jsonl", sharegpt_rows[30:])
+    splits = load_splits(recipe_for(tmp_path, str(folder), test_split_size=0.5))
+    assert (splits.train.num_rows, splits.eval.num_rows) == (30, 10)
+    assert splits.eval_origin == "split 'test'"
+
+
+def test_held_out_rows_are_deterministic_by_seed(tmp_path, sharegpt_rows):
+    data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
+    first = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    again = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    other = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=2))
+    assert first.eval["id"] == again.eval["id"] != other.eval["id"]
+    assert first.eval.num_rows == 10 and first.train.num_rows == 30
+    assert not set(first.eval["id"]) & set(first.train["id"])
+    assert load_splits(recipe_for(tmp_path, data, test_split_size=4)).eval.num_rows == 4
+
+
+def test_no_eval_without_test_split_or_held_out_size(tmp_path, sharegpt_rows):
+    data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
+    assert load_splits(recipe_for(tmp_path, data)).eval is None
+
+
+def test_missing_train_split_lists_the_splits(tmp_path, sharegpt_rows):
+    data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
+    with pytest.raises(SftkitError, match="no split 'training'; it has train"):
+        load_splits(recipe_for(tmp_path, data, dataset_train_split="training"))
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does at import
+    with pytest.raises(SftkitError, match="could not load it from the Hugging Face Hub"):
+        load_raw("some-org/some-dataset-that-is-not-here", None)
