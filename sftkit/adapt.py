@@ -53,7 +53,14 @@ def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> dict[str, Any
             raise SftkitError(
                 f"dataset_options: adapter {adapter.name!r} has no option {key!r} (accepted: {accepted})"
             )
-    return {key: given.get(key, option.default) for key, option in known.items()}
+    resolved = {key: given.get(key, option.default) for key, option in known.items()}
+    for key, value in resolved.items():
+        choices = known[key].choices
+        if choices is not None and value not in choices:
+            raise SftkitError(
+                f"dataset_options: {key} of adapter {adapter.name!r} must be one of {list(choices)}, got {value!r}"
+            )
+    return resolved
 
 
 def check_record(record: Mapping[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
 import sys
@@ -40,7 +40,8 @@ def _adapters() -> str:
         adapter = installed.adapter
         lines.append(f"{name:<20} {installed.distribution} {installed.version}  {adapter.description}")
         for option, spec in adapter.options.items():
-            lines.append(f"{'':<22}{option} (default {spec.default!r}): {spec.help}")
+            choices = f"; one of {json.dumps(list(spec.choices))}" if spec.choices else ""
+            lines.append(f"{'':<22}{option} (default {json.dumps(spec.default)}{choices}): {spec.help}")
     for distribution, error in registry.broken.items():
         lines.append(f"{'(failed to load)':<20} {distribution}: {error}")
     return "\n".join(lines)

@@ -30,10 +30,11 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One ``dataset_options`` key an adapter accepts, with its default and a one-line help."""
+    """One ``dataset_options`` key an adapter accepts, with its default, a one-line help and allowed values."""
 
     default: Any
     help: str
+    choices: tuple[Any, ...] | None = None  # when set, sftkit rejects any other value before reading a row
 
 
 class Adapter:

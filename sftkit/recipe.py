@@ -304,6 +304,20 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def has_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def resolve_device(values: dict[str, Any], notes: list[str]) -> None:
+    """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP."""
+    if "use_cpu" not in values and not has_accelerator():
+        values["use_cpu"] = True
+        notes.append("device: CPU (no GPU found); several processes run as DDP over gloo")
+
+
 def resolve_precision(values: dict[str, Any], notes: list[str]) -> None:
     """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -359,6 +373,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     _check_together(values, source)
 
     notes: list[str] = []
+    resolve_device(values, notes)
     resolve_precision(values, notes)
     if values.get("global_batch_size") is not None:
         per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)

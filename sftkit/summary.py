@@ -24,7 +24,7 @@ def summarise(trainer: SftkitTrainer, written: dict[str, str]) -> str:
     if runtime:
         lines.append(f"throughput     {seen / runtime:,.0f} tokens/s over {runtime:.1f} s")
     if first is not None:
-        lines.append(f"train loss     {first:.4f} (first step) -> {last:.4f} (last step)")
+        lines.append(f"train loss     {first:.4f} (first logged) -> {last:.4f} (last logged)")
     if eval_first is not None:
         lines.append(f"held-out loss  {eval_first:.4f} (first eval) -> {eval_last:.4f} (last eval)")
     lines += [f"{label:<14} {path}" for label, path in written.items()]

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def train(recipe: Recipe) -> None:
     """Run one supervised fine-tuning job as the recipe describes it."""
-    state = PartialState()
+    state = PartialState(cpu=recipe.training.use_cpu)
     for note in recipe.notes:
         logger.info(note)
     args = recipe.training
