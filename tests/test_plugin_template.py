@@ -67,7 +67,7 @@ def test_adapters_lists_dolly_with_its_distribution(dolly_site: Path, tmp_path: 
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("dolly ")]
     (installed,) = importlib.metadata.distributions(name="sftkit-dolly", path=[str(dolly_site)])
     assert line.split()[1:3] == ["sftkit-dolly", installed.version]
-    assert "context_position (default 'after')" in result.stdout
+    assert 'context_position (default "after"; one of ["after", "before"])' in result.stdout
 
 
 def test_trains_on_auto_detected_dolly_data(dolly_site: Path, tmp_path: Path) -> None:
