@@ -315,7 +315,7 @@ def resolve_device(values: dict[str, Any], notes: list[str]) -> None:
     """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP."""
     if "use_cpu" not in values and not has_accelerator():
         values["use_cpu"] = True
-        notes.append("device: CPU (no GPU found); several processes run as DDP over gloo")
+        notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
 
 
 def resolve_precision(values: dict[str, Any], notes: list[str]) -> None:
