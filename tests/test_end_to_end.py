@@ -95,3 +95,17 @@ def test_adapters_lists_name_distribution_version_and_description():
     assert result.returncode == 0
     line = next(line for line in result.stdout.splitlines() if line.startswith("sharegpt"))
     assert "sftkit 0.1.0" in line and "human -> user" in line
+
+
+def test_two_processes_split_the_global_batch(tmp_path):
+    """DDP over gloo on the CPU: the same global_batch_size means half the accumulation on two processes."""
+    result = run(
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "sftkit", "--config", str(QUICKSTART),
+        "--output_dir", str(tmp_path), "--max_steps", "4", "--global_batch_size", "32", "--eval_strategy", "no",
+        "--eval_on_start", "false", "--logging_steps", "1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = yaml.safe_load((tmp_path / "sftkit_run.yaml").read_text())
+    assert record["processes"] == 2
+    assert record["recipe"]["gradient_accumulation_steps"] == 2  # 32 = 8 per device x 2 processes x 2
+    assert result.stdout.count("sftkit: training finished") == 1  # one summary, from the main process

@@ -128,13 +128,12 @@ def test_missing_optional_package_is_a_clear_error(tmp_path):
             load_recipe(str(recipe_with(tmp_path, "load_in_4bit: true\n")))
 
 
-def test_global_batch_size_derives_accumulation(tmp_path, monkeypatch):
+def test_global_batch_size_derives_accumulation(tmp_path):
     recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
     assert recipe.training.gradient_accumulation_steps == 8
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
-    assert recipe.training.gradient_accumulation_steps == 4
-    assert recipe.values["gradient_accumulation_steps"] == 4
+    assert recipe.values["gradient_accumulation_steps"] == 8
+    assert derive_gradient_accumulation(32, per_device=4, processes=2, source="r.yaml") == 4
+    assert derive_gradient_accumulation(32, per_device=4, processes=8, source="r.yaml") == 1
 
 
 def test_indivisible_global_batch_proposes_valid_values():
