@@ -318,18 +318,22 @@ def resolve_device(values: dict[str, Any], notes: list[str]) -> None:
         notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
 
 
-def resolve_precision(values: dict[str, Any], notes: list[str]) -> None:
+def resolve_precision(values: dict[str, Any], notes: list[str], source: str) -> None:
     """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    import torch
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if "bf16" in values or "fp16" in values:
         chosen = "bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "no"
         reason = "as the recipe says"
+        if chosen == "fp16" and not torch.cuda.is_available():
+            raise SftkitError(f"recipe {source}: fp16: true needs a CUDA GPU; on this machine leave precision unset")
     else:
         on_cpu = values.get("use_cpu", False)
         chosen = "bf16" if bf16_supported() and not on_cpu else "no"
         reason = "the hardware supports bf16" if chosen == "bf16" else "no bf16-capable GPU"
     values["bf16"], values["fp16"] = chosen == "bf16", chosen == "fp16"
-    if launcher != chosen:
+    if launcher is not None and launcher != chosen:
         notes.append(
             f"the launcher asked for mixed_precision={launcher}; the recipe decides precision, so it is ignored "
             "(set bf16 or fp16 in the recipe to change it)"
@@ -374,7 +378,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
 
     notes: list[str] = []
     resolve_device(values, notes)
-    resolve_precision(values, notes)
+    resolve_precision(values, notes, source)
     if values.get("global_batch_size") is not None:
         per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
         processes = number_of_processes()

@@ -109,3 +109,13 @@ def test_two_processes_split_the_global_batch(tmp_path):
     assert record["processes"] == 2
     assert record["recipe"]["gradient_accumulation_steps"] == 2  # 32 = 8 per device x 2 processes x 2
     assert result.stdout.count("sftkit: training finished") == 1  # one summary, from the main process
+
+
+def test_lora_with_peft_installed(tmp_path):
+    pytest.importorskip("peft")
+    result = run(
+        sys.executable, "-m", "sftkit", "--config", str(QUICKSTART), "--output_dir", str(tmp_path), "--max_steps", "2",
+        "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--eval_strategy", "no", "--eval_on_start", "false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()

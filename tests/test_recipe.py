@@ -166,3 +166,13 @@ def test_recipe_values_record_overrides_and_derived_values(walkthrough):
     _, overrides = parse_overrides(["--global_batch_size", "8"])
     recipe = load_recipe(str(walkthrough), overrides)
     assert yaml.safe_load(yaml.safe_dump(recipe.values))["gradient_accumulation_steps"] == 2
+
+
+def test_explicit_precision_wins_or_is_rejected(tmp_path, monkeypatch):
+    recipe = load_recipe(str(recipe_with(tmp_path, "bf16: true\n")))  # CPU autocast supports bf16
+    assert recipe.training.bf16 is True and not any("launcher" in note for note in recipe.notes)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SftkitError, match="fp16: true needs a CUDA GPU"):
+            load_recipe(str(recipe_with(tmp_path, "fp16: true\n")))
