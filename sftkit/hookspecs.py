@@ -25,7 +25,15 @@ hookimpl = pluggy.HookimplMarker("sftkit")
 
 
 class RowError(ValueError):
-    """Raised by an adapter for a row it cannot convert; sftkit adds the row index and source."""
+    """Raised by an adapter for a row it cannot convert; sftkit adds the row index and source.
+
+    ``reason`` is the short category the bad-row report counts rows by (``unknown role``,
+    ``empty content``, ``malformed tool call``, ...); the message says what exactly is wrong.
+    """
+
+    def __init__(self, message: str, reason: str = "rejected by adapter") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,9 @@ class Adapter:
 
     Canonical records are one of:
       - ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``,
-        optionally with ``"tools": [...]`` (JSON-schema function definitions);
-      - ``{"prompt": str, "completion": str}``;
+        optionally with ``"tools": [...]`` (JSON-schema function definitions); an assistant turn
+        may carry ``"tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}]``;
+      - ``{"prompt": str | messages, "completion": str | messages}``;
       - ``{"text": str}``.
     Tokenisation, loss masking and packing are sftkit's job, not the adapter's.
     """
