@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,9 @@ from sftkit.plugins import InstalledAdapter, Registry
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
+ADAPTED = datasets.Features(
+    {"record": datasets.Value("string"), "invalid": datasets.Value("string"), "problem": datasets.Value("string")}
+)
 DETECTION_ROWS = 16
 
 
@@ -63,47 +67,98 @@ def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> dict[str, Any
     return resolved
 
 
+def _check_tool_calls(position: int, calls: Any) -> None:
+    if not isinstance(calls, list) or not all(
+        isinstance(call, Mapping)
+        and isinstance(call.get("function"), Mapping)
+        and isinstance(call["function"].get("name"), str)
+        and isinstance(call["function"].get("arguments"), Mapping)
+        for call in calls
+    ):
+        raise RowError(
+            f"turn {position} has malformed tool_calls {calls!r:.120}; each needs function.name (text) and "
+            "function.arguments (a mapping)",
+            reason="malformed tool call",
+        )
+
+
+def _check_messages(messages: Any, what: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"{what} must be a non-empty list of turns", reason="empty content")
+    for position, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in ROLES:
+            raise RowError(f"turn {position} has role {role!r}; canonical roles are {', '.join(ROLES)}",
+                           reason="unknown role")
+        if message.get("tool_calls"):
+            _check_tool_calls(position, message["tool_calls"])
+        elif not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise RowError(f"turn {position} ({role}) is empty", reason="empty content")
+
+
 def check_record(record: Mapping[str, Any]) -> None:
-    """A canonical record is messages, prompt/completion, or text; raise RowError for anything else."""
+    """What every trainable record needs, whatever its adapter; raises RowError with the reason."""
     if "messages" in record:
-        for position, message in enumerate(record["messages"]):
-            if message.get("role") not in ROLES:
-                raise RowError(f"turn {position} has role {message.get('role')!r}; canonical roles are {ROLES}")
-            if not isinstance(message.get("content"), str) and not message.get("tool_calls"):
-                raise RowError(f"turn {position} ({message['role']}) has no text content")
+        messages = record["messages"]
+        _check_messages(messages, "messages")
+        roles = [message["role"] for message in messages]
+        if "assistant" not in roles:
+            raise RowError("the conversation has no assistant turn", reason="no assistant turn")
+        if roles[-1] != "assistant":
+            raise RowError(f"the conversation ends on a {roles[-1]} turn, not an assistant turn",
+                           reason="does not end on a trained turn")
     elif "prompt" in record and "completion" in record:
-        pass
-    elif not isinstance(record.get("text"), str):
+        for part in ("prompt", "completion"):
+            value = record[part]
+            if isinstance(value, str):
+                if not value.strip():
+                    raise RowError(f"{part} is empty", reason="empty content")
+            else:
+                _check_messages(value, part)
+        completion = record["completion"]
+        if not isinstance(completion, str) and completion[-1]["role"] != "assistant":
+            raise RowError("the completion does not end on an assistant turn", reason="does not end on a trained turn")
+    elif isinstance(record.get("text"), str):
+        if not record["text"].strip():
+            raise RowError("text is empty", reason="empty content")
+    else:
         raise RowError(f"the adapter produced {sorted(record)}; expected messages, prompt/completion or text")
 
 
 def adapt(
     dataset: datasets.Dataset, installed: InstalledAdapter, options: Mapping[str, Any], split: str
 ) -> datasets.Dataset:
-    """Convert every row; a row the adapter rejects stops the run with its index and the reason."""
+    """Convert every row to ``record`` (canonical, as JSON) or mark it ``invalid`` with the reason and ``problem``.
+
+    Records travel as JSON text so that tool-call arguments of any shape survive Arrow, which would
+    otherwise merge every row's argument keys into one struct.
+    """
     adapter = installed.adapter
-    columns = adapter.columns(options)
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing:
+    columns = [column for column in adapter.columns(options) if column in dataset.column_names]
+    if not columns:
         raise SftkitError(
-            f"{split} data: adapter {adapter.name!r} reads columns {missing} that the data does not have "
-            f"(it has {dataset.column_names}); name the right ones in dataset_options"
+            f"{split} data: adapter {adapter.name!r} reads columns {adapter.columns(options)}, and the data has none of "
+            f"them (it has {dataset.column_names}); name the right ones in dataset_options or choose another format"
         )
     dataset = dataset.select_columns(columns)  # never carry unread columns through an expensive pass
 
-    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        records = []
-        for offset, index in enumerate(indices):
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"record": [], "invalid": [], "problem": []}
+        for offset in range(len(batch[columns[0]])):
             row = {column: batch[column][offset] for column in columns}
             try:
                 record = adapter.convert(row, options)
                 check_record(record)
             except RowError as error:
-                raise SftkitError(f"{split} row {index}: {error} (adapter {adapter.name})") from None
-            records.append(record)
-        keys = sorted({key for record in records for key in record})
-        return {key: [record.get(key) for record in records] for key in keys}
+                out["record"].append(None)
+                out["invalid"].append(error.reason)
+                out["problem"].append(str(error))
+                continue
+            out["record"].append(json.dumps(record, ensure_ascii=False))
+            out["invalid"].append(None)
+            out["problem"].append(None)
+        return out
 
     return dataset.map(
-        convert, batched=True, with_indices=True, remove_columns=columns, desc=f"Adapting {split} rows ({adapter.name})"
+        convert, batched=True, remove_columns=columns, features=ADAPTED, desc=f"Adapting {split} rows ({adapter.name})"
     )

@@ -2,32 +2,69 @@
 
 from __future__ import annotations
 
-from sftkit.data import prepare_data
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.data import PreparedSplit, prepare_data
 from sftkit.model import load_tokenizer
 from sftkit.recipe import Recipe
-from sftkit.render_guard import training_template, trained_token_count
+from sftkit.tokenization import IGNORE
+
+TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
+PLAIN_MARKS = ("[[", "]]")
 
 
-def check(recipe: Recipe, shown_rows: int) -> str:
+def mark_trained(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase, colour: bool) -> str:
+    """The tokens as text, with the ones that carry loss in green (or between [[ and ]])."""
+    opening, closing = (TRAINED_COLOUR, RESET) if colour else PLAIN_MARKS
+    pieces, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        boundary = end == len(input_ids) or (labels[end] != IGNORE) != (labels[start] != IGNORE)
+        if boundary:
+            text = tokenizer.decode(input_ids[start:end])
+            pieces.append(f"{opening}{text}{closing}" if labels[start] != IGNORE else text)
+            start = end
+    return "".join(pieces)
+
+
+def _lengths(split: PreparedSplit, max_length: int | None) -> str:
+    lengths = np.array([length for length, reason in zip(split.rows["length"], split.rows["invalid"], strict=True)
+                        if reason is None or reason == "too long"])
+    if not len(lengths):
+        return f"{split.name}: no valid rows"
+    p50, p90, p99 = (int(value) for value in np.percentile(lengths, [50, 90, 99]))
+    line = f"{split.name}: p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()} tokens"
+    if max_length is not None:
+        line += f"; {int((lengths > max_length).sum()):,} rows longer than max_length {max_length}"
+    return line
+
+
+def check(recipe: Recipe, shown_rows: int, colour: bool) -> str:
     """Validate recipe and data (raising SftkitError on a problem) and describe what would train."""
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
-    described = data.describe()
+    splits = [split for split in (data.train, data.eval) if split is not None]
     lines = [f"recipe         {recipe.source}"]
     lines += [f"note           {note}" for note in recipe.notes]
-    adapter = described["adapter"]
-    lines.append(f"adapter        {adapter['name']} from {adapter['distribution']} {adapter['version']}: {adapter['chosen']}")
-    lines.append(f"train rows     {data.train.num_rows:,}")
-    lines.append(f"eval rows      {described['data']['eval_rows']:,} ({data.eval_origin})")
-    lines.append(f"render guard   {data.rows_checked} sampled examples: every turn rendered, every one trains")
-    template = training_template(tokenizer, recipe.training) if "messages" in data.train.column_names else None
-    for index in range(min(shown_rows, data.train.num_rows)):
-        record = data.train[index]
-        trained = trained_token_count(record, tokenizer, recipe.training, template)
-        if "messages" in record:
-            text = tokenizer.apply_chat_template(record["messages"], chat_template=template, tokenize=False)
-        else:
-            text = record.get("text") or record["prompt"] + record["completion"]
-        lines.append(f"\n--- train row {index}: {trained} trained tokens ---\n{text}")
+    for choice in data.adapters:
+        installed = choice.installed
+        lines.append(f"adapter        {installed.adapter.name} from {installed.distribution} {installed.version} "
+                     f"for {choice.source}: {choice.reason}")
+    rows = [line for split in splits for line in split.report.lines()]
+    lines += [f"{'rows' if index == 0 else '':<15}{line}" for index, line in enumerate(rows)]
+    lines.append(f"eval           {data.eval_origin}")
+    lengths = [_lengths(split, recipe.training.max_length) for split in splits]
+    lines += [f"{'lengths' if index == 0 else '':<15}{line}" for index, line in enumerate(lengths)]
+    if recipe.training.max_length is not None:
+        cut = "skipped as too long" if recipe.sftkit.long_rows == "skip" else "truncated"
+        lines.append(f"{'':<15}rows longer than max_length are {cut} (long_rows)")
+    lines.append(f"render guard   {data.rows_checked} sampled examples render every turn")
+    marks = "green" if colour else "between [[ and ]]"
+    valid = [row for row, reason in enumerate(data.train.rows["invalid"]) if reason is None]
+    for row in valid[:shown_rows]:
+        example = data.train.rows[row]
+        trained = sum(label != IGNORE for label in example["labels"][1:])
+        lines.append(f"\n--- train row {row}: {trained} of {len(example['input_ids'])} tokens trained ({marks}) ---")
+        lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
     lines.append("\ntraining would start: ok")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from sftkit.errors import SftkitError
 
 USAGE = """\
 usage: sftkit [train] --config RECIPE.yaml [--key value ...]
-       sftkit check --config RECIPE.yaml [--rows N] [--key value ...]
+       sftkit check --config RECIPE.yaml [--rows N] [--no-color] [--key value ...]
        sftkit adapters
 
   train     fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m sftkit)
@@ -47,6 +47,23 @@ def _adapters() -> str:
     return "\n".join(lines)
 
 
+def _check_options(arguments: list[str], rows: int, colour: bool) -> tuple[int, bool, list[str]]:
+    """Take check's own --rows N and --no-color out of the recipe overrides."""
+    remaining = []
+    iterator = iter(arguments)
+    for token in iterator:
+        if token == "--no-color":
+            colour = False
+        elif token == "--rows" or token.startswith("--rows="):
+            value = token.partition("=")[2] or next(iterator, "")
+            if not value.isdigit():
+                raise SftkitError(f"--rows takes a whole number, got {value!r}")
+            rows = int(value)
+        else:
+            remaining.append(token)
+    return rows, colour, remaining
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = "train"
@@ -65,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from sftkit.recipe import load_recipe, parse_overrides
 
-        rows = 2
-        if command == "check" and "--rows" in arguments:
-            at = arguments.index("--rows")
-            rows = int(arguments[at + 1])
-            del arguments[at : at + 2]
+        rows, colour = 2, sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        if command == "check":
+            rows, colour, arguments = _check_options(arguments, rows, colour)
         config, overrides = parse_overrides(arguments)
         if config is None:
             raise SftkitError("no recipe: give --config RECIPE.yaml (see configs/recipes/ for examples)")
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "check":
             from sftkit.check import check
 
-            print(check(recipe, rows))
+            print(check(recipe, rows, colour))
             return 0
         from sftkit.train import train
 

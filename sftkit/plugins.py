@@ -17,7 +17,7 @@ from sftkit.errors import SftkitError
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "sftkit"
-BUILTIN_PLUGINS = ("sftkit.adapters.sharegpt",)
+BUILTIN_PLUGINS = tuple(f"sftkit.adapters.{n}" for n in ("alpaca", "messages", "prompt_completion", "sharegpt", "text"))
 # A comma-separated list of distributions to load plugins from; empty loads none (tests use this).
 LOAD_PLUGINS_ENV = "SFTKIT_LOAD_PLUGINS"
 

@@ -39,6 +39,15 @@ class SftkitArguments:
     render_check_rows: int = field(
         default=64, metadata={"help": "how many examples the render guard renders and checks before training"}
     )
+    on_invalid: typing.Literal["error", "skip"] = field(
+        default="error", metadata={"help": "what an invalid row does: stop the run before step 1, or be skipped"}
+    )
+    max_invalid_fraction: float = field(
+        default=0.1, metadata={"help": "with on_invalid: skip, the most rows that may be skipped before the run stops"}
+    )
+    long_rows: typing.Literal["truncate", "skip"] = field(
+        default="truncate", metadata={"help": "rows longer than max_length: cut to max_length, or skip as invalid"}
+    )
 
 
 RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)
@@ -56,6 +65,7 @@ class Recipe:
     values: dict[str, Any]  # every key the recipe set, after overrides, plus derived values
     source: str
     notes: list[str]  # what sftkit decided on the user's behalf, for the log
+    entry_adapters: list[tuple[str, dict]]  # per datasets: entry, its dataset_format and dataset_options
 
 
 def _recipe_fields() -> dict[str, tuple[type, Any]]:
@@ -214,8 +224,11 @@ def _closest(key: str, candidates: typing.Iterable[str]) -> str:
     return f"; did you mean {match[0]}?" if match else ""
 
 
+ENTRY_ADAPTER_KEYS = ("dataset_format", "dataset_options")
+
+
 def _check_mixture(entries: list[dict[str, Any]], source: str) -> None:
-    known = {f.name for f in dataclasses.fields(DatasetConfig)}
+    known = {f.name for f in dataclasses.fields(DatasetConfig)} | set(ENTRY_ADAPTER_KEYS)
     for position, entry in enumerate(entries):
         for key in entry:
             if key not in known:
@@ -225,6 +238,20 @@ def _check_mixture(entries: list[dict[str, Any]], source: str) -> None:
                 )
         if "path" not in entry:
             raise SftkitError(f"recipe {source}: datasets[{position}] needs a 'path'")
+        if not isinstance(entry.get("dataset_format", ""), str) or not isinstance(entry.get("dataset_options", {}), dict):
+            raise SftkitError(
+                f"recipe {source}: datasets[{position}]: dataset_format must be a string and dataset_options a mapping"
+            )
+
+
+def _split_entry_adapters(values: dict[str, Any]) -> tuple[list[tuple[str, dict]], list[dict[str, Any]]]:
+    """Each mixture entry's adapter settings, and the entries without them, as TRL's DatasetConfig wants them."""
+    adapters, entries = [], []
+    for entry in values.get("datasets", []):
+        dataset_format = entry.get("dataset_format", values.get("dataset_format", "auto"))
+        adapters.append((dataset_format, entry.get("dataset_options", values.get("dataset_options", {}))))
+        entries.append({key: value for key, value in entry.items() if key not in ENTRY_ADAPTER_KEYS})
+    return adapters, entries
 
 
 # ---------------------------------------------------------------- keys that go together
@@ -375,6 +402,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
             ) from None
     _check_mixture(values.get("datasets", []), source)
     _check_together(values, source)
+    entry_adapters, entries = _split_entry_adapters(values)
 
     notes: list[str] = []
     resolve_device(values, notes)
@@ -394,6 +422,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     for cls in RECIPE_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         arguments = {key: value for key, value in values.items() if key in names}
+        if cls is DatasetMixtureConfig and entries:
+            arguments["datasets"] = entries
         try:
             built[cls] = cls(**arguments)
         except (ValueError, TypeError) as error:
@@ -407,4 +437,5 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         values=values,
         source=source,
         notes=notes,
+        entry_adapters=entry_adapters,
     )

@@ -1,14 +1,14 @@
-"""Load: the raw rows of a run, from the Hub, a local directory, files or a glob, split into train and eval."""
+"""Load: the raw rows of a run, from the Hub, a local directory, files or a glob; one source or a mixture."""
 
 from __future__ import annotations
 
 import glob
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
-from trl import get_dataset
 
 from sftkit import embedded
 from sftkit.errors import SftkitError
@@ -20,10 +20,14 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 
 
 @dataclass
-class RawSplits:
+class Source:
+    """One dataset of the run, with the adapter settings that read it."""
+
+    name: str
     train: datasets.Dataset
-    eval: datasets.Dataset | None
-    eval_origin: str  # where the eval rows came from, for the log and the run record
+    eval: datasets.Dataset | None  # the dataset's own test split, when it has one
+    dataset_format: str
+    dataset_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _builder_for(files: list[str], name: str) -> str:
@@ -31,59 +35,71 @@ def _builder_for(files: list[str], name: str) -> str:
     builders = {BUILDERS.get(suffix) for suffix in suffixes}
     if None in builders or len(builders) != 1:
         raise SftkitError(
-            f"dataset_name {name}: cannot read files with suffix {', '.join(sorted(suffixes))}; "
+            f"dataset {name}: cannot read files with suffix {', '.join(sorted(suffixes))}; "
             f"sftkit reads one kind at a time of {', '.join(BUILDERS)}"
         )
     return builders.pop()
 
 
-def load_raw(name: str, config: str | None) -> datasets.DatasetDict:
+def load_raw(name: str, config: str | None, **hub_arguments: Any) -> datasets.DatasetDict:
     """A Hub dataset name, a local directory, a file, or a glob of files, as a DatasetDict."""
     path = embedded.resolve(name)
-    files = sorted(glob.glob(path)) if any(char in path for char in "*?[") else []
-    if Path(path).is_file():
-        files = [path]
+    is_glob = any(char in path for char in "*?[")
+    files = [path] if Path(path).is_file() else sorted(glob.glob(path)) if is_glob else []
     try:
         if files:
             return datasets.load_dataset(_builder_for(files, name), data_files={"train": files})
         if Path(path).is_dir():
-            return datasets.load_dataset(path, name=config)
+            return datasets.load_dataset(path, name=config, **hub_arguments)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
-        raise SftkitError(f"dataset_name {name}: could not read it: {error}") from None
-    if any(char in path for char in "*?["):
-        raise SftkitError(f"dataset_name {name}: the glob matches no files")
+        raise SftkitError(f"dataset {name}: could not read it: {error}") from None
+    if is_glob:
+        raise SftkitError(f"dataset {name}: the glob matches no files")
     if path.startswith((".", "/", "~")) or Path(path).suffix in BUILDERS:
-        raise SftkitError(f"dataset_name {name}: no such file or directory")
+        raise SftkitError(f"dataset {name}: no such file or directory")
     try:
-        return datasets.load_dataset(path, name=config)
+        return datasets.load_dataset(path, name=config, **hub_arguments)
     except Exception as error:  # network, authentication, unknown name or config: all end here
         raise SftkitError(
-            f"dataset_name {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"dataset {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Check the name and dataset_config and your network, or point dataset_name at a local file or directory."
         ) from None
 
 
-def load_splits(recipe: Recipe) -> RawSplits:
-    """Train rows, and eval rows: the dataset's own test split, else a seeded held-out part of train."""
-    script, mixture = recipe.script, recipe.mixture
-    if mixture.datasets:
-        dataset_dict = get_dataset(mixture)
-        name = "datasets"
-    else:
-        dataset_dict = load_raw(script.dataset_name, script.dataset_config)
-        name = script.dataset_name
-    if script.dataset_train_split not in dataset_dict:
-        raise SftkitError(
-            f"dataset_name {name}: no split {script.dataset_train_split!r}; it has {', '.join(dataset_dict)}. "
-            "Set dataset_train_split to one of them."
-        )
-    train = dataset_dict[script.dataset_train_split]
-    if script.dataset_test_split in dataset_dict:
-        return RawSplits(train, dataset_dict[script.dataset_test_split], f"split {script.dataset_test_split!r}")
-    size = mixture.test_split_size
-    if not size:
-        return RawSplits(train, None, "none")
-    size = int(size) if size >= 1 else size
-    held_out = train.train_test_split(test_size=size, seed=recipe.training.seed, shuffle=True)
-    origin = f"{held_out['test'].num_rows} rows held out of {name} (test_split_size {size}, seed {recipe.training.seed})"
-    return RawSplits(held_out["train"], held_out["test"], origin)
+def _split(dataset_dict: datasets.DatasetDict, split: str, name: str, key: str) -> datasets.Dataset:
+    if split not in dataset_dict:
+        raise SftkitError(f"dataset {name}: no split {split!r}; it has {', '.join(dataset_dict)}. Set {key}.")
+    return dataset_dict[split]
+
+
+def _mixture(recipe: Recipe) -> list[Source]:
+    """TRL's ``datasets:`` list, each entry with its own format and options, in TRL's proportions."""
+    sources = []
+    for entry, (dataset_format, options) in zip(recipe.mixture.datasets, recipe.entry_adapters, strict=True):
+        hub_arguments = {"data_dir": entry.data_dir, "data_files": entry.data_files}
+        loaded = load_raw(entry.path, entry.name, **{k: v for k, v in hub_arguments.items() if v is not None})
+        train = _split(loaded, entry.split, entry.path, "split in its datasets entry")
+        if entry.columns is not None:
+            train = train.select_columns(entry.columns)
+        sources.append(Source(entry.path, train, None, dataset_format, options))
+    fractions = [entry.fraction for entry in recipe.mixture.datasets]
+    if any(fraction is not None for fraction in fractions):
+        if None in fractions:
+            raise SftkitError("datasets: set fraction on every entry of the mixture, or on none")
+        weights = [fraction / sum(fractions) for fraction in fractions]
+        total = min(source.train.num_rows / weight for source, weight in zip(sources, weights) if weight > 0)
+        for source, weight in zip(sources, weights):
+            source.train = source.train.select(range(round(weight * total)))
+    return sources
+
+
+def load_sources(recipe: Recipe) -> list[Source]:
+    """The run's raw datasets: ``dataset_name`` (with its own test split, if any) or the ``datasets:`` mixture."""
+    if recipe.mixture.datasets:
+        return _mixture(recipe)
+    script = recipe.script
+    loaded = load_raw(script.dataset_name, script.dataset_config)
+    train = _split(loaded, script.dataset_train_split, script.dataset_name, "dataset_train_split")
+    evaluation = loaded[script.dataset_test_split] if script.dataset_test_split in loaded else None
+    sftkit = recipe.sftkit
+    return [Source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options)]

@@ -31,6 +31,12 @@ def train(recipe: Recipe) -> None:
     with state.main_process_first():
         data = prepare_data(recipe, tokenizer)
     logger.info("eval rows: %s", data.eval_origin)
+    for split in (data.train, data.eval):
+        if split is not None:
+            logger.info("rows: %s", "\n  ".join(split.report.lines()))
+    if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
+        logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s/skipped_rows.jsonl", skipped,
+                       args.output_dir)
     if data.eval is None and args.eval_strategy != "no":
         logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
         args.eval_strategy = "no"
@@ -42,19 +48,17 @@ def train(recipe: Recipe) -> None:
         record = write_run_record(args.output_dir, recipe.values, details)
         logger.info("run record: %s", record)
 
+    # sftkit has tokenized and masked the rows itself; TRL must not mask them again.
+    args.assistant_only_loss = False
     trainer = SftkitTrainer(
         model=model_path(recipe),
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
+        train_dataset=data.train.trainable(),
+        eval_dataset=data.eval.trainable() if data.eval is not None else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
         quantization_config=get_quantization_config(recipe.model),
     )
-    if trainer.train_dataset.num_rows < data.train.num_rows and not args.packing:
-        dropped = data.train.num_rows - trainer.train_dataset.num_rows
-        logger.warning("%d train rows have no trained token within max_length %s and are left out", dropped,
-                       args.max_length)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pluggy
 import pytest
@@ -36,10 +38,9 @@ def test_unknown_role_names_row_role_and_option():
     rows = [sharegpt_row(0, ("human", "hi"), ("gpt", "hello")), sharegpt_row(1, ("human", "hi"), ("robot", "x"))]
     installed = plugins.InstalledAdapter(ShareGPTAdapter(), "sftkit", "test")
     options = resolve_options(installed.adapter, {})
-    with pytest.raises(SftkitError) as error:
-        adapt(datasets.Dataset.from_list(rows), installed, options, "train")
-    message = str(error.value)
-    assert "train row 1" in message and "'robot'" in message and "role_map" in message
+    adapted = adapt(datasets.Dataset.from_list(rows), installed, options, "train")
+    assert adapted["invalid"] == [None, "unknown role"]
+    assert "'robot'" in adapted["problem"][1] and "role_map" in adapted["problem"][1]
 
 
 def test_unknown_option_is_an_error():
@@ -50,7 +51,12 @@ def test_unknown_option_is_an_error():
 def test_unread_columns_are_dropped(sharegpt_rows):
     installed = plugins.InstalledAdapter(ShareGPTAdapter(), "sftkit", "test")
     adapted = adapt(datasets.Dataset.from_list(sharegpt_rows), installed, resolve_options(installed.adapter, {}), "t")
-    assert adapted.column_names == ["messages"]
+    assert adapted.column_names == ["record", "invalid", "problem"]
+    assert json.loads(adapted["record"][0]) == {"messages": [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is 1 + 2?"},
+        {"role": "assistant", "content": "1 + 2 = 3."},
+    ]}
 
 
 def test_auto_detects_sharegpt_and_says_why(sharegpt_rows):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
-from trl import SFTConfig
 
 from sftkit.errors import SftkitError
 from sftkit.render_guard import check_rendering, missing_turns
@@ -29,16 +30,15 @@ TRIMS_AND_DROPS_REASONING = (
 )
 
 
-def args(**values) -> SFTConfig:
-    return SFTConfig(output_dir="unused", bf16=False, report_to="none", **values)
-
-
 def dataset(*conversations) -> datasets.Dataset:
-    return datasets.Dataset.from_list([{"messages": conversation} for conversation in conversations])
+    """Rows as the data path hands them to the guard: canonical records as JSON, none invalid."""
+    rows = [{"record": json.dumps({"messages": conversation}), "invalid": None} for conversation in conversations]
+    features = datasets.Features({"record": datasets.Value("string"), "invalid": datasets.Value("string")})
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 def test_clean_data_passes(tokenizer):
-    assert check_rendering(dataset(CONVERSATION, CONVERSATION), tokenizer, args(), rows=8, split="train") == 2
+    assert check_rendering(dataset(CONVERSATION, CONVERSATION), tokenizer, 8, "train") == 2
 
 
 def test_template_that_drops_turns_is_caught(tokenizer):
@@ -46,7 +46,7 @@ def test_template_that_drops_turns_is_caught(tokenizer):
     tokenizer.chat_template = DROPS_USER_TURNS
     try:
         with pytest.raises(SftkitError) as error:
-            check_rendering(dataset(CONVERSATION), tokenizer, args(), rows=8, split="train")
+            check_rendering(dataset(CONVERSATION), tokenizer, 8, "train")
     finally:
         tokenizer.chat_template = original
     message = str(error.value)
@@ -58,7 +58,7 @@ def test_unmapped_sharegpt_roles_are_caught_with_qwen25_template(tokenizer):
     # What TRL 1.16 trains on when human/gpt roles reach Qwen2.5's template: the default system prompt only.
     unmapped = [{"role": "human", "content": "What is 2 + 2?"}, {"role": "gpt", "content": "2 + 2 = 4."}]
     with pytest.raises(SftkitError, match="turn 0 \\(human\\).*missing from the rendering"):
-        check_rendering(dataset(unmapped), tokenizer, args(), rows=8, split="train")
+        check_rendering(dataset(unmapped), tokenizer, 8, "train")
 
 
 def test_trimming_and_dropped_reasoning_are_not_false_alarms():
@@ -85,7 +85,7 @@ def test_trimming_template_end_to_end(tokenizer):
         {"role": "assistant", "content": "Done."},
     ]
     try:
-        assert check_rendering(dataset(conversation), tokenizer, args(), rows=8, split="train") == 1
+        assert check_rendering(dataset(conversation), tokenizer, 8, "train") == 1
     finally:
         tokenizer.chat_template = original
 
@@ -97,13 +97,3 @@ def test_tool_calls_count_as_content():
     ]
     assert missing_turns(messages, "user: Weather in Amberhold? assistant: <tool_call>get_weather</tool_call>") == []
     assert missing_turns(messages, "user: Weather in Amberhold? assistant:") != []
-
-
-def test_example_with_no_trained_tokens_is_caught(tokenizer):
-    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
-    with pytest.raises(SftkitError, match="no token of this example would be trained"):
-        check_rendering(
-            dataset(long_prompt), tokenizer, args(assistant_only_loss=True, max_length=32), rows=8, split="train"
-        )
-    # Without assistant_only_loss every token trains, so the same example passes.
-    assert check_rendering(dataset(long_prompt), tokenizer, args(max_length=32), rows=8, split="train") == 1

@@ -10,7 +10,8 @@ from helpers import TINY_MODEL, write_jsonl, write_recipe
 
 from sftkit.errors import SftkitError
 from sftkit.recipe import load_recipe
-from sftkit.sources import load_raw, load_splits
+from sftkit.data import split_held_out
+from sftkit.sources import load_raw, load_sources
 
 
 def test_json_jsonl_parquet_csv_and_globs(tmp_path, sharegpt_rows):
@@ -57,31 +58,27 @@ def test_own_test_split_is_preferred(tmp_path, sharegpt_rows):
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", sharegpt_rows[:30])
     write_jsonl(folder / "test.jsonl", sharegpt_rows[30:])
-    splits = load_splits(recipe_for(tmp_path, str(folder), test_split_size=0.5))
-    assert (splits.train.num_rows, splits.eval.num_rows) == (30, 10)
-    assert splits.eval_origin == "split 'test'"
+    (source,) = load_sources(recipe_for(tmp_path, str(folder), test_split_size=0.5))
+    assert (source.train.num_rows, source.eval.num_rows) == (30, 10)
 
 
 def test_held_out_rows_are_deterministic_by_seed(tmp_path, sharegpt_rows):
+    rows = datasets.Dataset.from_list(sharegpt_rows)
     data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
-    first = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
-    again = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
-    other = load_splits(recipe_for(tmp_path, data, test_split_size=0.25, seed=2))
-    assert first.eval["id"] == again.eval["id"] != other.eval["id"]
-    assert first.eval.num_rows == 10 and first.train.num_rows == 30
-    assert not set(first.eval["id"]) & set(first.train["id"])
-    assert load_splits(recipe_for(tmp_path, data, test_split_size=4)).eval.num_rows == 4
-
-
-def test_no_eval_without_test_split_or_held_out_size(tmp_path, sharegpt_rows):
-    data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
-    assert load_splits(recipe_for(tmp_path, data)).eval is None
+    first = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    again = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    other = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=2))
+    assert first[1]["id"] == again[1]["id"] != other[1]["id"]
+    assert first[1].num_rows == 10 and first[0].num_rows == 30
+    assert not set(first[1]["id"]) & set(first[0]["id"])
+    assert split_held_out(rows, recipe_for(tmp_path, data, test_split_size=4))[1].num_rows == 4
+    assert split_held_out(rows, recipe_for(tmp_path, data))[1] is None
 
 
 def test_missing_train_split_lists_the_splits(tmp_path, sharegpt_rows):
     data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
     with pytest.raises(SftkitError, match="no split 'training'; it has train"):
-        load_splits(recipe_for(tmp_path, data, dataset_train_split="training"))
+        load_sources(recipe_for(tmp_path, data, dataset_train_split="training"))
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):

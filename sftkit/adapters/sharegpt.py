@@ -1,26 +1,55 @@
-"""ShareGPT: ``conversations`` of ``{"from": ..., "value": ...}`` turns, as in BAAI/Infinity-Instruct."""
+"""ShareGPT: ``conversations`` of ``{"from": ..., "value": ...}`` turns, as in BAAI/Infinity-Instruct.
+
+Also LLaMA-Factory's sharegpt format: the column and key names are options (its ``tags``), a ``system`` column
+holds the system prompt, a ``tools`` column the function definitions, and the speakers ``function_call`` and
+``observation`` are the assistant's tool calls (JSON ``{"name", "arguments"}``, or a list of them) and their results.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sftkit.adapters.messages import (
+    ROLES,
+    _short,
+    check_role_map,
+    name_tool_turns,
+    normalize_tool_calls,
+    normalize_tools,
+)
 from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
 
-DEFAULT_ROLE_MAP = {"human": "user", "gpt": "assistant", "system": "system"}
+FUNCTION_CALL = "function_call"  # the special role: an assistant turn whose value is the JSON of its tool calls
+DEFAULT_ROLE_MAP = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "function_call": FUNCTION_CALL,
+    "observation": "tool",
+}
+TARGETS = (*ROLES, FUNCTION_CALL)
 
 
 class ShareGPTAdapter(Adapter):
     name = "sharegpt"
-    description = "ShareGPT / Infinity-Instruct: a list of {from, value} turns (human -> user, gpt -> assistant)."
+    description = (
+        "ShareGPT / Infinity-Instruct / LLaMA-Factory: a list of {from, value} turns (human -> user, gpt -> assistant, "
+        "function_call -> assistant tool calls, observation -> tool), optional system and tools columns."
+    )
     options = {
         "messages_column": Option("conversations", "column holding the list of turns"),
         "role_key": Option("from", "key of a turn that names its speaker"),
         "content_key": Option("value", "key of a turn that holds its text"),
         "role_map": Option(
             DEFAULT_ROLE_MAP,
-            "speaker -> role (system, user, assistant, tool); merged over the default "
-            "{human: user, gpt: assistant, system: system}",
+            "speaker -> role (system, user, assistant, tool, or function_call for a turn whose value is the JSON "
+            "of tool calls); merged over the default {human: user, gpt: assistant, system: system, "
+            "function_call: function_call, observation: tool}",
+        ),
+        "system_column": Option("system", "column with a system prompt, read when present; null for none"),
+        "tools_column": Option(
+            "tools", "column with the function definitions (a list or a JSON string), read when present; null for none"
         ),
     }
 
@@ -33,31 +62,64 @@ class ShareGPTAdapter(Adapter):
         return None
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:
-        return [options["messages_column"]]
+        optional = [options[key] for key in ("system_column", "tools_column") if options[key]]
+        return [options["messages_column"], *optional]
 
     def convert(self, row: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
         column, role_key, content_key = options["messages_column"], options["role_key"], options["content_key"]
+        check_role_map(options["role_map"], TARGETS)
         role_map = {**DEFAULT_ROLE_MAP, **options["role_map"]}
+        if column not in row:
+            raise RowError(f"the row has no column {column!r}; name the right one with dataset_options messages_column")
         turns = row[column]
         if not isinstance(turns, list) or not turns:
-            raise RowError(f"column {column!r} must be a non-empty list of turns, got {turns!r:.80}")
-        messages = []
+            raise RowError(f"column {column!r} must be a non-empty list of turns, got {_short(turns)}")
+        messages: list[dict[str, Any]] = []
+        system_column = options["system_column"]
+        system = row.get(system_column) if system_column else None
+        if system is not None and not isinstance(system, str):
+            raise RowError(f"column {system_column!r} must be text (the system prompt), got {_short(system)}")
+        if system:
+            messages.append({"role": "system", "content": system})
+        calling: dict[str, Any] | None = None  # the assistant turn that the last function_call turn became
         for position, turn in enumerate(turns):
             if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
                 raise RowError(
-                    f"turn {position} must be a mapping with keys {role_key!r} and {content_key!r}, got {turn!r:.80}"
+                    f"turn {position} must be a mapping with keys {role_key!r} and {content_key!r}, got {_short(turn)}"
                 )
             speaker = turn[role_key]
-            if speaker not in role_map:
+            role = role_map.get(speaker) if isinstance(speaker, str) else None
+            if role is None:
                 raise RowError(
                     f"turn {position} has unknown role {speaker!r}; map it with "
-                    f"dataset_options: {{role_map: {{{speaker}: user|assistant|system|tool}}}}"
+                    f"dataset_options: {{role_map: {{{speaker}: user|assistant|system|tool|function_call}}}}",
+                    reason="unknown role",
                 )
             content = turn[content_key]
+            if role == FUNCTION_CALL:
+                calls = normalize_tool_calls(content, f"turn {position} ({speaker})")
+                if calling is not None:  # consecutive function_call turns: one assistant turn calling several tools
+                    calling["tool_calls"].extend(calls)
+                else:
+                    calling = {"role": "assistant", "content": "", "tool_calls": calls}
+                    messages.append(calling)
+                continue
+            calling = None
             if not isinstance(content, str):
-                raise RowError(f"turn {position} ({speaker}) has non-text content {content!r:.80}")
-            messages.append({"role": role_map[speaker], "content": content})
-        return {"messages": messages}
+                raise RowError(f"turn {position} ({speaker}) has non-text content {_short(content)}")
+            if role == "system" and system and position == 0:
+                raise RowError(
+                    f"the row has both a system column {system_column!r} and a system turn 0; "
+                    "keep one (set dataset_options system_column: null to ignore the column)"
+                )
+            messages.append({"role": role, "content": content})
+        name_tool_turns(messages)
+        record: dict[str, Any] = {"messages": messages}
+        if options["tools_column"]:
+            tools = normalize_tools(row.get(options["tools_column"]), options["tools_column"])
+            if tools:
+                record["tools"] = tools
+        return record
 
 
 @hookimpl

@@ -1,0 +1,207 @@
+"""Messages: a list of ``{"role", "content"}`` turns (OpenAI / TRL conversational), optionally with tools.
+
+Also home of the helpers the other built-ins share for tool calls and tool definitions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
+
+ROLES = ("system", "user", "assistant", "tool")
+MALFORMED_TOOL_CALL = "malformed tool call"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _load_json(value: str, where: str, what: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise RowError(
+            f"{where}: {what} is not valid JSON ({error.msg} at character {error.pos}): {_short(value)}",
+            reason=MALFORMED_TOOL_CALL,
+        ) from None
+
+
+def normalize_tool_call(call: Any, where: str) -> dict[str, Any]:
+    """One tool call as ``{"type": "function", "function": {"name", "arguments": dict}}``.
+
+    Accepts the OpenAI form (``{"id", "type", "function": {"name", "arguments": str | dict}}``) and the bare
+    ``{"name", "arguments"}`` form of LLaMA-Factory / Glaive; ``arguments`` given as a JSON string is parsed.
+    """
+    if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+        function = call["function"]
+    elif isinstance(call, Mapping):
+        function = call
+    else:
+        raise RowError(
+            f"{where}: a tool call must be an object with 'name' and 'arguments', got {_short(call)}",
+            reason=MALFORMED_TOOL_CALL,
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise RowError(f"{where}: tool call has no function 'name': {_short(call)}", reason=MALFORMED_TOOL_CALL)
+    arguments = function.get("arguments", function.get("parameters"))
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        arguments = {}
+    elif isinstance(arguments, str):
+        arguments = _load_json(arguments, where, f"the arguments of tool call {name!r}")
+    if not isinstance(arguments, Mapping):
+        raise RowError(
+            f"{where}: the arguments of tool call {name!r} must be a JSON object, got {_short(arguments)}",
+            reason=MALFORMED_TOOL_CALL,
+        )
+    return {"type": "function", "function": {"name": name, "arguments": dict(arguments)}}
+
+
+def normalize_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """A list of tool calls (or one call, or a JSON string of either) in canonical form."""
+    if isinstance(calls, str):
+        calls = _load_json(calls, where, "the tool call")
+    if isinstance(calls, Mapping):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise RowError(
+            f"{where}: tool calls must be a non-empty list of {{name, arguments}} objects, got {_short(calls)}",
+            reason=MALFORMED_TOOL_CALL,
+        )
+    return [normalize_tool_call(call, where) for call in calls]
+
+
+def normalize_tools(value: Any, column: str) -> list[dict[str, Any]] | None:
+    """Tool definitions in OpenAI form, or None when there are none (missing, null, "", "[]", [])."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        value = _load_json(value, f"column {column!r}", "the tool list")
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowError(
+            f"column {column!r} must be a list of function definitions (or a JSON string of one), got {_short(value)}",
+            reason=MALFORMED_TOOL_CALL,
+        )
+    tools = []
+    for position, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping):
+            function = tool
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError(
+                f"column {column!r}: tool {position} must be a function definition with a 'name' "
+                f"(and 'description', 'parameters'), got {_short(tool)}",
+                reason=MALFORMED_TOOL_CALL,
+            )
+        tools.append({"type": "function", "function": dict(function)})
+    return tools or None
+
+
+def name_tool_turns(messages: list[dict[str, Any]]) -> None:
+    """Give each tool turn without a name the name of the call it answers (calls and results pair up in order)."""
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            pending = [call["function"]["name"] for call in message["tool_calls"]]
+        elif message["role"] == "tool":
+            name = pending.pop(0) if pending else None
+            if name is not None and "name" not in message:
+                message["name"] = name
+        else:
+            pending = []
+
+
+def check_role_map(role_map: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    for speaker, role in role_map.items():
+        if role not in allowed:
+            raise RowError(
+                f"dataset_options role_map maps {speaker!r} to {role!r}; roles are {'|'.join(allowed)}",
+                reason="unknown role",
+            )
+
+
+def convert_messages(turns: Any, column: str, role_map: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``{role, content[, tool_calls][, name]}`` turns to canonical messages; raises RowError naming the turn."""
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} turns, got {_short(turns)}")
+    messages = []
+    for position, turn in enumerate(turns):
+        where = f"{column} turn {position}"
+        if not isinstance(turn, Mapping) or "role" not in turn:
+            raise RowError(f"{where} must be a mapping with keys 'role' and 'content', got {_short(turn)}")
+        speaker = turn["role"]
+        role = role_map.get(speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise RowError(
+                f"{where} has unknown role {speaker!r}; map it with "
+                f"dataset_options: {{role_map: {{{speaker}: user|assistant|system|tool}}}}",
+                reason="unknown role",
+            )
+        content = turn.get("content")
+        tool_calls = turn.get("tool_calls")
+        if tool_calls and role != "assistant":
+            raise RowError(
+                f"{where} ({speaker}) has tool_calls; only assistant turns may call tools",
+                reason=MALFORMED_TOOL_CALL,
+            )
+        if content is None and tool_calls:
+            content = ""
+        if not isinstance(content, str):
+            raise RowError(f"{where} ({speaker}) must have text 'content', got {_short(content)}")
+        message: dict[str, Any] = {"role": role, "content": content}
+        if tool_calls:
+            message["tool_calls"] = normalize_tool_calls(tool_calls, where)
+        if role == "tool" and isinstance(turn.get("name"), str) and turn["name"]:
+            message["name"] = turn["name"]
+        messages.append(message)
+    name_tool_turns(messages)
+    return messages
+
+
+class MessagesAdapter(Adapter):
+    name = "messages"
+    description = "OpenAI / TRL conversational: a list of {role, content} turns, tool_calls and tool turns kept."
+    options = {
+        "messages_column": Option("messages", "column holding the list of {role, content} turns"),
+        "role_map": Option(
+            {}, "extra role -> canonical role (system, user, assistant, tool), merged over the identity map"
+        ),
+        "tools_column": Option(
+            "tools", "column with the function definitions (a list or a JSON string), read when present; null for none"
+        ),
+    }
+
+    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
+        if "messages" not in columns:
+            return None
+        turns = [turn for row in rows for turn in (row.get("messages") or [])]
+        if turns and all(isinstance(turn, Mapping) and {"role", "content"} <= turn.keys() for turn in turns):
+            return "column 'messages' holds {role, content} turns"
+        return None
+
+    def columns(self, options: Mapping[str, Any]) -> list[str]:
+        return [options["messages_column"], *([options["tools_column"]] if options["tools_column"] else [])]
+
+    def convert(self, row: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        check_role_map(options["role_map"], ROLES)
+        role_map = {**{role: role for role in ROLES}, **options["role_map"]}
+        column = options["messages_column"]
+        if column not in row:
+            raise RowError(f"the row has no column {column!r}; name the right one with dataset_options messages_column")
+        record: dict[str, Any] = {"messages": convert_messages(row[column], column, role_map)}
+        if options["tools_column"]:
+            tools = normalize_tools(row.get(options["tools_column"]), options["tools_column"])
+            if tools:
+                record["tools"] = tools
+        return record
+
+
+@hookimpl
+def register_adapters(register) -> None:
+    register(MessagesAdapter())

@@ -1,0 +1,188 @@
+"""Tokenize and mask: a canonical record becomes ``input_ids`` and ``labels`` (-100 where no loss is taken).
+
+Loss masking is computed from character spans of the rendered text, so it needs no
+``{% generation %}`` markers in the chat template: an assistant turn is everything the template
+adds between the prompt for that turn (``add_generation_prompt=True``) and the turn's end-of-turn
+token, inclusive. The end-of-turn token is therefore trained (the model learns to stop) and the
+template's formatting around it is not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.errors import SftkitError
+from sftkit.hookspecs import RowError
+from sftkit.model import end_of_turn_token_id
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything about a run that changes the tokens and labels of a record."""
+
+    max_length: int | None
+    truncate: bool  # cut rows to max_length here (not when the packer does it)
+    long_rows: str  # "truncate" or "skip"
+    assistant_only_loss: bool
+    completion_only_loss: bool | None
+    end_of_turn: str | None  # the template's end-of-turn token text, e.g. "<|im_end|>"
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, tokenizer: PreTrainedTokenizerBase) -> TokenizeSettings:
+        args = recipe.training
+        token_id = end_of_turn_token_id(tokenizer)
+        return cls(
+            max_length=args.max_length,
+            truncate=args.max_length is not None and not args.packing,
+            long_rows=recipe.sftkit.long_rows,
+            assistant_only_loss=args.assistant_only_loss,
+            completion_only_loss=args.completion_only_loss,
+            end_of_turn=tokenizer.convert_ids_to_tokens(token_id) if token_id is not None else None,
+        )
+
+
+def tools_of(record: Mapping[str, Any]) -> list | None:
+    tools = record.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], tools: list | None,
+           generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _through_end_of_turn(text: str, start: int, end: int, end_of_turn: str | None) -> int:
+    """Where a trained span stops: right after the turn's end-of-turn token, when the template writes one."""
+    if end_of_turn:
+        found = text.rfind(end_of_turn, start, end)
+        if found >= 0:
+            return found + len(end_of_turn)
+    return end
+
+
+def _prefix(text: str, prefix: str, what: str) -> int:
+    if not text.startswith(prefix):
+        raise SftkitError(
+            f"loss masking: the chat template does not render {what} as a prefix of the whole conversation "
+            "(it rewrites earlier turns), so the trained part of each turn cannot be located. Set "
+            "assistant_only_loss: false (and completion_only_loss: false) to train on every token, or use a "
+            "template that renders conversations incrementally."
+        )
+    return len(prefix)
+
+
+def conversation_spans(
+    messages: Sequence[Mapping[str, Any]], tools: list | None, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it."""
+    text = render(tokenizer, messages, tools)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _prefix(text, render(tokenizer, messages[:index], tools, True), "the prompt") if index else 0
+        end = _prefix(text, render(tokenizer, messages[: index + 1], tools), "a conversation's first turns")
+        spans.append((start, _through_end_of_turn(text, start, end, end_of_turn)))
+    return text, spans
+
+
+def _completion_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                      end_of_turn: str | None) -> tuple[str, list[tuple[int, int]]]:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str):
+        text = prompt + completion
+        if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+            text += tokenizer.eos_token
+        return text, [(len(prompt), len(text))]
+    tools = tools_of(record)
+    text = render(tokenizer, [*prompt, *completion], tools)
+    start = _prefix(text, render(tokenizer, prompt, tools, True), "the prompt")
+    return text, [(start, _through_end_of_turn(text, start, len(text), end_of_turn))]
+
+
+def _text_with_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                     settings: TokenizeSettings) -> tuple[str, list[tuple[int, int]] | None]:
+    """The text to tokenize and the spans that carry loss (None: every token does)."""
+    if "messages" in record:
+        if not settings.assistant_only_loss:
+            return render(tokenizer, record["messages"], tools_of(record)), None
+        return conversation_spans(record["messages"], tools_of(record), tokenizer, settings.end_of_turn)
+    if "prompt" in record:
+        text, spans = _completion_spans(record, tokenizer, settings.end_of_turn)
+        return text, (None if settings.completion_only_loss is False else spans)
+    text = record["text"]
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return text, None
+
+
+def tokenize_record(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                    settings: TokenizeSettings) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` for one record; RowError if it is too long to keep or trains nothing."""
+    text, spans = _text_with_spans(record, tokenizer, settings)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+    input_ids = encoded["input_ids"]
+    if spans is None:
+        labels = list(input_ids)
+    else:
+        labels = [
+            token if any(start <= offset[0] < end for start, end in spans) else IGNORE
+            for token, offset in zip(input_ids, encoded["offset_mapping"], strict=True)
+        ]
+    length, limit = len(input_ids), settings.max_length
+    if limit is not None and length > limit:
+        if settings.long_rows == "skip":
+            raise RowError(f"{len(input_ids)} tokens, more than max_length {limit}", reason="too long")
+        if settings.truncate:
+            input_ids, labels = input_ids[:limit], labels[:limit]
+    if all(label == IGNORE for label in labels[1:]):
+        raise RowError(
+            f"no token carries loss within max_length {limit} (the prompt alone fills it, or there is nothing "
+            "to train on)",
+            reason="no trained tokens",
+        )
+    return {"input_ids": input_ids, "labels": labels, "length": length}
+
+
+TOKENIZED = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),  # before truncation
+        "invalid": datasets.Value("string"),
+        "problem": datasets.Value("string"),
+    }
+)
+
+
+def tokenize_split(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
+                   split: str, num_proc: int | None = None) -> datasets.Dataset:
+    """Tokenize the ``record`` of every valid row in batches; rows that fail are marked ``invalid``, not raised."""
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "invalid": [], "problem": []}
+        for record, reason, problem in zip(batch["record"], batch["invalid"], batch["problem"], strict=True):
+            tokens = {"input_ids": [], "labels": [], "length": 0}
+            if record is not None:
+                try:
+                    tokens = tokenize_record(json.loads(record), tokenizer, settings)
+                except RowError as error:
+                    reason, problem = error.reason, str(error)
+            for key, value in tokens.items():
+                out[key].append(value)
+            out["invalid"].append(reason)
+            out["problem"].append(problem)
+        return out
+
+    features = datasets.Features({**dataset.features, **TOKENIZED})
+    return dataset.map(tokenize, batched=True, features=features, num_proc=num_proc, desc=f"Tokenizing {split} rows")

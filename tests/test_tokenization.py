@@ -1,0 +1,130 @@
+"""Loss masking, token by token, with the embedded tokenizer and Qwen2.5's ChatML template (no generation markers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftkit.errors import SftkitError
+from sftkit.hookspecs import RowError
+from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And the capital of Veloria?"},
+    {"role": "assistant", "content": "Amberhold."},
+]
+
+
+def settings(**changes) -> TokenizeSettings:
+    values = dict(max_length=None, truncate=True, long_rows="truncate", assistant_only_loss=True,
+                  completion_only_loss=None, end_of_turn="<|im_end|>")
+    return TokenizeSettings(**{**values, **changes})
+
+
+def trained_runs(tokenizer, tokens) -> list[str]:
+    """The trained tokens, decoded, one string per consecutive run."""
+    runs, current = [], []
+    for token, label in zip(tokens["input_ids"], tokens["labels"], strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_multi_turn_trains_each_assistant_turn_through_its_end_token_and_nothing_else(tokenizer):
+    tokens = tokenize_record({"messages": CHAT}, tokenizer, settings())
+    assert trained_runs(tokenizer, tokens) == ["2 + 3 = 5.<|im_end|>", "Amberhold.<|im_end|>"]
+    assert tokenizer.decode(tokens["input_ids"]) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+
+
+def test_without_assistant_only_loss_every_token_trains(tokenizer):
+    tokens = tokenize_record({"messages": CHAT}, tokenizer, settings(assistant_only_loss=False))
+    assert tokens["labels"] == tokens["input_ids"]
+
+
+def test_template_without_special_end_token(tokenizer):
+    original = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+    )
+    try:
+        tokens = tokenize_record({"messages": CHAT[1:3]}, tokenizer, settings(end_of_turn=None))
+    finally:
+        tokenizer.chat_template = original
+    assert trained_runs(tokenizer, tokens) == ["2 + 3 = 5.\n\n"]
+
+
+def test_tool_calls_train_and_tool_results_do_not(tokenizer):
+    messages = [
+        {"role": "user", "content": "Weather in Amberhold?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Amberhold"}}}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    runs = trained_runs(tokenizer, tokenize_record({"messages": messages}, tokenizer, settings()))
+    assert len(runs) == 2
+    assert '"name": "weather"' in runs[0] and '"city": "Amberhold"' in runs[0] and runs[0].endswith("<|im_end|>")
+    assert runs[1] == "It is sunny.<|im_end|>"
+
+
+def test_prompt_completion_text_trains_the_completion_and_eos(tokenizer):
+    record = {"prompt": "Capital of Veloria:", "completion": " Amberhold."}
+    tokens = tokenize_record(record, tokenizer, settings())
+    assert trained_runs(tokenizer, tokens) == [" Amberhold.<|endoftext|>"]
+    everything = tokenize_record(record, tokenizer, settings(completion_only_loss=False))
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_prompt_completion_messages(tokenizer):
+    record = {"prompt": CHAT[:2], "completion": [CHAT[2]]}
+    assert trained_runs(tokenizer, tokenize_record(record, tokenizer, settings())) == ["2 + 3 = 5.<|im_end|>"]
+
+
+def test_text_trains_every_token_and_ends_with_eos(tokenizer):
+    tokens = tokenize_record({"text": "Amberhold is the capital."}, tokenizer, settings())
+    assert tokens["labels"] == tokens["input_ids"]
+    assert tokenizer.decode(tokens["input_ids"]).endswith("<|endoftext|>")
+
+
+def test_long_rows_truncate_or_skip(tokenizer):
+    full = tokenize_record({"messages": CHAT}, tokenizer, settings())
+    cut = tokenize_record({"messages": CHAT}, tokenizer, settings(max_length=50))
+    assert len(cut["input_ids"]) == 50 and cut["length"] == full["length"] > 50
+    assert cut["input_ids"] == full["input_ids"][:50]
+    with pytest.raises(RowError) as error:
+        tokenize_record({"messages": CHAT}, tokenizer, settings(max_length=50, long_rows="skip"))
+    assert error.value.reason == "too long"
+
+
+def test_prompt_filling_max_length_leaves_nothing_to_train(tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(RowError) as error:
+        tokenize_record({"messages": long_prompt}, tokenizer, settings(max_length=32))
+    assert error.value.reason == "no trained tokens"
+
+
+def test_template_that_rewrites_earlier_turns_is_a_clear_error(tokenizer):
+    original = tokenizer.chat_template
+    # Like Qwen3: only the last assistant turn keeps its reasoning, so prefixes are not preserved.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% set c = m['content'] %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>r</think>A"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
+    try:
+        with pytest.raises(SftkitError, match="Set assistant_only_loss: false"):
+            tokenize_record({"messages": messages}, tokenizer, settings())
+    finally:
+        tokenizer.chat_template = original
