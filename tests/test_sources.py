@@ -85,3 +85,41 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does at import
     with pytest.raises(SftkitError, match="could not load it from the Hugging Face Hub"):
         load_raw("some-org/some-dataset-that-is-not-here", None)
+
+
+def test_mixture_entries_have_their_own_format_and_options(tmp_path, sharegpt_rows):
+    from sftkit.data import prepare_data
+    from sftkit.model import load_tokenizer
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": [{"speaker": "me", "text": f"q{index}"}, {"speaker": "bot", "text": f"a{index}"}]}
+        for index in range(10)
+    ])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": f"Say {index}.", "input": "", "output": str(index)} for index in range(20)
+    ])
+    recipe_path = write_recipe(
+        tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path / "out"), report_to="none",
+        datasets=[
+            {"path": str(chat), "dataset_format": "sharegpt",
+             "dataset_options": {"role_key": "speaker", "content_key": "text", "role_map": {"me": "user", "bot": "assistant"}}},
+            {"path": str(alpaca)},
+        ],
+    )
+    recipe = load_recipe(str(recipe_path))
+    data = prepare_data(recipe, load_tokenizer(recipe))
+    assert [choice.installed.adapter.name for choice in data.adapters] == ["sharegpt", "alpaca"]
+    assert data.adapters[1].reason.startswith("dataset_format auto: alpaca")
+    assert data.train.report.valid == 30
+    assert recipe.values["datasets"][0]["dataset_format"] == "sharegpt"  # the run record keeps them
+
+
+def test_mixture_fractions_set_proportions(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {index}"} for index in range(40)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {index}"} for index in range(40)])
+    recipe_path = write_recipe(
+        tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path),
+        datasets=[{"path": str(first), "fraction": 0.75}, {"path": str(second), "fraction": 0.25}],
+    )
+    sources = load_sources(load_recipe(str(recipe_path)))
+    assert [source.train.num_rows for source in sources] == [40, 13]

@@ -1,0 +1,106 @@
+"""One bad-row policy: every reason is found before step 1, counted with row indices, then stops or skips the rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT, TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
+
+from sftkit.data import prepare_data
+from sftkit.errors import SftkitError
+from sftkit.model import load_tokenizer
+from sftkit.recipe import load_recipe
+
+GOOD = [("human", "What is 2 + 3?"), ("gpt", "2 + 3 = 5.")]
+BAD = {  # reason -> the turns of a row that has exactly that problem
+    "unknown role": [("human", "hi"), ("robot", "beep")],
+    "empty content": [("human", "   "), ("gpt", "hello")],
+    "no assistant turn": [("system", "Be brief."), ("human", "hi")],
+    "malformed tool call": [("human", "weather?"), ("function_call", "{not json"), ("observation", "sunny"),
+                            ("gpt", "Sunny.")],
+    "does not end on a trained turn": [("human", "hi"), ("gpt", "hello"), ("human", "bye")],
+    "too long": [("human", "word " * 300), ("gpt", "ok")],
+    "no trained tokens": [("human", "word " * 300), ("gpt", "ok")],
+    "rejected by adapter": [],
+}
+
+
+def rows_with(reasons: list[str], good: int = 12) -> list[dict]:
+    rows = [sharegpt_row(index, *GOOD) for index in range(good)]
+    rows += [sharegpt_row(good + offset, *BAD[reason]) for offset, reason in enumerate(reasons)]
+    return rows
+
+
+def prepare(tmp_path, rows, **keys):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    values = dict(model_name_or_path=TINY_MODEL, dataset_name=str(data), output_dir=str(tmp_path / "out"),
+                  max_length=128, report_to="none", **keys)
+    recipe = load_recipe(str(write_recipe(tmp_path / "recipe.yaml", **values)))
+    return prepare_data(recipe, load_tokenizer(recipe))
+
+
+ALL_BUT_LENGTH = [reason for reason in BAD if reason not in ("too long", "no trained tokens")]
+
+
+def test_every_reason_is_counted_with_its_rows(tmp_path):
+    data = prepare(tmp_path, rows_with(ALL_BUT_LENGTH), on_invalid="skip", max_invalid_fraction=0.5)
+    report = data.train.report
+    assert dict(report.invalid) == {reason: 1 for reason in ALL_BUT_LENGTH}
+    assert report.examples["unknown role"] == [12] and report.valid == 12
+    assert data.train.trainable().num_rows == 12
+
+
+@pytest.mark.parametrize("long_rows, reason", [("skip", "too long"), ("truncate", "no trained tokens")])
+def test_long_rows_are_skipped_or_truncated(tmp_path, long_rows, reason):
+    data = prepare(tmp_path, rows_with([reason]), on_invalid="skip", max_invalid_fraction=0.5,
+                   long_rows=long_rows, assistant_only_loss=True)
+    assert dict(data.train.report.invalid) == {reason: 1}
+
+
+def test_error_policy_stops_with_counts_and_the_first_problem(tmp_path):
+    with pytest.raises(SftkitError) as error:
+        prepare(tmp_path, rows_with(["unknown role", "unknown role", "empty content"]))
+    message = str(error.value)
+    assert "3 of 15 train rows are invalid" in message
+    assert "2 unknown role (rows 12, 13)" in message and "1 empty content (rows 14)" in message
+    assert "First: train row 12: turn 1 has unknown role 'robot'" in message
+    assert "on_invalid: skip" in message
+
+
+def test_too_many_skipped_rows_stop_the_run(tmp_path):
+    with pytest.raises(SftkitError, match="more than max_invalid_fraction 0.1"):
+        prepare(tmp_path, rows_with(ALL_BUT_LENGTH), on_invalid="skip")
+
+
+def test_a_run_where_every_row_is_bad_says_so(tmp_path):
+    with pytest.raises(SftkitError, match="every one of the 3 train rows is invalid"):
+        prepare(tmp_path, rows_with(["unknown role"] * 3, good=0), on_invalid="skip", max_invalid_fraction=1.0)
+
+
+def test_skipped_rows_are_written_with_reason_and_raw_row(tmp_path):
+    data = prepare(tmp_path, rows_with(["unknown role", "empty content"]), on_invalid="skip", max_invalid_fraction=0.5)
+    assert data.write_skipped(str(tmp_path / "out")) == 2
+    lines = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(line["row"], line["reason"]) for line in lines] == [(12, "unknown role"), (13, "empty content")]
+    assert lines[0]["data"]["conversations"][1] == {"from": "robot", "value": "beep"}
+
+
+def test_training_skips_bad_rows_and_records_them(tmp_path):
+    rows = rows_with(["unknown role", "does not end on a trained turn"], good=30)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
+         str(data), "--output_dir", str(output), "--max_steps", "2", "--test_split_size", "0", "--eval_strategy", "no",
+         "--eval_on_start", "false", "--on_invalid", "skip"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((output / "skipped_rows.jsonl").read_text().splitlines()) == 2
+    record = yaml.safe_load((output / "sftkit_run.yaml").read_text())
+    assert record["data"]["train_rows"] == 30
+    assert record["data"]["invalid_rows"]["train"] == {"unknown role": 1, "does not end on a trained turn": 1}
