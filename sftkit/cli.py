@@ -99,5 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe)
         return 0
     except SftkitError as error:
-        print(f"sftkit: error: {error}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"sftkit: error{rank}: {error}", file=sys.stderr)
         return 1 if command == "check" else 2

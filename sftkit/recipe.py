@@ -24,6 +24,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
+from sftkit.launcher import reconcile_launcher
 
 
 @dataclass
@@ -418,10 +419,14 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
             f"x {values['gradient_accumulation_steps']} accumulation step(s)"
         )
 
+    per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
+    accumulation = values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
+    adjusted = reconcile_launcher(values, per_device, accumulation, number_of_processes(), notes, source)
+
     built = {}
     for cls in RECIPE_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        arguments = {key: value for key, value in values.items() if key in names}
+        arguments = {key: value for key, value in {**values, **adjusted}.items() if key in names}
         if cls is DatasetMixtureConfig and entries:
             arguments["datasets"] = entries
         try:

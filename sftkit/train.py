@@ -9,6 +9,7 @@ from accelerate import PartialState
 from trl import get_peft_config, get_quantization_config
 
 from sftkit.data import prepare_data
+from sftkit.launcher import partial_batch_note
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.run_record import write_run_record
@@ -37,6 +38,11 @@ def train(recipe: Recipe) -> None:
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s/skipped_rows.jsonl", skipped,
                        args.output_dir)
+    note = partial_batch_note(data.train.report.valid, args.per_device_train_batch_size,
+                              args.gradient_accumulation_steps, args.max_steps, state.num_processes,
+                              args.dataloader_drop_last)
+    if note:
+        logger.warning(note)
     if data.eval is None and args.eval_strategy != "no":
         logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
         args.eval_strategy = "no"
