@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.bad_rows import enforce
 from sftkit.data import PreparedSplit, prepare_data
 from sftkit.model import load_tokenizer
 from sftkit.recipe import Recipe
@@ -28,21 +29,20 @@ def mark_trained(input_ids: list[int], labels: list[int], tokenizer: PreTrainedT
 
 
 def _lengths(split: PreparedSplit, max_length: int | None) -> str:
-    lengths = np.array([length for length, reason in zip(split.rows["length"], split.rows["invalid"], strict=True)
-                        if reason is None or reason == "too long"])
+    lengths = np.array([length for length in split.rows["length"] if length > 0])  # every row that tokenized
     if not len(lengths):
         return f"{split.name}: no valid rows"
     p50, p90, p99 = (int(value) for value in np.percentile(lengths, [50, 90, 99]))
-    line = f"{split.name}: p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()} tokens"
+    line = f"{split.name}: p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()} tokens over {len(lengths):,} rows"
     if max_length is not None:
         line += f"; {int((lengths > max_length).sum()):,} rows longer than max_length {max_length}"
     return line
 
 
-def check(recipe: Recipe, shown_rows: int, colour: bool) -> str:
-    """Validate recipe and data (raising SftkitError on a problem) and describe what would train."""
+def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
+    """Describe what would train, then raise SftkitError if the bad-row policy would stop the run."""
     tokenizer = load_tokenizer(recipe)
-    data = prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer, enforce_policy=False)
     splits = [split for split in (data.train, data.eval) if split is not None]
     lines = [f"recipe         {recipe.source}"]
     lines += [f"note           {note}" for note in recipe.notes]
@@ -58,7 +58,9 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> str:
     if recipe.training.max_length is not None:
         cut = "skipped as too long" if recipe.sftkit.long_rows == "skip" else "truncated"
         lines.append(f"{'':<15}rows longer than max_length are {cut} (long_rows)")
-    lines.append(f"render guard   {data.rows_checked} sampled examples render every turn")
+    rendered = f"{data.rows_checked} sampled conversations render every turn" if data.rows_checked else (
+        "nothing to render (the data is not conversational)")
+    lines.append(f"render guard   {rendered}")
     marks = "green" if colour else "between [[ and ]]"
     valid = [row for row, reason in enumerate(data.train.rows["invalid"]) if reason is None]
     for row in valid[:shown_rows]:
@@ -66,5 +68,7 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> str:
         trained = sum(label != IGNORE for label in example["labels"][1:])
         lines.append(f"\n--- train row {row}: {trained} of {len(example['input_ids'])} tokens trained ({marks}) ---")
         lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
-    lines.append("\ntraining would start: ok")
-    return "\n".join(lines)
+    print("\n".join(lines), flush=True)
+    for split in splits:
+        enforce(split.report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
+    print("\ntraining would start: ok")

@@ -29,6 +29,8 @@ def _setup_logging() -> None:
     main_process = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(format="sftkit: %(message)s", level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("sftkit").setLevel(logging.INFO if main_process else logging.WARNING)
+    # sftkit tokenizes whole rows and applies max_length itself; the tokenizer's length warning is noise here.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 def _adapters() -> str:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "check":
             from sftkit.check import check
 
-            print(check(recipe, rows, colour))
+            check(recipe, rows, colour)
             return 0
         from sftkit.train import train
 

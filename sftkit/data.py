@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from sftkit import plugins
 from sftkit.adapt import adapt, choose_adapter, resolve_options
 from sftkit.bad_rows import RowReport, enforce, report_rows, write_skipped
+from sftkit.errors import SftkitError
 from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe
 from sftkit.render_guard import check_rendering
@@ -102,14 +103,20 @@ def split_held_out(train: datasets.Dataset, recipe: Recipe) -> tuple[datasets.Da
     return parts["train"], parts["test"], origin
 
 
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
     """Load every source, convert it with its adapter, tokenize, apply the bad-row policy, check the rendering."""
     sources = load_sources(recipe)
     registry = plugins.registry()
     choices, train_parts, eval_parts = [], [], []
     for index, source in enumerate(sources):
-        installed, reason = choose_adapter(source.dataset_format, source.train, registry)
-        choice = AdapterChoice(source.name, installed, reason, resolve_options(installed.adapter, source.dataset_options))
+        try:
+            installed, reason = choose_adapter(source.dataset_format, source.train, registry)
+            options = resolve_options(installed.adapter, source.dataset_options)
+        except SftkitError as error:
+            if len(sources) == 1:
+                raise
+            raise SftkitError(f"datasets[{index}] ({source.name}): {error}") from None
+        choice = AdapterChoice(source.name, installed, reason, options)
         logger.info("adapter for %s: %s from %s %s (%s)", source.name, installed.adapter.name,
                     installed.distribution, installed.version, reason)
         choices.append(choice)
@@ -131,9 +138,12 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepared
             continue
         rows = tokenize_split(rows, tokenizer, settings, name, num_proc)
         report = report_rows(rows, name)
-        enforce(report, sftkit.on_invalid, sftkit.max_invalid_fraction)
+        if enforce_policy:
+            enforce(report, sftkit.on_invalid, sftkit.max_invalid_fraction)
         splits.append(PreparedSplit(name, rows, report))
 
     checked = sum(check_rendering(split.rows, tokenizer, sftkit.render_check_rows, split.name) for split in splits)
-    logger.info("render guard: every turn of %d sampled examples appears in the chat template's rendering", checked)
+    if checked:
+        logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
+                    checked)
     return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, choices, sources, origin, checked)

@@ -67,7 +67,7 @@ def sample_indices(num_rows: int, count: int) -> list[int]:
 
 
 def check_rendering(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, count: int, split: str) -> int:
-    """Render ``count`` valid conversations; raise if a turn is missing from the rendering. Returns rows checked."""
+    """Render ``count`` valid conversations; raise if a turn is missing from the rendering. Returns rows rendered."""
     valid = [row for row, reason in enumerate(rows["invalid"]) if reason is None]
     checked = [valid[position] for position in sample_indices(len(valid), count)]
     problems: list[Problem] = []
@@ -98,4 +98,4 @@ def check_rendering(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
             "A template drops turns whose role it does not know: map the data's roles with dataset_options "
             "(for example role_map) or use a chat template that renders every role."
         )
-    return len(checked)
+    return len(renderings)

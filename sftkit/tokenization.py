@@ -126,32 +126,63 @@ def _text_with_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBa
     return text, None
 
 
-def tokenize_record(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                    settings: TokenizeSettings) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` for one record; RowError if it is too long to keep or trains nothing."""
-    text, spans = _text_with_spans(record, tokenizer, settings)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
-    input_ids = encoded["input_ids"]
+class TokenizedRowError(RowError):
+    """A row that tokenized but cannot train; keeps its length for the length statistics."""
+
+    def __init__(self, message: str, reason: str, length: int) -> None:
+        super().__init__(message, reason)
+        self.length = length
+
+
+def _labelled(input_ids: list[int], offsets: list[tuple[int, int]] | None, spans: list[tuple[int, int]] | None,
+              settings: TokenizeSettings) -> dict[str, Any]:
+    """Labels from the trained character spans, then the max_length rule and the nothing-to-train check."""
     if spans is None:
         labels = list(input_ids)
     else:
         labels = [
             token if any(start <= offset[0] < end for start, end in spans) else IGNORE
-            for token, offset in zip(input_ids, encoded["offset_mapping"], strict=True)
+            for token, offset in zip(input_ids, offsets, strict=True)
         ]
     length, limit = len(input_ids), settings.max_length
     if limit is not None and length > limit:
         if settings.long_rows == "skip":
-            raise RowError(f"{len(input_ids)} tokens, more than max_length {limit}", reason="too long")
+            raise TokenizedRowError(f"{length} tokens, more than max_length {limit}", "too long", length)
         if settings.truncate:
             input_ids, labels = input_ids[:limit], labels[:limit]
     if all(label == IGNORE for label in labels[1:]):
-        raise RowError(
+        raise TokenizedRowError(
             f"no token carries loss within max_length {limit} (the prompt alone fills it, or there is nothing "
             "to train on)",
-            reason="no trained tokens",
+            "no trained tokens",
+            length,
         )
-    return {"input_ids": input_ids, "labels": labels, "length": length}
+    return {"input_ids": list(input_ids), "labels": labels, "length": length}
+
+
+def tokenize_record(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                    settings: TokenizeSettings) -> dict[str, Any]:
+    """``input_ids`` and ``labels`` for one record; RowError if it is too long to keep or trains nothing."""
+    text, spans = _text_with_spans(record, tokenizer, settings)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+    return _labelled(encoded["input_ids"], encoded.get("offset_mapping"), spans, settings)
+
+
+def tokenize_records(records: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase,
+                     settings: TokenizeSettings) -> list[dict[str, Any] | RowError]:
+    """Many records with one batched tokenizer call (the fast path); a failing record gives its RowError."""
+    prepared = [_text_with_spans(record, tokenizer, settings) for record in records]
+    with_offsets = any(spans is not None for _, spans in prepared)
+    encoded = tokenizer([text for text, _ in prepared], add_special_tokens=False,
+                        return_offsets_mapping=with_offsets)
+    results: list[dict[str, Any] | RowError] = []
+    for position, (_, spans) in enumerate(prepared):
+        offsets = encoded["offset_mapping"][position] if with_offsets else None
+        try:
+            results.append(_labelled(encoded["input_ids"][position], offsets, spans, settings))
+        except RowError as error:
+            results.append(error)
+    return results
 
 
 TOKENIZED = datasets.Features(
@@ -170,18 +201,19 @@ def tokenize_split(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
     """Tokenize the ``record`` of every valid row in batches; rows that fail are marked ``invalid``, not raised."""
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "invalid": [], "problem": []}
-        for record, reason, problem in zip(batch["record"], batch["invalid"], batch["problem"], strict=True):
-            tokens = {"input_ids": [], "labels": [], "length": 0}
-            if record is not None:
-                try:
-                    tokens = tokenize_record(json.loads(record), tokenizer, settings)
-                except RowError as error:
-                    reason, problem = error.reason, str(error)
-            for key, value in tokens.items():
-                out[key].append(value)
-            out["invalid"].append(reason)
-            out["problem"].append(problem)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [],
+                                "invalid": list(batch["invalid"]), "problem": list(batch["problem"])}
+        valid = [position for position, record in enumerate(batch["record"]) if record is not None]
+        results = dict(zip(valid, tokenize_records([json.loads(batch["record"][p]) for p in valid], tokenizer,
+                                                   settings), strict=True)) if valid else {}
+        for position in range(len(batch["record"])):
+            result = results.get(position)
+            tokens = result if isinstance(result, dict) else {"input_ids": [], "labels": [], "length": 0}
+            if isinstance(result, RowError):
+                out["invalid"][position], out["problem"][position] = result.reason, str(result)
+                tokens["length"] = getattr(result, "length", 0)
+            for key in ("input_ids", "labels", "length"):
+                out[key].append(tokens[key])
         return out
 
     features = datasets.Features({**dataset.features, **TOKENIZED})
