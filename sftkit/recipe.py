@@ -432,7 +432,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
         try:
             built[cls] = cls(**arguments)
         except (ValueError, TypeError) as error:
-            raise SftkitError(f"recipe {source}: {error}") from None
+            raise SftkitError(f"recipe {source} with this launcher's settings: {error}") from None
     return Recipe(
         script=built[ScriptArguments],
         training=built[SFTConfig],
