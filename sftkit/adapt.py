@@ -126,7 +126,8 @@ def check_record(record: Mapping[str, Any]) -> None:
 
 
 def adapt(
-    dataset: datasets.Dataset, installed: InstalledAdapter, options: Mapping[str, Any], split: str
+    dataset: datasets.Dataset, installed: InstalledAdapter, options: Mapping[str, Any], split: str,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Convert every row to ``record`` (canonical, as JSON) or mark it ``invalid`` with the reason and ``problem``.
 
@@ -160,5 +161,6 @@ def adapt(
         return out
 
     return dataset.map(
-        convert, batched=True, remove_columns=columns, features=ADAPTED, desc=f"Adapting {split} rows ({adapter.name})"
+        convert, batched=True, remove_columns=columns, features=ADAPTED, num_proc=num_proc,
+        desc=f"Adapting {split} rows ({adapter.name})",
     )

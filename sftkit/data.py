@@ -1,26 +1,42 @@
-"""The data path as one chain: load -> adapt -> tokenize and mask -> bad-row policy -> render guard."""
+"""The data path as one chain: load -> adapt -> tokenize and mask -> bad-row policy -> render guard.
+
+Two ways through it. Eager: every row, in batched passes over all cores, cached on disk by a key
+of everything that changes the result (used when the run reads the whole dataset). Lazy: only a
+sample is prepared before step 1, to check and report; the trainer's rows are prepared as it
+draws them (used when ``max_steps`` reads less than the whole dataset).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from sftkit import adapt as adapt_module
 from sftkit import plugins
+from sftkit import tokenization as tokenization_module
 from sftkit.adapt import adapt, choose_adapter, resolve_options
 from sftkit.bad_rows import RowReport, enforce, report_rows, write_skipped
+from sftkit.cache import cached, preparation_key
 from sftkit.errors import SftkitError
+from sftkit.lazy import LazySource, lazy_rows
 from sftkit.plugins import InstalledAdapter
-from sftkit.recipe import Recipe
-from sftkit.render_guard import check_rendering
+from sftkit.recipe import Recipe, number_of_processes
+from sftkit.render_guard import check_rendering, sample_indices
 from sftkit.sources import Source, load_sources
 from sftkit.tokenization import TokenizeSettings, tokenize_split
 
 logger = logging.getLogger(__name__)
+
+PARALLEL_FROM_ROWS = 20_000  # below this, a process pool costs more than it saves
+PREFLIGHT_ROWS = 512  # rows a lazy run prepares before step 1, to check and report
 
 
 @dataclass
@@ -38,14 +54,21 @@ class AdapterChoice:
 
 @dataclass
 class PreparedSplit:
-    """Every row of a split, valid or not, with its record, tokens and, if invalid, why."""
+    """The prepared rows of a split (all of them, or the lazy run's sample), valid or not, and how they fared."""
 
     name: str
     rows: datasets.Dataset
     report: RowReport
+    lazy: datasets.Dataset | None = None  # set when the trainer's rows are prepared on demand
+
+    def invalid_row_ids(self) -> set[int]:
+        """Global ids of the rows already found invalid, so a lazy run does not report them twice."""
+        return {row for row, reason in zip(self.rows["row"], self.rows["invalid"], strict=True) if reason is not None}
 
     def trainable(self) -> datasets.Dataset:
         """Only what the trainer needs: the valid rows' input_ids and labels."""
+        if self.lazy is not None:
+            return self.lazy
         valid = self.rows.filter(lambda reasons: [reason is None for reason in reasons], batched=True,
                                  input_columns="invalid", desc=f"Selecting valid {self.name} rows")
         return valid.select_columns(["input_ids", "labels"])
@@ -58,6 +81,7 @@ class PreparedData:
     adapters: list[AdapterChoice]
     sources: list[Source]
     eval_origin: str
+    mode: str  # "eager" or "lazy", and why
     rows_checked: int
 
     def describe(self) -> dict[str, Any]:
@@ -66,7 +90,8 @@ class PreparedData:
         return {
             "adapter": self.adapters[0].describe() if len(self.adapters) == 1 else [a.describe() for a in self.adapters],
             "data": {
-                **{f"{split.name}_rows": split.report.valid for split in splits},
+                "preparation": self.mode,
+                **{f"{split.name}_rows": len(split.lazy) if split.lazy else split.report.valid for split in splits},
                 "invalid_rows": {split.name: dict(split.report.invalid) for split in splits},
                 "eval": self.eval_origin,
                 "render_guard_rows": self.rows_checked,
@@ -77,37 +102,16 @@ class PreparedData:
         """List every skipped row, its reason and its raw content in ``output_dir/skipped_rows.jsonl``."""
         path = Path(output_dir) / "skipped_rows.jsonl"
         path.unlink(missing_ok=True)
-        written = 0
-        for split in (self.train, self.eval):
-            if split is not None:
-                written += write_skipped(split.rows, self.sources, split.name, path)
-        return written
+        return sum(write_skipped(split.rows, self.sources, split.name, path)
+                   for split in (self.train, self.eval) if split is not None)
 
 
-def _adapt_source(source: Source, index: int, dataset: datasets.Dataset, choice: AdapterChoice,
-                  split: str) -> datasets.Dataset:
-    adapted = adapt(dataset, choice.installed, choice.options, split)
-    adapted = adapted.add_column("source", [index] * adapted.num_rows)
-    adapted = adapted.add_column("source_split", [split] * adapted.num_rows)
-    return adapted.add_column("source_row", list(range(adapted.num_rows)))
+# ---------------------------------------------------------------- which rows, which adapter, which way
 
 
-def split_held_out(train: datasets.Dataset, recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
-    size = recipe.mixture.test_split_size
-    if not size:
-        return train, None, "none"
-    size = int(size) if size >= 1 else size
-    seed = recipe.training.seed
-    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
-    origin = f"{parts['test'].num_rows} rows held out of the training data (test_split_size {size}, seed {seed})"
-    return parts["train"], parts["test"], origin
-
-
-def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
-    """Load every source, convert it with its adapter, tokenize, apply the bad-row policy, check the rendering."""
-    sources = load_sources(recipe)
+def _choose_adapters(sources: list[Source]) -> list[AdapterChoice]:
     registry = plugins.registry()
-    choices, train_parts, eval_parts = [], [], []
+    choices = []
     for index, source in enumerate(sources):
         try:
             installed, reason = choose_adapter(source.dataset_format, source.train, registry)
@@ -116,34 +120,152 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
             if len(sources) == 1:
                 raise
             raise SftkitError(f"datasets[{index}] ({source.name}): {error}") from None
-        choice = AdapterChoice(source.name, installed, reason, options)
         logger.info("adapter for %s: %s from %s %s (%s)", source.name, installed.adapter.name,
                     installed.distribution, installed.version, reason)
-        choices.append(choice)
-        train_parts.append(_adapt_source(source, index, source.train, choice, "train"))
-        if source.eval is not None:
-            eval_parts.append(_adapt_source(source, index, source.eval, choice, "eval"))
-    train = datasets.concatenate_datasets(train_parts)
-    if eval_parts:
-        evaluation, origin = datasets.concatenate_datasets(eval_parts), f"split {recipe.script.dataset_test_split!r}"
-    else:
-        train, evaluation, origin = split_held_out(train, recipe)
+        choices.append(AdapterChoice(source.name, installed, reason, options))
+    return choices
 
-    settings = TokenizeSettings.from_recipe(recipe, tokenizer)
-    num_proc = recipe.training.dataset_num_proc
-    sftkit = recipe.sftkit
-    splits: list[PreparedSplit] = []
-    for name, rows in (("train", train), ("eval", evaluation)):
-        if rows is None:
+
+def split_held_out(total: int, recipe: Recipe) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Train and eval row ids over all sources' train rows: a seeded held-out part when test_split_size asks."""
+    size, seed = recipe.mixture.test_split_size, recipe.training.seed
+    every = np.arange(total)
+    if not size:
+        return every, None, "none"
+    count = int(size) if size >= 1 else max(1, round(size * total))
+    if count >= total:
+        raise SftkitError(f"test_split_size {size} leaves no training rows out of {total}")
+    order = np.random.default_rng(seed).permutation(total)
+    origin = f"{count} rows held out of the training data (test_split_size {size}, seed {seed})"
+    return np.sort(order[count:]), np.sort(order[:count]), origin
+
+
+def preparation_mode(recipe: Recipe, train_rows: int) -> tuple[str, str]:
+    """Lazy when a bounded run reads less than the dataset; eager when it reads it all (or packs)."""
+    asked, args = recipe.sftkit.prepare, recipe.training
+    if asked != "auto":
+        if asked == "lazy" and args.packing:
+            raise SftkitError("prepare: lazy cannot pack (packing needs every row's length); use prepare: eager")
+        return asked, "as the recipe says"
+    if args.packing:
+        return "eager", "packing needs every row's length"
+    if args.max_steps <= 0:
+        return "eager", "the run reads every row (num_train_epochs)"
+    needed = args.max_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size * number_of_processes()
+    if needed >= train_rows:
+        return "eager", f"max_steps reads {needed:,} rows, the whole dataset"
+    return "lazy", f"max_steps reads {needed:,} of {train_rows:,} rows"
+
+
+# ---------------------------------------------------------------- adapting and tokenizing
+
+
+def _adapted(sources: list[Source], choices: list[AdapterChoice], split: str, num_proc: int | None,
+             ids: np.ndarray | None = None) -> datasets.Dataset:
+    """The sources' rows of ``split`` (only global train row ``ids``, if given) adapted and tagged with their origin."""
+    offsets = np.cumsum([0] + [source.train.num_rows for source in sources])
+    parts = []
+    for index, (source, choice) in enumerate(zip(sources, choices, strict=True)):
+        raw = getattr(source, split)
+        if raw is None:
             continue
-        rows = tokenize_split(rows, tokenizer, settings, name, num_proc)
-        report = report_rows(rows, name)
-        if enforce_policy:
-            enforce(report, sftkit.on_invalid, sftkit.max_invalid_fraction)
-        splits.append(PreparedSplit(name, rows, report))
+        rows = np.arange(raw.num_rows)
+        if ids is not None:
+            rows = ids[(ids >= offsets[index]) & (ids < offsets[index + 1])] - offsets[index]
+            raw = raw.select(rows)
+        adapted = adapt(raw, choice.installed, choice.options, split, num_proc)
+        adapted = adapted.add_column("source", [index] * adapted.num_rows)
+        adapted = adapted.add_column("source_split", [split] * adapted.num_rows)
+        adapted = adapted.add_column("source_row", rows.tolist())
+        parts.append(adapted.add_column("row", (rows + offsets[index]).tolist()))  # the id lazy runs draw by
+    return datasets.concatenate_datasets(parts)
 
-    checked = sum(check_rendering(split.rows, tokenizer, sftkit.render_check_rows, split.name) for split in splits)
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token}|{tokenizer.chat_template}".encode()).hexdigest()
+
+
+Plan = dict[str, tuple[str, np.ndarray | None]]  # prepared split -> (source split, global train row ids)
+
+
+def _eager(sources: list[Source], choices: list[AdapterChoice], plan: Plan, tokenizer: PreTrainedTokenizerBase,
+           settings: TokenizeSettings, num_proc: int | None) -> tuple[dict[str, datasets.Dataset], bool]:
+    """Adapt and tokenize the planned rows in batched, parallel passes, through the cache."""
+    key = preparation_key(
+        {
+            "sources": [(s.name, s.train._fingerprint, s.eval._fingerprint if s.eval is not None else None)
+                        for s in sources],
+            "adapters": [(c.installed.adapter.name, c.installed.distribution, c.installed.version, c.options)
+                         for c in choices],
+            "tokenizer": _tokenizer_fingerprint(tokenizer),
+            "settings": asdict(settings),
+            "plan": {name: (split, None if ids is None else hashlib.sha256(ids.tobytes()).hexdigest())
+                     for name, (split, ids) in plan.items()},
+        },
+        code=(*(type(c.installed.adapter) for c in choices), adapt_module, tokenization_module),
+    )
+
+    def build() -> dict[str, datasets.Dataset]:
+        return {name: tokenize_split(_adapted(sources, choices, split, num_proc, ids), tokenizer, settings, name,
+                                     num_proc)
+                for name, (split, ids) in plan.items()}
+
+    return cached(key, build)
+
+
+def _lazy(sources: list[Source], choices: list[AdapterChoice], train_ids: np.ndarray,
+          tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The on-demand rows for the trainer, and a prepared sample spread over them to check before step 1."""
+    lazy_sources = []
+    for source, choice in zip(sources, choices, strict=True):
+        adapter, options = choice.installed.adapter, choice.options
+        columns = [column for column in adapter.columns(options) if column in source.train.column_names]
+        lazy_sources.append(LazySource(source.train.select_columns(columns),
+                                       lambda row, adapter=adapter, options=options: adapter.convert(row, options)))
+    sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
+    preflight = tokenize_split(_adapted(sources, choices, "train", None, sample), tokenizer, settings, "train sample")
+    return preflight, lazy_rows(lazy_sources, train_ids, tokenizer, settings)
+
+
+def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
+    """Load every source, convert it with its adapter, tokenize, apply the bad-row policy, check the rendering."""
+    sources = load_sources(recipe)
+    choices = _choose_adapters(sources)
+    total = sum(source.train.num_rows for source in sources)
+    has_own_eval = any(source.eval is not None for source in sources)
+    train_ids, eval_ids, origin = (np.arange(total), None, f"split {recipe.script.dataset_test_split!r}") \
+        if has_own_eval else split_held_out(total, recipe)
+    settings = TokenizeSettings.from_recipe(recipe, tokenizer)
+    num_proc = recipe.training.dataset_num_proc or (os.cpu_count() if total >= PARALLEL_FROM_ROWS else None)
+    mode, why = preparation_mode(recipe, len(train_ids))
+    logger.info("preparation: %s (%s)", mode, why)
+
+    eval_plan: Plan = {"eval": ("train", eval_ids)} if eval_ids is not None else (
+        {"eval": ("eval", None)} if has_own_eval else {})
+    lazy = None
+    if mode == "lazy":
+        sample, lazy = _lazy(sources, choices, train_ids, tokenizer, settings)
+        prepared = {"train": sample}
+        if eval_plan:
+            prepared.update(_eager(sources, choices, eval_plan, tokenizer, settings, num_proc)[0])
+    else:
+        plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
+        prepared, hit = _eager(sources, choices, plan, tokenizer, settings, num_proc)
+        if hit:
+            logger.info("prepared rows loaded from the cache")
+
+    splits: list[PreparedSplit] = []
+    for name, rows in prepared.items():
+        report = report_rows(rows, name if not (name == "train" and lazy) else "train sample")
+        if enforce_policy:
+            enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
+        splits.append(PreparedSplit(name, rows, report, lazy if name == "train" else None))
+    checked = sum(check_rendering(split.rows, tokenizer, recipe.sftkit.render_check_rows, split.name)
+                  for split in splits)
     if checked:
         logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
                     checked)
-    return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, choices, sources, origin, checked)
+    return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, choices, sources, origin,
+                        f"{mode} ({why})", checked)

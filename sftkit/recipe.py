@@ -46,6 +46,11 @@ class SftkitArguments:
     max_invalid_fraction: float = field(
         default=0.1, metadata={"help": "with on_invalid: skip, the most rows that may be skipped before the run stops"}
     )
+    prepare: typing.Literal["auto", "eager", "lazy"] = field(
+        default="auto",
+        metadata={"help": "prepare every row before step 1 (cached), or each row when the trainer draws it; auto: "
+                  "lazy when max_steps reads less than the dataset"},
+    )
     long_rows: typing.Literal["truncate", "skip"] = field(
         default="truncate", metadata={"help": "rows longer than max_length: cut to max_length, or skip as invalid"}
     )

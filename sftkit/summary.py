@@ -12,15 +12,19 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def summarise(trainer: SftkitTrainer, written: dict[str, str]) -> str:
+def summarise(trainer: SftkitTrainer, written: dict[str, str], lazy: bool) -> str:
     """A few lines for the terminal; token counts are summed over every process."""
-    seen, trained = trainer.token_totals()
+    totals = trainer.totals()
+    seen, trained = totals["tokens_fed"], totals["tokens_trained"]
     history = trainer.state.log_history
     runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
     first, last = _losses(history, "loss")
     eval_first, eval_last = _losses(history, "eval_loss")
     lines = [f"steps          {trainer.state.global_step}"]
     lines.append(f"tokens         {trained:,} trained of {seen:,} fed")
+    if lazy:
+        lines.append(f"rows           {totals['rows_drawn']:,} drawn and prepared on demand, "
+                     f"{totals['rows_invalid']:,} invalid")
     if runtime:
         lines.append(f"throughput     {seen / runtime:,.0f} tokens/s over {runtime:.1f} s")
     if first is not None:

@@ -1,4 +1,4 @@
-"""The training job, top to bottom: recipe -> data (load, adapt, validate) -> record -> SFTTrainer -> model."""
+"""The training job, top to bottom: recipe -> data (load, adapt, tokenize, validate) -> record -> SFTTrainer -> model."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 from accelerate import PartialState
-from trl import get_peft_config, get_quantization_config
+from trl import get_peft_config, get_quantization_config, pack_dataset
 
 from sftkit.data import prepare_data
+from sftkit.errors import SftkitError
 from sftkit.launcher import partial_batch_note
+from sftkit.lazy import SkippingCollator
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.run_record import write_run_record
@@ -27,10 +29,9 @@ def train(recipe: Recipe) -> None:
     args = recipe.training
     output_dir = Path(args.output_dir)
 
-    # Data: the main process prepares first so that the others reuse its cache.
+    # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout.
     tokenizer = load_tokenizer(recipe)
-    with state.main_process_first():
-        data = prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer)
     logger.info("eval rows: %s", data.eval_origin)
     for split in (data.train, data.eval):
         if split is not None:
@@ -38,7 +39,8 @@ def train(recipe: Recipe) -> None:
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s/skipped_rows.jsonl", skipped,
                        args.output_dir)
-    note = partial_batch_note(data.train.report.valid, args.per_device_train_batch_size,
+    train_rows = data.train.trainable()
+    note = partial_batch_note(len(train_rows), args.per_device_train_batch_size,
                               args.gradient_accumulation_steps, args.max_steps, state.num_processes,
                               args.dataloader_drop_last)
     if note:
@@ -54,29 +56,43 @@ def train(recipe: Recipe) -> None:
         record = write_run_record(args.output_dir, recipe.values, details)
         logger.info("run record: %s", record)
 
-    # sftkit has tokenized and masked the rows itself; TRL must not mask them again.
+    # sftkit has tokenized, masked, truncated (and packs) the rows itself; TRL must not prepare them again.
     args.assistant_only_loss = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    if data.train.lazy is not None:
+        args.remove_unused_columns = False  # the lazy rows are made from a "row" column the model never sees
+    if args.packing:
+        train_rows = pack_dataset(train_rows, args.max_length, args.packing_strategy)
     trainer = SftkitTrainer(
         model=model_path(recipe),
         args=args,
-        train_dataset=data.train.trainable(),
+        train_dataset=train_rows,
         eval_dataset=data.eval.trainable() if data.eval is not None else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
         quantization_config=get_quantization_config(recipe.model),
+        on_invalid=recipe.sftkit.on_invalid,
+        max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
+        known_invalid=data.train.invalid_row_ids() if data.train.lazy is not None else None,
     )
+    if data.train.lazy is not None:  # rows prepared on demand: invalid ones reach the trainer's policy by name
+        trainer.data_collator = SkippingCollator(trainer.data_collator, tokenizer.pad_token_id)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
 
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if trainer.policy_stop:
+        raise SftkitError(f"training stopped: {trainer.policy_stop}. A checkpoint of the last step is in "
+                          f"{args.output_dir}; fix the data or set on_invalid: skip, and resume with "
+                          "resume_from_checkpoint.")
     if data.eval is not None:
         trainer.evaluate()
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
     written = {"model": str(output_dir), "run record": str(output_dir / "sftkit_run.yaml")}
-    summary = summarise(trainer, written)
+    summary = summarise(trainer, written, lazy=data.train.lazy is not None)
     if state.is_main_process:
         print(f"\nsftkit: training finished\n{summary}", flush=True)
     trainer.end()

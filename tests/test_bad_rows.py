@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,7 +97,7 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
          str(data), "--output_dir", str(output), "--max_steps", "2", "--test_split_size", "0", "--eval_strategy", "no",
-         "--eval_on_start", "false", "--on_invalid", "skip"],
+         "--eval_on_start", "false", "--on_invalid", "skip", "--prepare", "eager"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -104,3 +105,39 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
     record = yaml.safe_load((output / "sftkit_run.yaml").read_text())
     assert record["data"]["train_rows"] == 30
     assert record["data"]["invalid_rows"]["train"] == {"unknown role": 1, "does not end on a trained turn": 1}
+
+
+def _lazy_run(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """600 rows; the 88 that a lazy run's pre-flight sample leaves out are bad, so only training meets them."""
+    from sftkit.render_guard import sample_indices
+
+    sampled = set(sample_indices(600, 512))
+    rows = [sharegpt_row(index, *(GOOD if index in sampled else BAD["unknown role"])) for index in range(600)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
+         str(data), "--output_dir", str(output), "--max_steps", "12", "--test_split_size", "0", "--eval_strategy",
+         "no", "--eval_on_start", "false", "--logging_steps", "1", "--prepare", "lazy", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )
+    return result, output
+
+
+def test_lazy_run_stops_cleanly_at_a_bad_row_after_saving_a_checkpoint(tmp_path):
+    result, output = _lazy_run(tmp_path)
+    assert result.returncode == 2
+    assert "training stopped: an invalid row was met at step" in result.stderr
+    assert "unknown role" in result.stderr and "Traceback" not in result.stderr
+    assert list(output.glob("checkpoint-*")), "a checkpoint is saved before stopping"
+    lines = [json.loads(line) for line in (output / "skipped_rows.jsonl").read_text().splitlines()]
+    assert lines and all(line["met"] == "mid-run" and line["reason"] == "unknown role" for line in lines)
+
+
+def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path):
+    result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("rows "))
+    drawn, invalid = (int(word.replace(",", "")) for word in summary.split() if word.replace(",", "").isdigit())
+    assert drawn == 12 * 8 and 0 < invalid < drawn
+    assert len((output / "skipped_rows.jsonl").read_text().splitlines()) == invalid

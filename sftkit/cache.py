@@ -1,0 +1,63 @@
+"""The preparation cache: tokenized rows on disk, keyed by everything that changes them.
+
+A second run with the same data, adapter, tokenizer, chat template and token settings loads the
+prepared rows at once. Any change in those gives another key, so a stale cache is never read.
+Processes that share the cache directory wait on a file lock, not a collective: the first one
+prepares and the others load, however long preparation takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+from filelock import FileLock
+
+from sftkit import __version__
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SFTKIT_CACHE"
+COMPLETE = "complete.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sftkit") / "prepared"
+
+
+def _source_hash(*objects: Any) -> str:
+    """The code that turns rows into tokens: a changed adapter or tokenization rule is a new key."""
+    digest = hashlib.sha256()
+    for obj in objects:
+        digest.update(inspect.getsource(inspect.getmodule(obj)).encode())
+    return digest.hexdigest()
+
+
+def preparation_key(parts: dict[str, Any], code: tuple[Any, ...]) -> str:
+    """A short digest of every input to preparation, given as ``parts``, and of the code that runs it."""
+    payload = json.dumps({"sftkit": __version__, "code": _source_hash(*code), **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def cached(key: str, build: Callable[[], dict[str, datasets.Dataset]]) -> tuple[dict[str, datasets.Dataset], bool]:
+    """The prepared splits for ``key``: loaded from disk when present, else built and saved. Returns (splits, hit)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / key
+    with FileLock(str(root / f"{key}.lock")):
+        hit = (folder / COMPLETE).is_file()
+        if not hit:
+            splits = build()
+            for name, rows in splits.items():
+                rows.save_to_disk(str(folder / name))
+            (folder / COMPLETE).write_text(json.dumps({"splits": sorted(splits)}))
+            logger.info("prepared rows cached in %s", folder)
+        names = json.loads((folder / COMPLETE).read_text())["splits"]
+    return {name: datasets.load_from_disk(str(folder / name)) for name in names}, hit

@@ -1,0 +1,91 @@
+"""Lazy preparation: a row is adapted and tokenized when the trainer first asks for it, never before.
+
+A bounded run (``max_steps``) reads a fraction of a large dataset; preparing only those rows makes
+the time to the first step independent of the dataset's size. The trainer's sampler still draws
+from a global shuffle of every row, and each process prepares only the rows of its own shard.
+A row that turns out invalid mid-run travels with the batch to ``SftkitTrainer``, which counts it
+and applies the bad-row policy.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.adapt import check_record
+from sftkit.hookspecs import RowError
+from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
+
+INVALID_KEY = "sftkit_invalid"  # (row, reason, message) of each invalid row in a batch
+ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not
+
+
+@dataclass(frozen=True)
+class LazySource:
+    """One source's raw rows (only the adapter's columns) and how to convert them."""
+
+    rows: Any  # datasets.Dataset
+    convert: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class LazyPreparer:
+    """A ``with_transform`` function: global row ids in, prepared rows (or why they are invalid) out."""
+
+    def __init__(self, sources: Sequence[LazySource], tokenizer: PreTrainedTokenizerBase,
+                 settings: TokenizeSettings) -> None:
+        self.sources = list(sources)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.offsets = [0]
+        for source in self.sources:
+            self.offsets.append(self.offsets[-1] + source.rows.num_rows)
+
+    def _record(self, row: int) -> dict[str, Any]:
+        source_index = bisect.bisect_right(self.offsets, row) - 1
+        source = self.sources[source_index]
+        record = source.convert(source.rows[row - self.offsets[source_index]])
+        check_record(record)
+        return record
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], INVALID_KEY: []}
+        for row in batch["row"]:
+            try:
+                tokens = tokenize_record(self._record(int(row)), self.tokenizer, self.settings)
+            except RowError as error:
+                tokens = {"input_ids": [], "labels": [], "invalid": (int(row), error.reason, str(error))}
+            out["input_ids"].append(tokens["input_ids"])
+            out["labels"].append(tokens["labels"])
+            out[INVALID_KEY].append(tokens.get("invalid"))
+        return out
+
+
+def lazy_rows(sources: Sequence[LazySource], ids: Sequence[int], tokenizer: PreTrainedTokenizerBase,
+              settings: TokenizeSettings) -> datasets.Dataset:
+    """A dataset of row ids that prepares each row as the trainer reads it (TRL is told not to prepare it)."""
+    return datasets.Dataset.from_dict({"row": list(map(int, ids))}).with_transform(
+        LazyPreparer(sources, tokenizer, settings)
+    )
+
+
+class SkippingCollator:
+    """Collates the valid rows of a batch and passes the invalid ones on, by name, for the policy to count."""
+
+    def __init__(self, collator: Callable[[list], dict[str, Any]], pad_token_id: int) -> None:
+        self.collator = collator
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        valid = [{"input_ids": example["input_ids"], "labels": example["labels"]}
+                 for example in examples if example.get(INVALID_KEY) is None]
+        invalid = [tuple(example[INVALID_KEY]) for example in examples if example.get(INVALID_KEY) is not None]
+        # A batch with no valid row still has to step with the others: one padding token that trains nothing.
+        batch = self.collator(valid or [{"input_ids": [self.pad_token_id], "labels": [IGNORE]}])
+        batch[INVALID_KEY] = invalid
+        batch[ROWS_KEY] = len(examples)
+        return batch
