@@ -1,0 +1,202 @@
+"""Time to the first optimizer step and data-preparation throughput: sftkit against plain TRL, same run.
+
+    python scripts/bench_prepare.py [--rows 200000] [--workdir /tmp/sftkit-bench]
+
+Builds an Infinity-Instruct-shaped dataset (raw human/gpt rows, ~1.9 KB each) and a byte-level BPE
+tokenizer of realistic size (32k, Qwen2.5's ChatML template), then measures, each in a fresh
+process with a warm datasets cache (both tools read the same Arrow files):
+  - seconds from launch to the first optimizer step, plain TRL (roles mapped beforehand, as the
+    walkthrough had to) and sftkit on the raw rows, at N and at N/100 rows;
+  - sftkit's second start with a warm preparation cache (an epoch run, eager preparation);
+  - full-epoch preparation throughput against the raw batched tokenizer on the same cores.
+The model is the embedded tiny one: its step costs milliseconds, so the times are data preparation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYLLABLES = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"] + ["an", "er", "in", "on", "ul", "ey"]
+
+TRL_SCRIPT = """
+import sys, time, datasets
+from transformers import AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+class FirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        print(f"FIRST_STEP {time.time()}", flush=True); control.should_training_stop = True
+rows = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
+rows = rows.map(lambda r: {"messages": [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+                                        for t in r["conversations"]]}, remove_columns=rows.column_names)
+args = SFTConfig(output_dir=sys.argv[3], max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
+                 gradient_checkpointing=False, report_to="none", max_length=1024, save_strategy="no")
+SFTTrainer(model=sys.argv[2], args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(sys.argv[4]),
+           callbacks=[FirstStep()]).train()
+"""
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join("".join(rng.choices(SYLLABLES, k=rng.randint(1, 4))) for _ in range(count))
+
+
+def build_rows(path: Path, count: int) -> None:
+    """Infinity-Instruct's schema; two turns of ~1.9 KB in all, deterministic."""
+    rng = random.Random(0)
+    with path.open("w") as file:
+        for index in range(count):
+            turns = [{"from": "human", "value": words(rng, 60)}, {"from": "gpt", "value": words(rng, 260)}]
+            file.write(json.dumps({"id": index, "conversations": turns, "label": {"ability_en": ["writing"]},
+                                   "langdetect": "en", "source": "bench"}) + "\n")
+
+
+def build_tokenizer(folder: Path, sample: Path) -> None:
+    """A 32k byte-level BPE with Qwen2.5's chat template: a realistic cost per token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = Path(__import__("trl").__file__).parent / "chat_templates" / "qwen2_5.jinja"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=32000, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    lines = sample.read_text().splitlines()[:20000]
+    tokenizer.train_from_iterator((json.loads(line)["conversations"][1]["value"] for line in lines), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=special[1:])
+    fast.chat_template = base.read_text()
+    fast.save_pretrained(folder)
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    """Seconds from launching ``command`` to its first optimizer step (or its end, for sftkit's max_steps 1)."""
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    marks = [line for line in result.stdout.splitlines() if line.startswith("FIRST_STEP ")]
+    return (float(marks[0].split()[1]) if marks else time.time()) - start
+
+
+def sftkit_run(data: Path, model: str, tokenizer: Path, output: Path, env: dict[str, str], *extra: str) -> float:
+    recipe = output.with_suffix(".yaml")
+    recipe.write_text(json.dumps({
+        "model_name_or_path": model, "dataset_name": str(data), "output_dir": str(output), "max_steps": 1,
+        "per_device_train_batch_size": 8, "max_length": 1024, "gradient_checkpointing": False, "report_to": "none",
+        "save_strategy": "no",
+    }))
+    return timed([sys.executable, "-m", "sftkit", "--config", str(recipe), *extra], env)
+
+
+def raw_tokenizer_rate(data: Path, tokenizer_dir: Path, rows: int) -> float:
+    """Rows/s of the tokenizer alone, batched, on the rendered conversations, all cores."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    roles = {"human": "user", "gpt": "assistant"}
+    with data.open() as file:
+        conversations = [[{"role": roles[t["from"]], "content": t["value"]} for t in json.loads(line)["conversations"]]
+                         for line in file]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    start = time.perf_counter()
+    for offset in range(0, len(texts), 1000):
+        tokenizer(texts[offset:offset + 1000], add_special_tokens=False)
+    return rows / (time.perf_counter() - start)
+
+
+def sftkit_epoch_rate(data: Path, tokenizer_dir: Path, rows: int, output: Path) -> float:
+    """Rows/s of sftkit's full eager preparation (adapt, render, tokenize, mask, policy), cold cache."""
+    from sftkit.data import prepare_data
+    from sftkit.model import load_tokenizer
+    from sftkit.recipe import load_recipe
+
+    recipe_path = output.with_suffix(".yaml")
+    recipe_path.write_text(json.dumps({
+        "model_name_or_path": str(tokenizer_dir), "dataset_name": str(data), "output_dir": str(output),
+        "max_length": 1024, "prepare": "eager", "num_train_epochs": 1,
+    }))
+    recipe = load_recipe(str(recipe_path))
+    tokenizer = load_tokenizer(recipe)
+    start = time.perf_counter()
+    prepare_data(recipe, tokenizer)
+    return rows / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench")
+    options = parser.parse_args()
+    work = options.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    small_rows = max(options.rows // 100, 64)
+    big, small = work / f"rows-{options.rows}.jsonl", work / f"rows-{small_rows}.jsonl"
+    for path, count in ((big, options.rows), (small, small_rows)):
+        if not path.exists():
+            print(f"building {count:,} rows ...", flush=True)
+            build_rows(path, count)
+    tokenizer_dir = work / "tokenizer-32k"
+    if not tokenizer_dir.exists():
+        print("training a 32k BPE tokenizer ...", flush=True)
+        build_tokenizer(tokenizer_dir, big)
+    model = str(ROOT / "sftkit" / "embedded" / "tiny-qwen2")
+    env = {**os.environ, "SFTKIT_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+    import datasets
+
+    for path in (big, small):  # warm the Arrow cache both tools read from
+        datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=env["HF_DATASETS_CACHE"])
+
+    # The embedded model, resized once to the 32k tokenizer so that both tools can feed it; its steps take milliseconds.
+    model_dir = work / "tiny-qwen2-32k"
+    if not model_dir.exists():
+        from transformers import AutoModelForCausalLM
+
+        tiny = AutoModelForCausalLM.from_pretrained(model)
+        tiny.resize_token_embeddings(32000)
+        tiny.save_pretrained(model_dir)
+        __import__("shutil").copytree(tokenizer_dir, model_dir, dirs_exist_ok=True)
+
+    results: dict[str, float] = {}
+    trl_script = work / "trl_first_step.py"
+    trl_script.write_text(TRL_SCRIPT)
+    for label, path in ((f"{options.rows:,}", big), (f"{small_rows:,}", small)):
+        print(f"timing plain TRL at {label} rows ...", flush=True)
+        results[f"trl {label}"] = timed([sys.executable, str(trl_script), str(path), str(model_dir),
+                                         str(work / "trl-out"), str(tokenizer_dir)], env)
+        print(f"timing sftkit at {label} rows ...", flush=True)
+        results[f"sftkit {label}"] = sftkit_run(path, str(model_dir), tokenizer_dir, work / "sftkit-out", env)
+    print("timing sftkit epoch run: cold, then warm cache ...", flush=True)
+    epoch = ("--prepare", "eager")
+    results["sftkit eager cold"] = sftkit_run(big, str(model_dir), tokenizer_dir, work / "sftkit-epoch", env, *epoch)
+    results["sftkit eager warm"] = sftkit_run(big, str(model_dir), tokenizer_dir, work / "sftkit-epoch", env, *epoch)
+    print("measuring throughput ...", flush=True)
+    os.environ.update({"SFTKIT_CACHE": str(work / f"cache-{time.time()}"), "HF_DATASETS_CACHE": env["HF_DATASETS_CACHE"]})
+    prepare_rate = sftkit_epoch_rate(big, model_dir, options.rows, work / "sftkit-rate")
+    raw_rate = raw_tokenizer_rate(big, tokenizer_dir, options.rows)
+
+    n, m = f"{options.rows:,}", f"{small_rows:,}"
+    print(f"\n| measure ({os.cpu_count()} cores) | plain TRL | sftkit | ratio |\n|---|---:|---:|---:|")
+    print(f"| seconds to first step, {n} rows | {results[f'trl {n}']:.1f} | {results[f'sftkit {n}']:.1f} | "
+          f"{results[f'trl {n}'] / results[f'sftkit {n}']:.1f}x faster |")
+    print(f"| seconds to first step, {m} rows | {results[f'trl {m}']:.1f} | {results[f'sftkit {m}']:.1f} | "
+          f"{results[f'trl {m}'] / results[f'sftkit {m}']:.1f}x faster |")
+    print(f"| sftkit at {n} rows against sftkit at {m} rows | | | "
+          f"{results[f'sftkit {n}'] / results[f'sftkit {m}']:.2f}x the time |")
+    print(f"| epoch run, seconds to first step: cold cache / warm cache | | {results['sftkit eager cold']:.1f} / "
+          f"{results['sftkit eager warm']:.1f} | |")
+    print(f"| full-epoch preparation, rows/s (raw batched tokenizer: {raw_rate:,.0f}) | | {prepare_rate:,.0f} | "
+          f"{prepare_rate / raw_rate:.0%} of the tokenizer |")
+
+
+if __name__ == "__main__":
+    main()
