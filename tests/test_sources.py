@@ -63,16 +63,15 @@ def test_own_test_split_is_preferred(tmp_path, sharegpt_rows):
 
 
 def test_held_out_rows_are_deterministic_by_seed(tmp_path, sharegpt_rows):
-    rows = datasets.Dataset.from_list(sharegpt_rows)
     data = str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows))
-    first = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
-    again = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
-    other = split_held_out(rows, recipe_for(tmp_path, data, test_split_size=0.25, seed=2))
-    assert first[1]["id"] == again[1]["id"] != other[1]["id"]
-    assert first[1].num_rows == 10 and first[0].num_rows == 30
-    assert not set(first[1]["id"]) & set(first[0]["id"])
-    assert split_held_out(rows, recipe_for(tmp_path, data, test_split_size=4))[1].num_rows == 4
-    assert split_held_out(rows, recipe_for(tmp_path, data))[1] is None
+    first = split_held_out(40, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    again = split_held_out(40, recipe_for(tmp_path, data, test_split_size=0.25, seed=1))
+    other = split_held_out(40, recipe_for(tmp_path, data, test_split_size=0.25, seed=2))
+    assert list(first[1]) == list(again[1]) != list(other[1])
+    assert len(first[1]) == 10 and len(first[0]) == 30
+    assert not set(first[1]) & set(first[0])
+    assert len(split_held_out(40, recipe_for(tmp_path, data, test_split_size=4))[1]) == 4
+    assert split_held_out(40, recipe_for(tmp_path, data))[1] is None
 
 
 def test_missing_train_split_lists_the_splits(tmp_path, sharegpt_rows):
