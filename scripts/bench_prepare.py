@@ -9,7 +9,7 @@ process with a warm datasets cache (both tools read the same Arrow files):
     walkthrough had to) and sftkit on the raw rows, at N and at N/100 rows;
   - sftkit's second start with a warm preparation cache (an epoch run, eager preparation);
   - full-epoch preparation throughput against the raw batched tokenizer on the same cores.
-The model is the embedded tiny one: its step costs milliseconds, so the times are data preparation.
+The model is the embedded tiny one with one row per step, so the times are data preparation and start-up.
 """
 
 from __future__ import annotations
@@ -27,17 +27,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SYLLABLES = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"] + ["an", "er", "in", "on", "ul", "ey"]
 
-TRL_SCRIPT = """
-import sys, time, datasets
-from transformers import AutoTokenizer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+FIRST_STEP = """
+import sys, time
+from transformers import TrainerCallback
 class FirstStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         print(f"FIRST_STEP {time.time()}", flush=True); control.should_training_stop = True
+"""
+SFTKIT_SCRIPT = FIRST_STEP + """
+from sftkit.recipe import load_recipe, parse_overrides
+from sftkit.train import train
+config, overrides = parse_overrides(sys.argv[1:])
+train(load_recipe(config, overrides), callbacks=[FirstStep()])
+"""
+TRL_SCRIPT = FIRST_STEP + """
+import datasets
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
 rows = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
 rows = rows.map(lambda r: {"messages": [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
                                         for t in r["conversations"]]}, remove_columns=rows.column_names)
-args = SFTConfig(output_dir=sys.argv[3], max_steps=1, per_device_train_batch_size=8, bf16=False, use_cpu=True,
+args = SFTConfig(output_dir=sys.argv[3], max_steps=1, per_device_train_batch_size=1, bf16=False, use_cpu=True,
                  gradient_checkpointing=False, report_to="none", max_length=1024, save_strategy="no")
 SFTTrainer(model=sys.argv[2], args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(sys.argv[4]),
            callbacks=[FirstStep()]).train()
@@ -79,23 +89,23 @@ def build_tokenizer(folder: Path, sample: Path) -> None:
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
-    """Seconds from launching ``command`` to its first optimizer step (or its end, for sftkit's max_steps 1)."""
+    """Seconds from launching ``command`` to the end of its first optimizer step."""
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
     marks = [line for line in result.stdout.splitlines() if line.startswith("FIRST_STEP ")]
-    return (float(marks[0].split()[1]) if marks else time.time()) - start
+    return float(marks[0].split()[1]) - start
 
 
 def sftkit_run(data: Path, model: str, tokenizer: Path, output: Path, env: dict[str, str], *extra: str) -> float:
     recipe = output.with_suffix(".yaml")
     recipe.write_text(json.dumps({
         "model_name_or_path": model, "dataset_name": str(data), "output_dir": str(output), "max_steps": 1,
-        "per_device_train_batch_size": 8, "max_length": 1024, "gradient_checkpointing": False, "report_to": "none",
+        "per_device_train_batch_size": 1, "max_length": 1024, "gradient_checkpointing": False, "report_to": "none",
         "save_strategy": "no",
     }))
-    return timed([sys.executable, "-m", "sftkit", "--config", str(recipe), *extra], env)
+    return timed([sys.executable, str(output.parent / "sftkit_first_step.py"), "--config", str(recipe), *extra], env)
 
 
 def raw_tokenizer_rate(data: Path, tokenizer_dir: Path, rows: int) -> float:
@@ -136,8 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench")
+    parser.add_argument("--raw-rate", action="store_true", help=argparse.SUPPRESS)  # child: the tokenizer alone
     options = parser.parse_args()
     work = options.workdir
+    if options.raw_rate:
+        print(raw_tokenizer_rate(work / f"rows-{options.rows}.jsonl", work / "tokenizer-32k", options.rows))
+        return
     work.mkdir(parents=True, exist_ok=True)
     small_rows = max(options.rows // 100, 64)
     big, small = work / f"rows-{options.rows}.jsonl", work / f"rows-{small_rows}.jsonl"
@@ -169,6 +183,11 @@ def main() -> None:
     results: dict[str, float] = {}
     trl_script = work / "trl_first_step.py"
     trl_script.write_text(TRL_SCRIPT)
+    (work / "sftkit_first_step.py").write_text(SFTKIT_SCRIPT)
+    print("measuring the raw tokenizer ...", flush=True)  # first, in a process that has not forked yet
+    raw = subprocess.run([sys.executable, __file__, "--raw-rate", "--rows", str(options.rows), "--workdir", str(work)],
+                         capture_output=True, text=True, check=True)
+    raw_rate = float(raw.stdout.split()[-1])
     for label, path in ((f"{options.rows:,}", big), (f"{small_rows:,}", small)):
         print(f"timing plain TRL at {label} rows ...", flush=True)
         results[f"trl {label}"] = timed([sys.executable, str(trl_script), str(path), str(model_dir),
@@ -182,7 +201,6 @@ def main() -> None:
     print("measuring throughput ...", flush=True)
     os.environ.update({"SFTKIT_CACHE": str(work / f"cache-{time.time()}"), "HF_DATASETS_CACHE": env["HF_DATASETS_CACHE"]})
     prepare_rate = sftkit_epoch_rate(big, model_dir, options.rows, work / "sftkit-rate")
-    raw_rate = raw_tokenizer_rate(big, tokenizer_dir, options.rows)
 
     n, m = f"{options.rows:,}", f"{small_rows:,}"
     print(f"\n| measure ({os.cpu_count()} cores) | plain TRL | sftkit | ratio |\n|---|---:|---:|---:|")

@@ -50,6 +50,8 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
         installed = choice.installed
         lines.append(f"adapter        {installed.adapter.name} from {installed.distribution} {installed.version} "
                      f"for {choice.source}: {choice.reason}")
+    sample = "; the train counts below cover a sample spread over all rows" if data.train.lazy is not None else ""
+    lines.append(f"preparation    {data.mode}{sample}")
     rows = [line for split in splits for line in split.report.lines()]
     lines += [f"{'rows' if index == 0 else '':<15}{line}" for index, line in enumerate(rows)]
     lines.append(f"eval           {data.eval_origin}")

@@ -36,7 +36,7 @@ from sftkit.tokenization import TokenizeSettings, tokenize_split
 logger = logging.getLogger(__name__)
 
 PARALLEL_FROM_ROWS = 20_000  # below this, a process pool costs more than it saves
-PREFLIGHT_ROWS = 512  # rows a lazy run prepares before step 1, to check and report
+PREFLIGHT_ROWS = 256  # rows a lazy run prepares before step 1, to check and report
 
 
 @dataclass

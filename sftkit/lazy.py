@@ -68,9 +68,9 @@ class LazyPreparer:
 def lazy_rows(sources: Sequence[LazySource], ids: Sequence[int], tokenizer: PreTrainedTokenizerBase,
               settings: TokenizeSettings) -> datasets.Dataset:
     """A dataset of row ids that prepares each row as the trainer reads it (TRL is told not to prepare it)."""
-    return datasets.Dataset.from_dict({"row": list(map(int, ids))}).with_transform(
-        LazyPreparer(sources, tokenizer, settings)
-    )
+    rows = datasets.Dataset.from_dict({"row": list(map(int, ids))})
+    rows.set_transform(LazyPreparer(sources, tokenizer, settings))  # in place: with_transform would copy every id
+    return rows
 
 
 class SkippingCollator:

@@ -25,6 +25,7 @@ from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
 from sftkit.launcher import reconcile_launcher
+from sftkit.speed import resolve_speed
 
 
 @dataclass
@@ -337,6 +338,12 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def has_accelerator() -> bool:
     import torch
 
@@ -413,6 +420,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     notes: list[str] = []
     resolve_device(values, notes)
     resolve_precision(values, notes, source)
+    resolve_speed(values, notes, cuda=has_cuda())
     if values.get("global_batch_size") is not None:
         per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
         processes = number_of_processes()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers import TrainerCallback
 from trl import get_peft_config, get_quantization_config, pack_dataset
 
 from sftkit.data import prepare_data
@@ -21,8 +23,8 @@ from sftkit.trainer import SftkitTrainer
 logger = logging.getLogger(__name__)
 
 
-def train(recipe: Recipe) -> None:
-    """Run one supervised fine-tuning job as the recipe describes it."""
+def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
+    """Run one supervised fine-tuning job as the recipe describes it (``callbacks`` observe it, e.g. benchmarks)."""
     state = PartialState(cpu=recipe.training.use_cpu)
     for note in recipe.notes:
         logger.info(note)
@@ -74,6 +76,7 @@ def train(recipe: Recipe) -> None:
         on_invalid=recipe.sftkit.on_invalid,
         max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
         known_invalid=data.train.invalid_row_ids() if data.train.lazy is not None else None,
+        callbacks=list(callbacks),
     )
     if data.train.lazy is not None:  # rows prepared on demand: invalid ones reach the trainer's policy by name
         trainer.data_collator = SkippingCollator(trainer.data_collator, tokenizer.pad_token_id)

@@ -22,6 +22,12 @@ def sharegpt_rows() -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Prepared-data caches of the tests stay out of the user's ~/.cache, for in-process runs and subprocesses."""
+    os.environ["SFTKIT_CACHE"] = str(tmp_path_factory.mktemp("sftkit-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment():
     """Tests start as a plain single-process run, and recipes' env: settings do not leak between tests."""

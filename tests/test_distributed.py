@@ -94,6 +94,15 @@ def test_two_processes_match_one(two_process_runs, single, config):
     assert_same_run(output, single)
 
 
+def test_eager_preparation_under_two_processes_matches_one(recipe, single, tmp_path):
+    """Both processes wait on the cache's file lock (no collective); the rows and their order are the same."""
+    result = launch(recipe, tmp_path, "--config_file", str(CPU_CONFIGS / "ddp_2proc.yaml"),
+                    extra=("--prepare", "eager"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "preparation: eager (as the recipe says)" in result.stderr
+    assert_same_run(tmp_path, single)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -117,6 +117,14 @@ def name_tool_turns(messages: list[dict[str, Any]]) -> None:
             pending = []
 
 
+def detect_turns(column: str, keys: tuple[str, ...], rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a list-of-turns adapter fits: ``column`` holds turns that all have ``keys``; None if it does not."""
+    turns = [turn for row in rows for turn in (row.get(column) or [])]
+    if turns and all(isinstance(turn, Mapping) and set(keys) <= turn.keys() for turn in turns):
+        return f"column {column!r} holds {{{', '.join(keys)}}} turns"
+    return None
+
+
 def check_role_map(role_map: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for speaker, role in role_map.items():
         if role not in allowed:
@@ -178,12 +186,7 @@ class MessagesAdapter(Adapter):
     }
 
     def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
-        if "messages" not in columns:
-            return None
-        turns = [turn for row in rows for turn in (row.get("messages") or [])]
-        if turns and all(isinstance(turn, Mapping) and {"role", "content"} <= turn.keys() for turn in turns):
-            return "column 'messages' holds {role, content} turns"
-        return None
+        return detect_turns("messages", ("role", "content"), rows) if "messages" in columns else None
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:
         return [options["messages_column"], *([options["tools_column"]] if options["tools_column"] else [])]

@@ -14,6 +14,7 @@ from sftkit.adapters.messages import (
     ROLES,
     _short,
     check_role_map,
+    detect_turns,
     name_tool_turns,
     normalize_tool_calls,
     normalize_tools,
@@ -54,12 +55,7 @@ class ShareGPTAdapter(Adapter):
     }
 
     def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
-        if "conversations" not in columns:
-            return None
-        turns = [turn for row in rows for turn in (row.get("conversations") or [])]
-        if turns and all(isinstance(turn, Mapping) and {"from", "value"} <= turn.keys() for turn in turns):
-            return "column 'conversations' holds {from, value} turns"
-        return None
+        return detect_turns("conversations", ("from", "value"), rows) if "conversations" in columns else None
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:
         optional = [options[key] for key in ("system_column", "tools_column") if options[key]]
