@@ -88,8 +88,15 @@ def build_tokenizer(folder: Path, sample: Path) -> None:
     fast.save_pretrained(folder)
 
 
+def clear_map_caches(env: dict[str, str]) -> None:
+    """Forget every ``datasets.map`` result (both tools would reuse their own), keep the loaded Arrow files."""
+    for path in Path(env["HF_DATASETS_CACHE"]).rglob("cache-*.arrow"):
+        path.unlink()
+
+
 def timed(command: list[str], env: dict[str, str]) -> float:
-    """Seconds from launching ``command`` to the end of its first optimizer step."""
+    """Seconds from launching ``command`` to the end of its first optimizer step, with cold map caches."""
+    clear_map_caches(env)
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
@@ -164,7 +171,7 @@ def main() -> None:
         print("training a 32k BPE tokenizer ...", flush=True)
         build_tokenizer(tokenizer_dir, big)
     model = str(ROOT / "sftkit" / "embedded" / "tiny-qwen2")
-    env = {**os.environ, "SFTKIT_CACHE": str(work / "cache"), "HF_DATASETS_CACHE": str(work / "hf-datasets")}
+    env = {**os.environ, "SFTKIT_CACHE": str(work / f"cache-{time.time()}"), "HF_DATASETS_CACHE": str(work / "hf-datasets")}
     import datasets
 
     for path in (big, small):  # warm the Arrow cache both tools read from
@@ -200,6 +207,7 @@ def main() -> None:
     results["sftkit eager warm"] = sftkit_run(big, str(model_dir), tokenizer_dir, work / "sftkit-epoch", env, *epoch)
     print("measuring throughput ...", flush=True)
     os.environ.update({"SFTKIT_CACHE": str(work / f"cache-{time.time()}"), "HF_DATASETS_CACHE": env["HF_DATASETS_CACHE"]})
+    clear_map_caches(env)
     prepare_rate = sftkit_epoch_rate(big, model_dir, options.rows, work / "sftkit-rate")
 
     n, m = f"{options.rows:,}", f"{small_rows:,}"

@@ -298,6 +298,8 @@ def _check_together(values: dict[str, Any], source: str) -> None:
         fail("no data: set dataset_name (a Hub name, a local directory, a file or a glob) or datasets (a mixture)")
     if not values.get("model_name_or_path"):
         fail("model_name_or_path is required (a Hub model id or a local directory)")
+    if values.get("packing") and "max_length" in values and values["max_length"] is None:
+        fail("packing needs max_length (the length of a packed row); set it, or remove packing")
     if values.get("packing_strategy") and not values.get("packing"):
         fail("packing_strategy is set but packing is not enabled; add packing: true or remove packing_strategy")
     if values.get("max_steps", -1) <= 0 and values.get("num_train_epochs", 1) <= 0:

@@ -46,3 +46,11 @@ def write_run_record(output_dir: str, recipe_values: dict[str, Any], details: di
     }
     path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     return path
+
+
+def add_to_run_record(output_dir: str, section: str, values: dict[str, Any]) -> None:
+    """Add what is known only at the end (rows drawn, steps, losses) to the record written before step 1."""
+    path = Path(output_dir) / RECORD_NAME
+    record = yaml.safe_load(path.read_text())
+    record[section] = _plain(values)
+    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))

@@ -12,9 +12,8 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def summarise(trainer: SftkitTrainer, written: dict[str, str], lazy: bool) -> str:
-    """A few lines for the terminal; token counts are summed over every process."""
-    totals = trainer.totals()
+def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], lazy: bool) -> str:
+    """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process."""
     seen, trained = totals["tokens_fed"], totals["tokens_trained"]
     history = trainer.state.log_history
     runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)

@@ -16,7 +16,7 @@ from sftkit.launcher import partial_batch_note
 from sftkit.lazy import SkippingCollator
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
-from sftkit.run_record import write_run_record
+from sftkit.run_record import add_to_run_record, write_run_record
 from sftkit.summary import summarise
 from sftkit.trainer import SftkitTrainer
 
@@ -95,7 +95,11 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
     trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
     written = {"model": str(output_dir), "run record": str(output_dir / "sftkit_run.yaml")}
-    summary = summarise(trainer, written, lazy=data.train.lazy is not None)
+    totals = trainer.totals()  # every process takes part
     if state.is_main_process:
-        print(f"\nsftkit: training finished\n{summary}", flush=True)
+        lazy = data.train.lazy is not None
+        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, lazy)}", flush=True)
+        seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if lazy else {}
+        add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
+                                                      "tokens_trained": totals["tokens_trained"]})
     trainer.end()

@@ -142,3 +142,6 @@ def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path):
     drawn, invalid = (int(word.replace(",", "")) for word in summary.split() if word.replace(",", "").isdigit())
     assert drawn == 12 * 8 and 0 < invalid < drawn
     assert len((output / "skipped_rows.jsonl").read_text().splitlines()) == invalid
+    record = yaml.safe_load((output / "sftkit_run.yaml").read_text())
+    assert record["data"]["preparation"].startswith("lazy")
+    assert record["result"]["rows_drawn"] == drawn and record["result"]["rows_invalid"] == invalid

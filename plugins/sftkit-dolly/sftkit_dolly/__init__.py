@@ -29,7 +29,7 @@ class DollyAdapter(Adapter):
         instruction, context, response = row["instruction"], row["context"] or "", row["response"]
         for column, text in (("instruction", instruction), ("response", response)):
             if not isinstance(text, str) or not text.strip():
-                raise RowError(f"column {column!r} must be non-empty text, got {text!r:.80}")
+                raise RowError(f"column {column!r} must be non-empty text, got {text!r:.80}", reason="empty content")
         if not isinstance(context, str):
             raise RowError(f"column 'context' must be text or null, got {context!r:.80}")
 
