@@ -154,10 +154,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench")
     parser.add_argument("--raw-rate", action="store_true", help=argparse.SUPPRESS)  # child: the tokenizer alone
+    parser.add_argument("--epoch-rate", action="store_true", help=argparse.SUPPRESS)  # child: sftkit's eager pass
     options = parser.parse_args()
     work = options.workdir
     if options.raw_rate:
         print(raw_tokenizer_rate(work / f"rows-{options.rows}.jsonl", work / "tokenizer-32k", options.rows))
+        return
+    if options.epoch_rate:
+        print(sftkit_epoch_rate(work / f"rows-{options.rows}.jsonl", work / "tiny-qwen2-32k", options.rows,
+                                work / "sftkit-rate"))
         return
     work.mkdir(parents=True, exist_ok=True)
     small_rows = max(options.rows // 100, 64)
@@ -206,9 +211,11 @@ def main() -> None:
     results["sftkit eager cold"] = sftkit_run(big, str(model_dir), tokenizer_dir, work / "sftkit-epoch", env, *epoch)
     results["sftkit eager warm"] = sftkit_run(big, str(model_dir), tokenizer_dir, work / "sftkit-epoch", env, *epoch)
     print("measuring throughput ...", flush=True)
-    os.environ.update({"SFTKIT_CACHE": str(work / f"cache-{time.time()}"), "HF_DATASETS_CACHE": env["HF_DATASETS_CACHE"]})
-    clear_map_caches(env)
-    prepare_rate = sftkit_epoch_rate(big, model_dir, options.rows, work / "sftkit-rate")
+    clear_map_caches(env)  # in a child, so that the datasets cache it reads is the one just cleared
+    rate = subprocess.run([sys.executable, __file__, "--epoch-rate", "--rows", str(options.rows), "--workdir", str(work)],
+                          capture_output=True, text=True, check=True,
+                          env={**env, "SFTKIT_CACHE": str(work / f"cache-{time.time()}")})
+    prepare_rate = float(rate.stdout.split()[-1])
 
     n, m = f"{options.rows:,}", f"{small_rows:,}"
     print(f"\n| measure ({os.cpu_count()} cores) | plain TRL | sftkit | ratio |\n|---|---:|---:|---:|")

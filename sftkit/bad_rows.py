@@ -47,6 +47,8 @@ class RowReport:
 def report_rows(dataset: datasets.Dataset, split: str) -> RowReport:
     """Count the rows that adapting or tokenizing marked ``invalid``."""
     report = RowReport(split, dataset.num_rows)
+    if dataset.data.column("invalid").null_count == dataset.num_rows:
+        return report  # every row valid: nothing to count (and no pass over a large split)
     for row, (reason, message) in enumerate(zip(dataset["invalid"], dataset["problem"], strict=True)):
         if reason is None:
             continue
