@@ -60,8 +60,9 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     if recipe.training.max_length is not None:
         cut = "skipped as too long" if recipe.sftkit.long_rows == "skip" else "truncated"
         lines.append(f"{'':<15}rows longer than max_length are {cut} (long_rows)")
-    rendered = f"{data.rows_checked} sampled conversations render every turn" if data.rows_checked else (
-        "nothing to render (the data is not conversational)")
+    rendered = {0: "nothing to render (the data is not conversational)",
+                -1: "checked when these rows were prepared (loaded from the cache)"}.get(
+        data.rows_checked, f"{data.rows_checked} sampled conversations render every turn")
     lines.append(f"render guard   {rendered}")
     marks = "green" if colour else "between [[ and ]]"
     valid = [row for row, reason in enumerate(data.train.rows["invalid"]) if reason is None]

@@ -85,7 +85,7 @@ class PreparedData:
     sources: list[Source]
     eval_origin: str
     mode: str  # "eager" or "lazy", and why
-    rows_checked: int
+    rows_checked: int  # conversations the render guard rendered; -1: checked when the cached rows were prepared
 
     def describe(self) -> dict[str, Any]:
         """What the run record says about the data."""
@@ -194,8 +194,12 @@ Plan = dict[str, tuple[str, np.ndarray | None]]  # prepared split -> (source spl
 
 
 def _eager(sources: list[Source], choices: list[AdapterChoice], plan: Plan, tokenizer: PreTrainedTokenizerBase,
-           settings: TokenizeSettings, num_proc: int | None) -> tuple[dict[str, datasets.Dataset], bool]:
-    """Adapt and tokenize the planned rows in batched, parallel passes, through the cache."""
+           settings: TokenizeSettings, num_proc: int | None, guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
+    """Adapt, check the rendering, and tokenize the planned rows in batched, parallel passes, through the cache.
+
+    Returns the prepared splits and how many conversations the render guard rendered; -1 when they come
+    from the cache, where they were rendered and passed before being saved (the key covers the template).
+    """
     key = preparation_key(
         {
             "sources": [(s.name, s.train._fingerprint, s.eval._fingerprint if s.eval is not None else None)
@@ -210,17 +214,26 @@ def _eager(sources: list[Source], choices: list[AdapterChoice], plan: Plan, toke
         code=(*(type(c.installed.adapter) for c in choices), adapt_module, tokenization_module),
     )
 
-    def build() -> dict[str, datasets.Dataset]:
-        return {name: tokenize_split(_adapted(sources, choices, split, num_proc, ids), tokenizer, settings, name,
-                                     num_proc)
-                for name, (split, ids) in plan.items()}
+    rendered = 0
 
-    return cached(key, build)
+    def build() -> dict[str, datasets.Dataset]:
+        nonlocal rendered
+        splits = {}
+        for name, (split, ids) in plan.items():
+            adapted = _adapted(sources, choices, split, num_proc, ids)
+            rendered += check_rendering(adapted, tokenizer, guard_rows, name)
+            splits[name] = tokenize_split(adapted, tokenizer, settings, name, num_proc)
+        return splits
+
+    splits, hit = cached(key, build)
+    return splits, -1 if hit else rendered
 
 
 def _lazy(sources: list[Source], choices: list[AdapterChoice], train_ids: np.ndarray,
-          tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The on-demand rows for the trainer, and a prepared sample spread over them to check before step 1."""
+          tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
+          guard_rows: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """The on-demand rows for the trainer, a prepared sample spread over them to check before step 1, and how
+    many conversations of it the render guard rendered."""
     lazy_sources = []
     for source, choice in zip(sources, choices, strict=True):
         adapter, options = choice.installed.adapter, choice.options
@@ -228,8 +241,10 @@ def _lazy(sources: list[Source], choices: list[AdapterChoice], train_ids: np.nda
         lazy_sources.append(LazySource(source.train.select_columns(columns),
                                        lambda row, adapter=adapter, options=options: adapter.convert(row, options)))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
-    preflight = tokenize_split(_adapted(sources, choices, "train", None, sample), tokenizer, settings, "train sample")
-    return preflight, lazy_rows(lazy_sources, train_ids, tokenizer, settings)
+    adapted = _adapted(sources, choices, "train", None, sample)
+    rendered = check_rendering(adapted, tokenizer, guard_rows, "train")
+    preflight = tokenize_split(adapted, tokenizer, settings, "train sample")
+    return preflight, lazy_rows(lazy_sources, train_ids, tokenizer, settings), rendered
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
@@ -247,17 +262,22 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
 
     eval_plan: Plan = {"eval": ("train", eval_ids)} if eval_ids is not None else (
         {"eval": ("eval", None)} if has_own_eval else {})
-    lazy = None
+    lazy, guard_rows = None, recipe.sftkit.render_check_rows
     if mode == "lazy":
-        sample, lazy = _lazy(sources, choices, train_ids, tokenizer, settings)
+        sample, lazy, checked = _lazy(sources, choices, train_ids, tokenizer, settings, guard_rows)
         prepared = {"train": sample}
         if eval_plan:
-            prepared.update(_eager(sources, choices, eval_plan, tokenizer, settings, num_proc)[0])
+            evaluation, eval_checked = _eager(sources, choices, eval_plan, tokenizer, settings, num_proc, guard_rows)
+            prepared.update(evaluation)
+            checked += max(eval_checked, 0)
     else:
         plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
-        prepared, hit = _eager(sources, choices, plan, tokenizer, settings, num_proc)
-        if hit:
-            logger.info("prepared rows loaded from the cache")
+        prepared, checked = _eager(sources, choices, plan, tokenizer, settings, num_proc, guard_rows)
+    if checked < 0:
+        logger.info("prepared rows loaded from the cache (their rendering was checked when they were prepared)")
+    elif checked:
+        logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
+                    checked)
 
     splits: list[PreparedSplit] = []
     for name, rows in prepared.items():
@@ -265,10 +285,5 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         splits.append(PreparedSplit(name, rows, report, lazy if name == "train" else None))
-    checked = sum(check_rendering(split.rows, tokenizer, recipe.sftkit.render_check_rows, split.name)
-                  for split in splits)
-    if checked:
-        logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
-                    checked)
     return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, choices, sources, origin,
                         f"{mode} ({why})", checked)

@@ -198,7 +198,10 @@ TOKENIZED = datasets.Features(
 
 def tokenize_split(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
                    split: str, num_proc: int | None = None) -> datasets.Dataset:
-    """Tokenize the ``record`` of every valid row in batches; rows that fail are marked ``invalid``, not raised."""
+    """Tokenize the ``record`` of every valid row in batches; rows that fail are marked ``invalid``, not raised.
+
+    The records themselves are dropped: once tokenized, carrying their text on would write it twice.
+    """
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [],
@@ -216,5 +219,6 @@ def tokenize_split(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
                 out[key].append(tokens[key])
         return out
 
-    features = datasets.Features({**dataset.features, **TOKENIZED})
-    return dataset.map(tokenize, batched=True, features=features, num_proc=num_proc, desc=f"Tokenizing {split} rows")
+    kept = {name: feature for name, feature in dataset.features.items() if name != "record"}
+    return dataset.map(tokenize, batched=True, features=datasets.Features({**kept, **TOKENIZED}),
+                       remove_columns=["record"], num_proc=num_proc, desc=f"Tokenizing {split} rows")
