@@ -57,7 +57,7 @@ def cached(key: str, build: Callable[[], dict[str, datasets.Dataset]]) -> tuple[
             splits = build()
             for name, rows in splits.items():
                 rows.save_to_disk(str(folder / name))
-            (folder / COMPLETE).write_text(json.dumps({"splits": sorted(splits)}))
+            (folder / COMPLETE).write_text(json.dumps({"splits": list(splits)}))
             logger.info("prepared rows cached in %s", folder)
         names = json.loads((folder / COMPLETE).read_text())["splits"]
     return {name: datasets.load_from_disk(str(folder / name)) for name in names}, hit

@@ -279,11 +279,11 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
         logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
                     checked)
 
-    splits: list[PreparedSplit] = []
+    splits: dict[str, PreparedSplit] = {}
     for name, rows in prepared.items():
         report = report_rows(rows, name if not (name == "train" and lazy) else "train sample")
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
-        splits.append(PreparedSplit(name, rows, report, lazy if name == "train" else None))
-    return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, choices, sources, origin,
+        splits[name] = PreparedSplit(name, rows, report, lazy if name == "train" else None)
+    return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin,
                         f"{mode} ({why})", checked)

@@ -57,7 +57,7 @@ def test_run_record_is_complete(trained):
     assert record["recipe"]["max_steps"] == 60  # the command-line override, resolved
     assert record["recipe"]["bf16"] is False and record["recipe"]["fp16"] is False  # derived on CPU
     assert record["adapter"]["name"] == "sharegpt" and record["adapter"]["distribution"] == "sftkit"
-    assert record["data"]["eval_rows"] == 60
+    assert record["data"]["eval_rows"] == 60 and record["data"]["train_rows"] == 540
     assert set(record["versions"]) >= {"sftkit", "trl", "transformers", "accelerate", "deepspeed", "datasets", "torch"}
 
 

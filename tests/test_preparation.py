@@ -35,16 +35,20 @@ def test_second_run_reads_the_cache_and_a_changed_key_never_does(tmp_path, cache
     caplog.set_level(logging.INFO, logger="sftkit")
     first = prepare(tmp_path, data, prepare="eager")
     assert entries(cache) == 1 and "loaded from the cache" not in caplog.text
+    second = prepare(tmp_path, data, prepare="eager", test_split_size=0.25)
+    assert (second.train.name, second.train.report.rows, second.eval.report.rows) == ("train", 30, 10)
+    second = prepare(tmp_path, data, prepare="eager", test_split_size=0.25)  # from the cache: the same splits
+    assert (second.train.name, second.train.report.rows, second.eval.report.rows) == ("train", 30, 10)
     second = prepare(tmp_path, data, prepare="eager")
-    assert "prepared rows loaded from the cache" in caplog.text and entries(cache) == 1
+    assert "prepared rows loaded from the cache" in caplog.text and entries(cache) == 2
     assert second.train.rows["input_ids"] == first.train.rows["input_ids"]
     prepare(tmp_path, data, prepare="eager", max_length=64)  # tokens change: a new key
     prepare(tmp_path, data, prepare="eager", assistant_only_loss=True)  # labels change: a new key
     prepare(tmp_path, data, prepare="eager", dataset_options={"role_map": {"gpt": "assistant"}})  # adapter options
-    assert entries(cache) == 4
+    assert entries(cache) == 5
     write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows[:-1])  # the data changes
     changed = prepare(tmp_path, data, prepare="eager")
-    assert entries(cache) == 5 and changed.train.report.rows == len(sharegpt_rows) - 1
+    assert entries(cache) == 6 and changed.train.report.rows == len(sharegpt_rows) - 1
 
 
 def test_bounded_run_prepares_only_a_sample_before_step_one(tmp_path, cache):

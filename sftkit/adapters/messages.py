@@ -103,6 +103,13 @@ def normalize_tools(value: Any, column: str) -> list[dict[str, Any]] | None:
     return tools or None
 
 
+def attach_tools(record: dict[str, Any], row: Mapping[str, Any], column: str | None) -> dict[str, Any]:
+    """The record, with the row's function definitions when it has any."""
+    if column and (tools := normalize_tools(row.get(column), column)):
+        record["tools"] = tools
+    return record
+
+
 def name_tool_turns(messages: list[dict[str, Any]]) -> None:
     """Give each tool turn without a name the name of the call it answers (calls and results pair up in order)."""
     pending: list[str] = []
@@ -197,12 +204,7 @@ class MessagesAdapter(Adapter):
         column = options["messages_column"]
         if column not in row:
             raise RowError(f"the row has no column {column!r}; name the right one with dataset_options messages_column")
-        record: dict[str, Any] = {"messages": convert_messages(row[column], column, role_map)}
-        if options["tools_column"]:
-            tools = normalize_tools(row.get(options["tools_column"]), options["tools_column"])
-            if tools:
-                record["tools"] = tools
-        return record
+        return attach_tools({"messages": convert_messages(row[column], column, role_map)}, row, options["tools_column"])
 
 
 @hookimpl

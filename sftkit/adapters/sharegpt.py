@@ -13,11 +13,11 @@ from typing import Any
 from sftkit.adapters.messages import (
     ROLES,
     _short,
+    attach_tools,
     check_role_map,
     detect_turns,
     name_tool_turns,
     normalize_tool_calls,
-    normalize_tools,
 )
 from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
 
@@ -110,12 +110,7 @@ class ShareGPTAdapter(Adapter):
                 )
             messages.append({"role": role, "content": content})
         name_tool_turns(messages)
-        record: dict[str, Any] = {"messages": messages}
-        if options["tools_column"]:
-            tools = normalize_tools(row.get(options["tools_column"]), options["tools_column"])
-            if tools:
-                record["tools"] = tools
-        return record
+        return attach_tools({"messages": messages}, row, options["tools_column"])
 
 
 @hookimpl
