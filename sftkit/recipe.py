@@ -55,6 +55,11 @@ class SftkitArguments:
     long_rows: typing.Literal["truncate", "skip"] = field(
         default="truncate", metadata={"help": "rows longer than max_length: cut to max_length, or skip as invalid"}
     )
+    fixed_batch_shape: bool | None = field(
+        default=None,
+        metadata={"help": "pad every batch to per_device_train_batch_size x max_length tokens, so torch.compile "
+                  "compiles once instead of once per shape; unset: on with torch_compile"},
+    )
 
 
 RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)
@@ -340,10 +345,11 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def has_cuda() -> bool:
+def gpu_memory() -> int | None:
+    """Bytes on one of this machine's CUDA GPUs (a node's GPUs are alike); None without one."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def has_accelerator() -> bool:
@@ -422,7 +428,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     notes: list[str] = []
     resolve_device(values, notes)
     resolve_precision(values, notes, source)
-    resolve_speed(values, notes, cuda=has_cuda())
+    resolve_speed(values, notes, gpu_memory())
     if values.get("global_batch_size") is not None:
         per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
         processes = number_of_processes()

@@ -12,6 +12,7 @@ from trl import get_peft_config, get_quantization_config, pack_dataset
 
 from sftkit.data import prepare_data
 from sftkit.errors import SftkitError
+from sftkit.fixed_shape import fix_batch_shape
 from sftkit.launcher import partial_batch_note
 from sftkit.lazy import SkippingCollator
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
@@ -78,6 +79,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
         known_invalid=data.train.invalid_row_ids() if data.train.lazy is not None else None,
         callbacks=list(callbacks),
     )
+    if recipe.sftkit.fixed_batch_shape:
+        trainer.data_collator = fix_batch_shape(trainer.data_collator, args.max_length,
+                                                args.per_device_train_batch_size, tokenizer.pad_token_id)
     if data.train.lazy is not None:  # rows prepared on demand: invalid ones reach the trainer's policy by name
         trainer.data_collator = SkippingCollator(trainer.data_collator, tokenizer.pad_token_id)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)

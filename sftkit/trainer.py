@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from sftkit.fixed_shape import PADDING_KEY
 from sftkit.lazy import INVALID_KEY, ROWS_KEY
 
 MIN_ROWS_FOR_FRACTION = 100  # max_invalid_fraction is judged once this many rows have been drawn
@@ -32,8 +33,17 @@ class SftkitTrainer(SFTTrainer):
         labels = inputs["labels"]
         self.tokens_trained += int((labels[..., 1:] != -100).sum())
         mask = inputs.get("attention_mask")
-        self.tokens_fed += int(mask.sum()) if mask is not None else labels.numel()
+        self.tokens_fed += int(mask.sum()) if mask is not None else labels.numel() - int(inputs.get(PADDING_KEY, 0))
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """TRL's loss; padding that gave a packed batch its fixed shape is not counted as tokens seen."""
+        padding = inputs.pop(PADDING_KEY, None)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if padding is not None and self.model.training:
+            self._total_train_tokens -= int(self.accelerator.gather_for_metrics(padding.reshape(1)).sum())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
 
     def _count_rows(self, invalid: list[tuple[int, str, str]], drawn: int | None, labels: torch.Tensor) -> None:
         self.rows_drawn += drawn if drawn is not None else labels.shape[0]

@@ -135,8 +135,10 @@ def test_lazy_run_stops_cleanly_at_a_bad_row_after_saving_a_checkpoint(tmp_path)
     assert lines and all(line["met"] == "mid-run" and line["reason"] == "unknown role" for line in lines)
 
 
-def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path):
-    result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8")
+@pytest.mark.parametrize("workers", ["0", "2"])  # a GPU run prepares rows in data-loading workers by default
+def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path, workers):
+    result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8",
+                               "--dataloader_num_workers", workers)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = next(line for line in result.stdout.splitlines() if line.startswith("rows "))
     drawn, invalid = (int(word.replace(",", "")) for word in summary.split() if word.replace(",", "").isdigit())

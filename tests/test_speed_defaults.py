@@ -1,0 +1,184 @@
+"""Speed defaults a GPU run gets without asking, and one batch shape for torch.compile, checked on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, TINY_MODEL
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from sftkit.errors import SftkitError
+from sftkit.fixed_shape import PADDING_KEY, FixedShapeCollator
+from sftkit.speed import resolve_speed, training_memory_estimate
+
+GIB = 2**30
+
+
+def _kept_for_backward(model: torch.nn.Module, tokens: int, autocast: bool) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass (the weights themselves left out)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    with (torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return sum(kept.values())
+
+
+def test_fused_adamw_is_the_default_on_cuda_only_and_an_explicit_optim_wins():
+    values, notes = {}, []
+    resolve_speed(values, notes, gpu_memory=80 * GIB)
+    assert values["optim"] == "adamw_torch_fused" and notes
+    values = {"optim": "adamw_torch"}
+    resolve_speed(values, [], gpu_memory=80 * GIB)
+    assert values["optim"] == "adamw_torch"
+    values = {}
+    resolve_speed(values, [], gpu_memory=None)
+    assert "optim" not in values
+
+
+def test_levers_that_cannot_run_here_fall_back_and_say_so():
+    values, notes = {"attn_implementation": "flex_attention"}, []
+    resolve_speed(values, notes, gpu_memory=None)
+    assert values["attn_implementation"] == "sdpa" and "flex_attention trains on a CUDA GPU only" in notes[0]
+    if importlib.util.find_spec("flash_attn") is None:
+        values, notes = {"attn_implementation": "flash_attention_2"}, []
+        resolve_speed(values, notes, gpu_memory=80 * GIB)
+        assert values["attn_implementation"] == "sdpa" and any("flash-attn package" in note for note in notes)
+    if importlib.util.find_spec("liger_kernel") is None:
+        values, notes = {"use_liger_kernel": True}, []
+        resolve_speed(values, notes, gpu_memory=80 * GIB)
+        assert values["use_liger_kernel"] is False and any("liger-kernel package" in note for note in notes)
+    values, notes = {"use_liger_kernel": True}, []
+    resolve_speed(values, notes, gpu_memory=None)
+    assert values["use_liger_kernel"] is False and any("use_liger_kernel needs" in note for note in notes)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("hidden, intermediate", [(128, 704), (384, 2048)])
+def test_memory_estimate_covers_what_autograd_keeps(hidden, intermediate, autocast):
+    # What 512 more tokens cost, measured and estimated: the weights' and optimizer's share cancels out.
+    config = Qwen2Config(vocab_size=3000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=3,
+                         num_attention_heads=hidden // 64, num_key_value_heads=2)
+    model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").train()
+    measured = _kept_for_backward(model, 1024, autocast) - _kept_for_backward(model, 512, autocast)
+    estimated = (training_memory_estimate(config, 1024, True, autocast)
+                 - training_memory_estimate(config, 512, True, autocast))
+    assert measured <= estimated <= 2 * measured  # errs high (it counts transient gradients too), not wildly
+
+
+def test_checkpointing_is_off_when_the_run_fits_and_on_when_it_does_not():
+    base = {"model_name_or_path": TINY_MODEL, "per_device_train_batch_size": 8, "max_length": 1024}
+    values, notes = dict(base), []
+    resolve_speed(values, notes, gpu_memory=80 * GIB)
+    assert values["gradient_checkpointing"] is False
+    assert any("gradient checkpointing off" in note and "of this GPU's 80.0 GiB" in note for note in notes)
+    values, notes = dict(base), []
+    resolve_speed(values, notes, gpu_memory=GIB // 20)  # the tiny model's full-vocabulary head needs more
+    assert values["gradient_checkpointing"] is True and any("gradient checkpointing on" in n for n in notes)
+
+
+def test_an_explicit_checkpointing_choice_wins_and_the_cpu_keeps_trl_default():
+    values = {"model_name_or_path": TINY_MODEL, "gradient_checkpointing": True}
+    resolve_speed(values, [], gpu_memory=80 * GIB)
+    assert values["gradient_checkpointing"] is True
+    values = {"model_name_or_path": TINY_MODEL, "activation_checkpointing": True}  # transformers 5's new name
+    resolve_speed(values, [], gpu_memory=80 * GIB)
+    assert "gradient_checkpointing" not in values
+    values = {"model_name_or_path": TINY_MODEL}
+    resolve_speed(values, [], gpu_memory=None)
+    assert values == {"model_name_or_path": TINY_MODEL}
+
+
+def test_packed_rows_get_variable_length_attention_on_a_gpu_only():
+    values, notes = {"packing": True}, []
+    resolve_speed(values, notes, gpu_memory=80 * GIB)
+    assert values["attn_implementation"] in ("flex_attention", "flash_attention_2")
+    assert any("variable-length attention" in note for note in notes)
+    for given, gpu in (({"packing": False}, 80 * GIB), ({"packing": True}, None)):
+        resolve_speed(given, [], gpu_memory=gpu)
+        assert "attn_implementation" not in given
+    values = {"packing": True, "attn_implementation": "sdpa"}
+    resolve_speed(values, [], gpu_memory=80 * GIB)
+    assert values["attn_implementation"] == "sdpa"
+
+
+def test_gpu_runs_load_data_in_worker_processes_unless_told_otherwise():
+    values, notes = {}, []
+    resolve_speed(values, notes, gpu_memory=80 * GIB)
+    assert values["dataloader_num_workers"] >= 1 and values["dataloader_persistent_workers"] is True
+    values = {"dataloader_num_workers": 0}
+    resolve_speed(values, [], gpu_memory=80 * GIB)
+    assert values["dataloader_num_workers"] == 0 and "dataloader_persistent_workers" not in values
+
+
+def test_fixed_shape_padding_is_a_sequence_of_its_own(tokenizer):
+    """Every packed batch gets one shape; the real tokens' logits are what they are without the padding."""
+    collate = FixedShapeCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id,
+                                                                 padding_free=True), 64, tokenizer.pad_token_id)
+    rows = [{"input_ids": list(range(10, 30)), "labels": list(range(10, 30)), "seq_lengths": [12, 8]},
+            {"input_ids": list(range(40, 55)), "labels": list(range(40, 55)), "seq_lengths": [15]}]
+    batch = collate(rows)
+    assert batch["input_ids"].shape == (1, 64) and int(batch[PADDING_KEY]) == 64 - 35
+    assert batch["position_ids"][0, 35:].tolist() == list(range(29))  # one sequence, positions counting up
+    assert (batch["labels"][0, 35:] == -100).all()
+    assert batch["cu_seq_lens_q"].tolist() == [0, 12, 20, 35, 64]
+    assert batch["seq_idx"][0, 35:].unique().tolist() == [3]
+    plain = collate.collate(rows)
+
+    from transformers import AutoModelForCausalLM
+
+    from sftkit import embedded
+
+    model = AutoModelForCausalLM.from_pretrained(embedded.resolve(TINY_MODEL)).eval()
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = model(input_ids=plain["input_ids"], position_ids=plain["position_ids"], use_cache=False).logits
+    torch.testing.assert_close(padded[:, :35], alone, atol=1e-5, rtol=0)
+    assert int(collate(rows * 2)[PADDING_KEY]) == 64 * 2 - 70  # more than one shape's worth: the next multiple
+
+
+def _train(tmp_path, name: str, *overrides: str) -> tuple[list[float], float, str]:
+    output = tmp_path / name
+    result = subprocess.run(
+        [sys.executable, "-m", "sftkit", "--config", "configs/recipes/quickstart.yaml", "--output_dir", str(output),
+         "--packing", "true", "--max_steps", "6", "--logging_steps", "1", "--eval_strategy", "no", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "TORCH_LOGS": "recompiles"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "loss" in entry]
+    return [entry["loss"] for entry in steps], steps[-1]["num_tokens"], result.stderr
+
+
+def test_compiled_packed_training_compiles_once_and_trains_the_same(tmp_path):
+    plain_losses, plain_tokens, _ = _train(tmp_path, "plain")
+    losses, tokens, log = _train(tmp_path, "compiled", "--torch_compile", "true")
+    assert "batches padded to one shape" in log
+    assert "Recompiling" not in log  # packed batches of changing length would recompile without the fixed shape
+    assert tokens == plain_tokens  # the padding is not counted as tokens seen
+    # fp32 on both paths; the compiled kernels sum in another order, so equal within float rounding.
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_a_fixed_shape_needs_a_length_to_fix():
+    with pytest.raises(SftkitError, match="fixed_batch_shape: true pads batches to max_length, which is null"):
+        resolve_speed({"fixed_batch_shape": True, "max_length": None}, [], gpu_memory=None)
+    values, notes = {"torch_compile": True, "max_length": None}, []
+    resolve_speed(values, notes, gpu_memory=None)
+    assert "fixed_batch_shape" not in values and "compiles anew" in notes[-1]
