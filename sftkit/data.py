@@ -31,7 +31,7 @@ from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.render_guard import check_rendering, sample_indices
 from sftkit.sources import Source, load_sources
-from sftkit.tokenization import TokenizeSettings, tokenize_split
+from sftkit.tokenization import TokenizeSettings, rendering_tokenizer, tokenize_split
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,9 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     has_own_eval = any(source.eval is not None for source in sources)
     train_ids, eval_ids, origin = (np.arange(total), None, f"split {recipe.script.dataset_test_split!r}") \
         if has_own_eval else split_held_out(total, recipe)
+    tokenizer, note = rendering_tokenizer(tokenizer)
+    if note:
+        logger.info(note)
     settings = TokenizeSettings.from_recipe(recipe, tokenizer)
     num_proc = recipe.training.dataset_num_proc or (os.cpu_count() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))

@@ -9,6 +9,7 @@ template's formatting around it is not.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+from trl.chat_template_utils import get_training_chat_template
 
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import RowError
@@ -74,9 +76,10 @@ def _prefix(text: str, prefix: str, what: str) -> int:
     if not text.startswith(prefix):
         raise SftkitError(
             f"loss masking: the chat template does not render {what} as a prefix of the whole conversation "
-            "(it rewrites earlier turns), so the trained part of each turn cannot be located. Set "
-            "assistant_only_loss: false (and completion_only_loss: false) to train on every token, or use a "
-            "template that renders conversations incrementally."
+            "(it rewrites earlier turns), so the trained part of each turn cannot be located, and TRL has no "
+            "training version of this template. Set assistant_only_loss: false (and completion_only_loss: false) "
+            "to train on every token, or set chat_template_path to a template that renders conversations "
+            "incrementally."
         )
     return len(prefix)
 
@@ -94,6 +97,40 @@ def conversation_spans(
         end = _prefix(text, render(tokenizer, messages[: index + 1], tools), "a conversation's first turns")
         spans.append((start, _through_end_of_turn(text, start, end, end_of_turn)))
     return text, spans
+
+
+# A conversation whose earlier turns a template may rewrite once later turns follow (Qwen3 drops their reasoning).
+PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"},
+         {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
+
+
+def rendering_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedTokenizerBase, str | None]:
+    """The tokenizer that renders training rows, and a note when it is not the model's own.
+
+    A template that rewrites earlier turns once later ones follow hides what the data says (earlier
+    reasoning is dropped) and leaves trained turns impossible to locate. Where TRL ships a training
+    version of such a template (earlier turns kept as written), rows are rendered with it; the model
+    keeps its own template for inference. Other templates stay as they are: a row they rewrite is a
+    clear error naming the fix.
+    """
+    if not tokenizer.chat_template:
+        return tokenizer, None
+    try:
+        conversation_spans(PROBE, None, tokenizer, None)
+        return tokenizer, None
+    except SftkitError:
+        pass
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # TRL knows no training version of this template
+        return tokenizer, None
+    if template is None:
+        return tokenizer, None
+    rendering = copy.deepcopy(tokenizer)
+    rendering.chat_template = template
+    return rendering, ("chat template: the model's template drops parts of earlier turns (such as their reasoning) "
+                       "once later turns follow; training rows are rendered with TRL's training version of it, "
+                       "which keeps every turn as the data has it (the saved model keeps its own template)")
 
 
 def _completion_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,

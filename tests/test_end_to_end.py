@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,6 +69,24 @@ def test_check_shows_what_trains_without_training(tmp_path):
     assert "adapter        sharegpt" in result.stdout
     assert "<|im_start|>user" in result.stdout and "training would start: ok" in result.stdout
     assert not (tmp_path / "never").exists()
+
+
+def test_reasoning_in_earlier_turns_trains_with_a_qwen3_template(tmp_path):
+    """Qwen3's own template would drop the first turn's reasoning; the rows keep it, and it is trained."""
+    import trl
+
+    template = tmp_path / "qwen3.jinja"  # TRL's copy of Qwen3's template, as the model ships it
+    template.write_text((Path(trl.__path__[0]) / "chat_templates" / "qwen3.jinja").read_text())
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"<think>\nadd one to {i}\n</think>\n\n{i + 1}"},
+                          {"role": "user", "content": "And doubled?"},
+                          {"role": "assistant", "content": str(2 * (i + 1))}]} for i in range(20)]
+    result = run(sys.executable, "-m", "sftkit", "check", "--config", str(QUICKSTART), "--rows", "1",
+                 "--dataset_name", str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+                 "--chat_template_path", str(template), "--assistant_only_loss", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TRL's training version" in result.stderr
+    assert "[[<think>\nadd one to" in result.stdout and "And doubled?<|im_end|>\n<|im_start|>assistant\n[[" in result.stdout
 
 
 def test_bad_data_stops_check_and_train_with_the_row_named(tmp_path):

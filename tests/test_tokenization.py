@@ -6,7 +6,12 @@ import pytest
 
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import RowError
-from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
+from sftkit.tokenization import (
+    IGNORE,
+    TokenizeSettings,
+    rendering_tokenizer,
+    tokenize_record,
+)
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -126,5 +131,31 @@ def test_template_that_rewrites_earlier_turns_is_a_clear_error(tokenizer):
     try:
         with pytest.raises(SftkitError, match="Set assistant_only_loss: false"):
             tokenize_record({"messages": messages}, tokenizer, settings())
+        assert rendering_tokenizer(tokenizer) == (tokenizer, None)  # TRL knows no training version of it
     finally:
         tokenizer.chat_template = original
+
+
+def test_template_that_drops_earlier_reasoning_renders_with_trl_training_version(tokenizer):
+    """Qwen3's template drops an earlier turn's reasoning once a later turn follows; TRL's training version keeps it."""
+    from trl.chat_template_utils import qwen3_chat_template
+
+    original = tokenizer.chat_template
+    tokenizer.chat_template = qwen3_chat_template
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    try:
+        with pytest.raises(SftkitError, match="TRL has no training version"):  # not through the renderer: an error
+            tokenize_record({"messages": messages}, tokenizer, settings())
+        rendering, note = rendering_tokenizer(tokenizer)
+        assert rendering is not tokenizer and tokenizer.chat_template == qwen3_chat_template  # the model's own stays
+        assert "TRL's training version" in note
+        tokens = tokenize_record({"messages": messages}, rendering, settings())
+        assert trained_runs(rendering, tokens) == ["<think>\nhmm\n</think>\n\nHello!<|im_end|>",
+                                                   "<think>\n\n</think>\n\n4<|im_end|>"]
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_templates_that_keep_earlier_turns_are_used_as_they_are(tokenizer):
+    assert rendering_tokenizer(tokenizer) == (tokenizer, None)  # Qwen2.5's ChatML
