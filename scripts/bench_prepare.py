@@ -1,6 +1,6 @@
 """Time to the first optimizer step and data-preparation throughput: sftkit against plain TRL, same run.
 
-    python scripts/bench_prepare.py [--rows 200000] [--workdir /tmp/sftkit-bench]
+    python scripts/bench_prepare.py [--rows 200000] [--workdir /tmp/sftkit-bench] [--packed]
 
 Builds an Infinity-Instruct-shaped dataset (raw human/gpt rows, ~1.9 KB each) and a byte-level BPE
 tokenizer of realistic size (32k, Qwen2.5's ChatML template), then measures, each in a fresh
@@ -9,6 +9,8 @@ process with a warm datasets cache (both tools read the same Arrow files):
     walkthrough had to) and sftkit on the raw rows, at N and at N/100 rows;
   - sftkit's second start with a warm preparation cache (an epoch run, eager preparation);
   - full-epoch preparation throughput against the raw batched tokenizer on the same cores.
+With --packed, only this instead: seconds to the first step of a bounded packed run (max_steps 20,
+4 packed rows of 1,024 tokens a step), plain TRL against sftkit, at N rows.
 The model is the embedded tiny one with one row per step, so the times are data preparation and start-up.
 """
 
@@ -47,8 +49,9 @@ from trl import SFTConfig, SFTTrainer
 rows = datasets.load_dataset("json", data_files=sys.argv[1], split="train")
 rows = rows.map(lambda r: {"messages": [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
                                         for t in r["conversations"]]}, remove_columns=rows.column_names)
-args = SFTConfig(output_dir=sys.argv[3], max_steps=1, per_device_train_batch_size=1, bf16=False, use_cpu=True,
-                 gradient_checkpointing=False, report_to="none", max_length=1024, save_strategy="no")
+packing = {"packing": True, "per_device_train_batch_size": 4, "max_steps": 20} if len(sys.argv) > 5 else {}
+args = SFTConfig(output_dir=sys.argv[3], **{"max_steps": 1, "per_device_train_batch_size": 1, **packing}, bf16=False,
+                 use_cpu=True, gradient_checkpointing=False, report_to="none", max_length=1024, save_strategy="no")
 SFTTrainer(model=sys.argv[2], args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(sys.argv[4]),
            callbacks=[FirstStep()]).train()
 """
@@ -115,6 +118,20 @@ def sftkit_run(data: Path, model: str, tokenizer: Path, output: Path, env: dict[
     return timed([sys.executable, str(output.parent / "sftkit_first_step.py"), "--config", str(recipe), *extra], env)
 
 
+def packed_first_steps(data: Path, model_dir: Path, tokenizer_dir: Path, work: Path, env: dict[str, str],
+                       trl_script: Path) -> None:
+    """A bounded packed run: TRL prepares and packs every row first; sftkit prepares the rows the run packs."""
+    print("timing plain TRL, packed ...", flush=True)
+    trl = timed([sys.executable, str(trl_script), str(data), str(model_dir), str(work / "trl-out"), str(tokenizer_dir),
+                 "packed"], env)
+    print("timing sftkit, packed ...", flush=True)
+    sftkit = sftkit_run(data, str(model_dir), tokenizer_dir, work / "sftkit-packed", env, "--packing", "true",
+                        "--max_steps", "20", "--per_device_train_batch_size", "4")
+    print(f"\n| measure ({os.cpu_count()} cores) | plain TRL | sftkit | ratio |\n|---|---:|---:|---:|")
+    print(f"| seconds to first step, {data.stem.split('-')[-1]} rows, packed, max_steps 20 | {trl:.1f} | {sftkit:.1f} "
+          f"| {trl / sftkit:.1f}x faster |")
+
+
 def raw_tokenizer_rate(data: Path, tokenizer_dir: Path, rows: int) -> float:
     """Rows/s of the tokenizer alone, batched, on the rendered conversations, all cores."""
     from transformers import AutoTokenizer
@@ -153,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench")
+    parser.add_argument("--packed", action="store_true", help="only the first step of a bounded packed run")
     parser.add_argument("--raw-rate", action="store_true", help=argparse.SUPPRESS)  # child: the tokenizer alone
     parser.add_argument("--epoch-rate", action="store_true", help=argparse.SUPPRESS)  # child: sftkit's eager pass
     options = parser.parse_args()
@@ -196,6 +214,9 @@ def main() -> None:
     trl_script = work / "trl_first_step.py"
     trl_script.write_text(TRL_SCRIPT)
     (work / "sftkit_first_step.py").write_text(SFTKIT_SCRIPT)
+    if options.packed:
+        packed_first_steps(big, model_dir, tokenizer_dir, work, env, trl_script)
+        return
     print("measuring the raw tokenizer ...", flush=True)  # first, in a process that has not forked yet
     raw = subprocess.run([sys.executable, __file__, "--raw-rate", "--rows", str(options.rows), "--workdir", str(work)],
                          capture_output=True, text=True, check=True)

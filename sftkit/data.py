@@ -1,9 +1,11 @@
 """The data path as one chain: load -> adapt -> tokenize and mask -> bad-row policy -> render guard.
 
-Two ways through it. Eager: every row, in batched passes over all cores, cached on disk by a key
+Three ways through it. Eager: every row, in batched passes over all cores, cached on disk by a key
 of everything that changes the result (used when the run reads the whole dataset). Lazy: only a
 sample is prepared before step 1, to check and report; the trainer's rows are prepared as it
-draws them (used when ``max_steps`` reads less than the whole dataset).
+draws them (used when ``max_steps`` reads less than the whole dataset). Packed share: a bounded
+run that packs needs each row's length first, so rows drawn at random are prepared eagerly, in
+cached chunks, until they fill the sequences ``max_steps`` trains on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
+from trl import pack_dataset
 
 from sftkit import adapt as adapt_module
 from sftkit import plugins
@@ -69,12 +72,14 @@ class PreparedSplit:
         """Only what the trainer needs: the valid rows' input_ids and labels."""
         if self.lazy is not None:
             return self.lazy
-        rows = self.rows.select_columns(["input_ids", "labels"])
-        if self.report.valid == self.report.rows:
-            return rows
-        # An index mapping over the valid rows: no pass over the data, so a cached epoch starts at once.
-        invalid = self.rows.data.column("invalid").combine_chunks()
-        return rows.select(np.flatnonzero(invalid.is_null().to_numpy(zero_copy_only=False)))
+        return _valid_rows(self.rows)
+
+
+def _valid_rows(rows: datasets.Dataset) -> datasets.Dataset:
+    """The valid rows' input_ids and labels: an index mapping, no pass over the data (a cached epoch starts at once)."""
+    valid = np.flatnonzero(rows.data.column("invalid").combine_chunks().is_null().to_numpy(zero_copy_only=False))
+    rows = rows.select_columns(["input_ids", "labels"])
+    return rows if len(valid) == len(rows) else rows.select(valid)
 
 
 @dataclass
@@ -144,20 +149,28 @@ def split_held_out(total: int, recipe: Recipe) -> tuple[np.ndarray, np.ndarray |
 
 
 def preparation_mode(recipe: Recipe, train_rows: int) -> tuple[str, str]:
-    """Lazy when a bounded run reads less than the dataset; eager when it reads it all (or packs)."""
+    """Lazy when a bounded run reads less than the dataset, a packed share when it packs, else eager."""
     asked, args = recipe.sftkit.prepare, recipe.training
     if asked != "auto":
         if asked == "lazy" and args.packing:
-            raise SftkitError("prepare: lazy cannot pack (packing needs every row's length); use prepare: eager")
+            raise SftkitError("prepare: lazy cannot pack (packing needs each row's length before step 1); use "
+                              "prepare: auto (a bounded run prepares only the rows it packs) or eager")
         return asked, "as the recipe says"
-    if args.packing:
-        return "eager", "packing needs every row's length"
     if args.max_steps <= 0:
         return "eager", "the run reads every row (num_train_epochs)"
-    needed = args.max_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size * number_of_processes()
+    needed = _rows_per_run(recipe)
+    if args.packing:
+        return "packed share", (f"max_steps packs {needed:,} sequences of up to {args.max_length} tokens: rows "
+                                f"drawn at random from {train_rows:,} and prepared before step 1, until they fill them")
     if needed >= train_rows:
         return "eager", f"max_steps reads {needed:,} rows, the whole dataset"
     return "lazy", f"max_steps reads {needed:,} of {train_rows:,} rows"
+
+
+def _rows_per_run(recipe: Recipe) -> int:
+    """Rows (packed sequences, when packing) the trainer draws over max_steps, all processes together."""
+    args = recipe.training
+    return args.max_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size * number_of_processes()
 
 
 # ---------------------------------------------------------------- adapting and tokenizing
@@ -247,6 +260,33 @@ def _lazy(sources: list[Source], choices: list[AdapterChoice], train_ids: np.nda
     return preflight, lazy_rows(lazy_sources, train_ids, tokenizer, settings), rendered
 
 
+def _packed_share(recipe: Recipe, sources: list[Source], choices: list[AdapterChoice], train_ids: np.ndarray,
+                  tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, num_proc: int | None,
+                  guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
+    """A bounded packed run's rows: drawn in a seeded random order, prepared in chunks (each cached) until
+    packing them fills the sequences max_steps trains on, or the data runs out."""
+    args, needed = recipe.training, _rows_per_run(recipe)
+    order = np.random.default_rng(args.seed).permutation(train_ids)
+    chunks, checked, taken = [], 0, 0
+    chunk = min(len(order), max(needed, PREFLIGHT_ROWS))  # a packed sequence holds at least one row
+    while True:
+        ids = np.sort(order[taken:taken + chunk])
+        prepared, rendered = _eager(sources, choices, {"train": ("train", ids)}, tokenizer, settings, num_proc,
+                                    guard_rows if not chunks else 0)
+        checked = rendered if not chunks else checked  # the render guard samples the first chunk
+        chunks.append(prepared["train"])
+        taken += len(ids)
+        rows = datasets.concatenate_datasets(chunks)
+        valid = _valid_rows(rows)
+        packed = len(pack_dataset(valid, args.max_length, args.packing_strategy)) if len(valid) else 0
+        if packed >= needed or taken >= len(order):
+            logger.info("packed share: %s rows prepared fill %s sequences (%s needed)", f"{taken:,}",
+                        f"{packed:,}", f"{needed:,}")
+            return {"train": rows}, checked
+        # Rows per sequence so far, for the rest with a tenth to spare.
+        chunk = min(len(order) - taken, max(PREFLIGHT_ROWS, int((needed - packed) * taken / max(packed, 1) * 1.1)))
+
+
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
     """Load every source, convert it with its adapter, tokenize, apply the bad-row policy, check the rendering."""
     sources = load_sources(recipe)
@@ -273,6 +313,13 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
             evaluation, eval_checked = _eager(sources, choices, eval_plan, tokenizer, settings, num_proc, guard_rows)
             prepared.update(evaluation)
             checked += max(eval_checked, 0)
+    elif mode == "packed share":
+        prepared, checked = _packed_share(recipe, sources, choices, train_ids, tokenizer, settings, num_proc,
+                                          guard_rows)
+        if eval_plan:
+            evaluation, eval_checked = _eager(sources, choices, eval_plan, tokenizer, settings, num_proc, guard_rows)
+            prepared.update(evaluation)
+            checked = checked + eval_checked if min(checked, eval_checked) >= 0 else -1
     else:
         plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
         prepared, checked = _eager(sources, choices, plan, tokenizer, settings, num_proc, guard_rows)

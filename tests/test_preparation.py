@@ -7,6 +7,8 @@ import logging
 import pytest
 from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 
+from trl import pack_dataset
+
 from sftkit.data import prepare_data
 from sftkit.model import load_tokenizer
 from sftkit.recipe import load_recipe
@@ -66,8 +68,24 @@ def test_bounded_run_prepares_only_a_sample_before_step_one(tmp_path, cache):
     assert item["input_ids"] == prepare(tmp_path, data, prepare="eager").train.rows[2999]["input_ids"]
 
 
-def test_epoch_runs_and_packing_prepare_eagerly(tmp_path, cache, sharegpt_rows):
+def test_epoch_runs_prepare_eagerly(tmp_path, cache, sharegpt_rows):
     data = write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows)
     assert prepare(tmp_path, data).mode.startswith("eager (the run reads every row")
     assert prepare(tmp_path, data, max_steps=1000).mode.startswith("eager (max_steps reads")
-    assert prepare(tmp_path, data, max_steps=1, packing=True).mode.startswith("eager (packing")
+    assert prepare(tmp_path, data, packing=True).mode.startswith("eager (the run reads every row")
+
+
+def test_bounded_packed_run_prepares_only_the_rows_it_packs(tmp_path, cache):
+    rows = [sharegpt_row(index, ("human", f"What is {index} + 1?"), ("gpt", f"{index + 1}.")) for index in range(3000)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    keys = {"max_steps": 3, "per_device_train_batch_size": 4, "packing": True, "max_length": 256}
+    prepared = prepare(tmp_path, data, **keys)
+    assert prepared.mode.startswith("packed share (max_steps packs 12 sequences of up to 256 tokens")
+    taken = prepared.train.rows["row"]
+    assert 12 < len(taken) < 3000 and len(set(taken)) == len(taken)  # a share of the rows, none twice
+    assert max(taken) > 1500  # drawn from the whole dataset, not its head
+    assert len(pack_dataset(prepared.train.trainable(), 256, "bfd")) >= 12  # they fill what the run trains on
+    again = prepare(tmp_path, data, **keys)
+    assert again.rows_checked == -1 and again.train.rows["row"] == taken  # from the cache: the same rows
+    everything = prepare(tmp_path, data, **{**keys, "max_steps": 1000})
+    assert everything.train.rows.num_rows == 3000  # more sequences than the data fills: all of it

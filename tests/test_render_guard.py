@@ -97,3 +97,9 @@ def test_tool_calls_count_as_content():
     ]
     assert missing_turns(messages, "user: Weather in Amberhold? assistant: <tool_call>get_weather</tool_call>") == []
     assert missing_turns(messages, "user: Weather in Amberhold? assistant:") != []
+
+
+def test_render_check_rows_zero_checks_nothing():
+    from sftkit.render_guard import sample_indices
+
+    assert sample_indices(10, 0) == [] and sample_indices(10, 3) == [0, 3, 6]
