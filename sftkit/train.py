@@ -10,6 +10,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import get_peft_config, get_quantization_config, pack_dataset
 
+from sftkit.attention import use_flex_attention_in_autocast_dtype
 from sftkit.data import prepare_data
 from sftkit.errors import SftkitError
 from sftkit.fixed_shape import fix_batch_shape
@@ -59,6 +60,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
         record = write_run_record(args.output_dir, recipe.values, details)
         logger.info("run record: %s", record)
 
+    if recipe.model.attn_implementation == "flex_attention":
+        use_flex_attention_in_autocast_dtype()
     # sftkit has tokenized, masked, truncated (and packs) the rows itself; TRL must not prepare them again.
     args.assistant_only_loss = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
