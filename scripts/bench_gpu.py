@@ -186,8 +186,9 @@ def run_one(name: str, work: Path, tiny: bool, steps: int, warmup: int) -> dict:
         if not cuda:
             changes.pop("dtype", None)  # a CPU runs every path in fp32 (the skipped line says so)
         # The speed levers the recipe leaves unset (attention, checkpointing, data workers) are sftkit's to choose.
+        # Every row prepared and packed, as plain TRL does, so that both train on the same packed sequences.
         values = {**recipe, **common, "model_name_or_path": str(model_dir), "dataset_name": str(data),
-                  "assistant_only_loss": False, **changes}
+                  "assistant_only_loss": False, "prepare": "eager", **changes}
         file = work / f"{name}.yaml"
         file.write_text(json.dumps(values))
         train(load_recipe(str(file)), callbacks=[Clock(marks)])

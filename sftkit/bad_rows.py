@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class RowReport:
 
     def first_problem(self) -> str:
         row = min(self.problems)
-        reason, message = self.problems[row]
+        _, message = self.problems[row]
         return f"{self.split} row {row}: {message}"
 
 

@@ -84,14 +84,14 @@ def reconcile_launcher(values: dict[str, Any], per_device: int, accumulation: in
     Returns keys to build the training arguments with (the recipe's values stay as written, for the record).
     """
     launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and launcher_accumulation not in (None, "auto"):
-        if int(launcher_accumulation) != accumulation:
-            raise SftkitError(
-                f"the accelerate config sets gradient_accumulation_steps: {launcher_accumulation} in its DeepSpeed "
-                f"section, but the recipe {source} means {accumulation}. DeepSpeed would stop every rank over this. "
-                "Remove gradient_accumulation_steps from the accelerate config (or set the same value), and let "
-                "global_batch_size or gradient_accumulation_steps in the recipe decide."
-            )
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and launcher_accumulation not in (None, "auto")
+            and int(launcher_accumulation) != accumulation):
+        raise SftkitError(
+            f"the accelerate config sets gradient_accumulation_steps: {launcher_accumulation} in its DeepSpeed "
+            f"section, but the recipe {source} means {accumulation}. DeepSpeed would stop every rank over this. "
+            "Remove gradient_accumulation_steps from the accelerate config (or set the same value), and let "
+            "global_batch_size or gradient_accumulation_steps in the recipe decide."
+        )
     if values.get("deepspeed"):
         config = _read_deepspeed(values["deepspeed"], f"recipe {source}: deepspeed")
         where = f"the DeepSpeed config {values['deepspeed']} of recipe {source}"

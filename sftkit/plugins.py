@@ -63,7 +63,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str]]:
         distribution = entry_point.dist.name if entry_point.dist else entry_point.value
         try:
             plugin = entry_point.load()
-        except Exception as error:  # a broken plugin must not take the others down: report it by name
+        except Exception as error:  # noqa: BLE001 - a broken plugin must not take the others down: report it by name
             broken[distribution] = f"{type(error).__name__}: {error}"
             logger.warning("sftkit plugin %s (%s) failed to load: %s", distribution, entry_point.value, error)
             continue

@@ -59,7 +59,7 @@ def load_raw(name: str, config: str | None, **hub_arguments: Any) -> datasets.Da
         raise SftkitError(f"dataset {name}: no such file or directory")
     try:
         return datasets.load_dataset(path, name=config, **hub_arguments)
-    except Exception as error:  # network, authentication, unknown name or config: all end here
+    except Exception as error:  # noqa: BLE001 - network, authentication, unknown name or config: all end here
         raise SftkitError(
             f"dataset {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Check the name and dataset_config and your network, or point dataset_name at a local file or directory."
@@ -100,6 +100,6 @@ def load_sources(recipe: Recipe) -> list[Source]:
     script = recipe.script
     loaded = load_raw(script.dataset_name, script.dataset_config)
     train = _split(loaded, script.dataset_train_split, script.dataset_name, "dataset_train_split")
-    evaluation = loaded[script.dataset_test_split] if script.dataset_test_split in loaded else None
+    evaluation = loaded.get(script.dataset_test_split)
     sftkit = recipe.sftkit
     return [Source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options)]

@@ -7,6 +7,7 @@ import json
 import datasets
 import pluggy
 import pytest
+from helpers import sharegpt_row
 
 from sftkit import hookspecs, plugins
 from sftkit.adapt import adapt, choose_adapter, resolve_options
@@ -14,8 +15,6 @@ from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import Adapter, RowError, hookimpl
 from sftkit.testing import convert_rows, detects
-
-from helpers import sharegpt_row
 
 
 def test_sharegpt_maps_infinity_instruct_roles(sharegpt_rows):

@@ -98,7 +98,7 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
         [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
          str(data), "--output_dir", str(output), "--max_steps", "2", "--test_split_size", "0", "--eval_strategy", "no",
          "--eval_on_start", "false", "--on_invalid", "skip", "--prepare", "eager"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((output / "skipped_rows.jsonl").read_text().splitlines()) == 2
@@ -120,7 +120,7 @@ def _lazy_run(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, P
         [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
          str(data), "--output_dir", str(output), "--max_steps", "12", "--test_split_size", "0", "--eval_strategy",
          "no", "--eval_on_start", "false", "--logging_steps", "1", "--prepare", "lazy", *overrides],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     return result, output
 

@@ -15,7 +15,7 @@ QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 
 
 def run(*arguments: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")

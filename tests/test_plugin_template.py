@@ -25,7 +25,7 @@ def pip_install(source: Path, target: Path) -> Path:
     """Install a distribution from a source tree into ``target`` as pip would, offline."""
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"pip could not install {source}:\n{result.stderr}"
     return target
 
@@ -33,7 +33,7 @@ def pip_install(source: Path, target: Path) -> Path:
 def run(arguments: list[str], sites: list[Path], load: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``python ARGUMENTS`` with these installs importable and only these distributions' plugins loaded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, sites)), "SFTKIT_LOAD_PLUGINS": load}
-    return subprocess.run([sys.executable, *arguments], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *arguments], env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")

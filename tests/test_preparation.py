@@ -6,7 +6,6 @@ import logging
 
 import pytest
 from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
-
 from trl import pack_dataset
 
 from sftkit.data import prepare_data

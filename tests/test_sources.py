@@ -8,9 +8,9 @@ import datasets
 import pytest
 from helpers import TINY_MODEL, write_jsonl, write_recipe
 
+from sftkit.data import split_held_out
 from sftkit.errors import SftkitError
 from sftkit.recipe import load_recipe
-from sftkit.data import split_held_out
 from sftkit.sources import load_raw, load_sources
 
 

@@ -23,8 +23,8 @@ CHAT = [
 
 
 def settings(**changes) -> TokenizeSettings:
-    values = dict(max_length=None, truncate=True, long_rows="truncate", assistant_only_loss=True,
-                  completion_only_loss=None, end_of_turn="<|im_end|>")
+    values = {"max_length": None, "truncate": True, "long_rows": "truncate", "assistant_only_loss": True,
+              "completion_only_loss": None, "end_of_turn": "<|im_end|>"}
     return TokenizeSettings(**{**values, **changes})
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
 
+
 class DollyAdapter(Adapter):
     name = "dolly"
     description = "Databricks Dolly: instruction (+ context) -> user turn, response -> assistant turn."

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from sftkit_dolly import DollyAdapter, register_adapters
+
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import RowError
 from sftkit.testing import convert_rows, detects
-
-from sftkit_dolly import DollyAdapter, register_adapters
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_empty_instruction_or_response_is_a_row_error(rows: list[dict], column: 
 def test_unknown_option_and_bad_position_are_errors(rows: list[dict]) -> None:
     with pytest.raises(SftkitError, match="no option 'context_place'"):
         convert_rows(DollyAdapter(), rows, {"context_place": "before"})
-    with pytest.raises(SftkitError, match="context_position of adapter 'dolly' must be one of \['after', 'before'\]"):
+    with pytest.raises(SftkitError, match=r"context_position of adapter 'dolly' must be one of \['after', 'before'\]"):
         convert_rows(DollyAdapter(), rows, {"context_position": "middle"})
 
 
