@@ -109,4 +109,5 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
         seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if lazy else {}
         add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})
+    trainer.accelerator.wait_for_everyone()  # the group is torn down together, not under a rank still writing
     trainer.end()
