@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 
 from helpers import ROOT
 
 
 def test_gpu_benchmark_runs_its_cpu_paths(tmp_path):
-    """Every configuration a CPU can run trains, in fp32, to plain TRL's losses; the others are named as skipped."""
-    report = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--tiny", "--workdir", str(tmp_path),
-                             "--json", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Through the GPU machine's one command, dry: every configuration a CPU can run trains, in fp32, to plain
+    TRL's losses; the others are named as skipped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny", "--workdir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900, check=False,
+                            env={**os.environ, "OUT": str(out)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = out / "bench.json"
+    assert (out / "bench.log").read_text().strip().endswith(f"written: {report}")
     lines = result.stdout.splitlines()
     skipped = next(line for line in lines if line.startswith("skipped on this machine (no CUDA GPU)"))
     assert "sftkit_liger (" in skipped  # Liger's kernels are Triton: CUDA only
