@@ -186,3 +186,19 @@ def test_zero3_file_is_made_to_gather_weights_on_save(tmp_path, monkeypatch):
     used = json.loads(Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
     assert used["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert any("ZeRO-3" in note for note in recipe.notes)
+
+
+def test_packed_batches_of_one_fixed_shape_under_two_processes_match_one_process(recipe, tmp_path):
+    """The padding that gives packed batches one shape (for torch.compile) changes neither losses nor token counts."""
+    packed = ("--packing", "true")
+    one = launch(recipe, tmp_path / "one", "--num_processes", "1", extra=packed)
+    two = launch(recipe, tmp_path / "two", "--config_file", str(CPU_CONFIGS / "ddp_2proc.yaml"),
+                 extra=(*packed, "--fixed_batch_shape", "true"))
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=LOSS_TOLERANCE)
+
+    def tokens_seen(output: Path) -> float:
+        history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+        return next(entry["num_tokens"] for entry in reversed(history) if "num_tokens" in entry)
+
+    assert tokens_seen(tmp_path / "two") == tokens_seen(tmp_path / "one")
