@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from sftkit.adapt import adapt, choose_adapter, resolve_options
 from sftkit.bad_rows import RowReport, enforce, report_rows, write_skipped
 from sftkit.cache import cached, preparation_key
 from sftkit.errors import SftkitError
+from sftkit.hardware import usable_cpus
 from sftkit.lazy import LazySource, lazy_rows
 from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe, number_of_processes
@@ -299,7 +299,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     if note:
         logger.info(note)
     settings = TokenizeSettings.from_recipe(recipe, tokenizer)
-    num_proc = recipe.training.dataset_num_proc or (os.cpu_count() if total >= PARALLEL_FROM_ROWS else None)
+    num_proc = recipe.training.dataset_num_proc or (usable_cpus() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))
     logger.info("preparation: %s (%s)", mode, why)
 

@@ -24,6 +24,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
+from sftkit.hardware import bf16_supported, gpu_memory, has_accelerator
 from sftkit.launcher import reconcile_launcher
 from sftkit.speed import resolve_speed
 
@@ -54,6 +55,13 @@ class SftkitArguments:
     )
     long_rows: typing.Literal["truncate", "skip"] = field(
         default="truncate", metadata={"help": "rows longer than max_length: cut to max_length, or skip as invalid"}
+    )
+    lm_head_loss: typing.Literal["auto", "trl", "torch", "cce", "liger"] = field(
+        default="auto",
+        metadata={"help": "what computes the training loss from the hidden states, never building the logits: TRL's "
+                  "fused head (logs entropy and token accuracy too), torch's chunked linear_cross_entropy, "
+                  "cut-cross-entropy or Liger's kernel; auto: the first of torch, cce, liger that runs on a GPU, "
+                  "else trl"},
     )
     fixed_batch_shape: bool | None = field(
         default=None,
@@ -337,26 +345,6 @@ def derive_gradient_accumulation(global_batch: int, per_device: int, processes: 
             f"{per_device} x {processes} process(es) = {rows_per_pass}. Use {suggestion}."
         )
     return global_batch // rows_per_pass
-
-
-def bf16_supported() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def gpu_memory() -> int | None:
-    """Bytes on one of this machine's CUDA GPUs (a node's GPUs are alike); None without one."""
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-
-def has_accelerator() -> bool:
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def resolve_device(values: dict[str, Any], notes: list[str]) -> None:
