@@ -189,11 +189,13 @@ def test_zero3_file_is_made_to_gather_weights_on_save(tmp_path, monkeypatch):
 
 
 def test_packed_batches_of_one_fixed_shape_under_two_processes_match_one_process(recipe, tmp_path):
-    """The padding that gives packed batches one shape (for torch.compile) changes neither losses nor token counts."""
+    """The padding that gives packed batches one shape (for torch.compile) changes neither losses nor token counts,
+    and nor does computing the loss from the hidden states (sftkit's head loss, normalised over both processes'
+    tokens) instead of through TRL's head."""
     packed = ("--packing", "true")
-    one = launch(recipe, tmp_path / "one", "--num_processes", "1", extra=packed)
+    one = launch(recipe, tmp_path / "one", "--num_processes", "1", extra=(*packed, "--lm_head_loss", "trl"))
     two = launch(recipe, tmp_path / "two", "--config_file", str(CPU_CONFIGS / "ddp_2proc.yaml"),
-                 extra=(*packed, "--fixed_batch_shape", "true"))
+                 extra=(*packed, "--fixed_batch_shape", "true", "--lm_head_loss", "torch"))
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=LOSS_TOLERANCE)
 
