@@ -1,20 +1,25 @@
-"""One batch shape for a whole run, so torch.compile compiles the model once instead of once per packed shape."""
+"""torch.compile for a training run: each decoder layer compiled in place, and one batch shape for the whole run.
+
+Compiling the whole model puts mask construction (flex attention's block mask, built per batch) inside
+the compiled graph and takes minutes for 24 layers; compiling each decoder layer compiles one layer's
+code once for all of them, and the mask is built outside. One batch shape means one compilation.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
-PADDING_KEY = "sftkit_padding"  # tokens added to reach the fixed shape, taken out of the token counts
+from accelerate.utils import DynamoBackend
 
 
 class FixedShapeCollator:
     """Pads each padding-free (packed) batch to a multiple of ``tokens`` with one extra sequence the loss ignores.
 
     The padding is its own sequence (positions restart at 0 and count up), so no real sequence attends to it,
-    and its labels are -100. ``tokens`` is per_device_train_batch_size x max_length, the most a training batch
-    of packed rows can hold: every training batch gets exactly that shape.
+    and its labels are -100; it comes after the real tokens, which are counted before it is added. ``tokens``
+    is per_device_train_batch_size x max_length, the most a training batch of packed rows can hold: every
+    training batch gets exactly that shape.
     """
 
     def __init__(self, collate: Any, tokens: int, pad_token_id: int) -> None:
@@ -26,7 +31,6 @@ class FixedShapeCollator:
         batch = self.collate(examples)
         length = batch["input_ids"].shape[1]
         padding = -length % self.tokens
-        batch[PADDING_KEY] = torch.tensor(padding)
         if not padding:
             return batch
         batch["input_ids"] = _extend(batch["input_ids"], torch.full((padding,), self.pad_token_id))
@@ -46,9 +50,15 @@ def _extend(row: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     return torch.cat([row, tail.to(row.dtype).unsqueeze(0)], dim=1)
 
 
-def fix_batch_shape(collator: Any, max_length: int, per_device_batch: int, pad_token_id: int) -> Any:
-    """The collator to train with when every batch must have one shape."""
-    if getattr(collator, "padding_free", False):
-        return FixedShapeCollator(collator, per_device_batch * max_length, pad_token_id)
-    collator.pad_to_multiple_of = max_length  # rows padded to max_length; the attention mask excludes the padding
-    return collator
+def compile_decoder_layers(model: torch.nn.Module, dynamo_plugin: Any) -> int:
+    """Compile each decoder layer of ``model`` in place with the trainer's compile settings; returns how many.
+
+    In place, so the model object the trainer and its wrappers (DDP, DeepSpeed, FSDP) hold is the one that
+    runs, and accelerate is told not to compile the whole model again.
+    """
+    settings = dynamo_plugin.to_kwargs()
+    dynamo_plugin.backend = DynamoBackend.NO
+    layers = [module for module in model.modules() if type(module).__name__ in (model._no_split_modules or ())]
+    for layer in layers:
+        layer.compile(**settings)
+    return len(layers)

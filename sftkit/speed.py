@@ -14,11 +14,15 @@ from typing import Any
 from trl import SFTConfig
 
 from sftkit import embedded
+from sftkit.attention import VARLEN, varlen_available
 from sftkit.errors import SftkitError
+from sftkit.hardware import usable_cpus
+from sftkit.head_loss import KERNELS, kernel_available
 
-# The estimate below errs high (by about 1.5x against TRL's peaks measured on an H200 in ../shared/gpu):
-# what it leaves free covers allocator fragmentation and kernels' workspaces.
+# The estimate below errs high (by about 1.4x against TRL's peaks measured on an H200): what it leaves
+# free covers allocator fragmentation and kernels' workspaces.
 CHECKPOINTING_MEMORY_FRACTION = 0.9
+HEAD_TILE_TOKENS = 4096  # tokens a logits-free head projects at once (TRL's fused head: 4,096 x 32,768 columns)
 
 
 def resolve_speed(values: dict[str, Any], notes: list[str], gpu_memory: int | None) -> None:
@@ -27,10 +31,16 @@ def resolve_speed(values: dict[str, Any], notes: list[str], gpu_memory: int | No
     ``gpu_memory``: bytes on the CUDA GPU this process trains on, None without one.
     """
     cuda = gpu_memory is not None
+    config = _model_config(values) if cuda else None
     if cuda and "optim" not in values:
         values["optim"] = "adamw_torch_fused"  # the same AdamW, one kernel for all parameters
         notes.append("speed: fused AdamW (adamw_torch_fused)")
-    _resolve_attention(values, notes, cuda)
+    _resolve_attention(values, notes, cuda, config)
+    if cuda and _dense_packed_mask(values):
+        side = _tokens_per_micro_step(values, config)
+        notes.append(f"speed: packed rows under sdpa attend through a dense mask of {side:,} x {side:,} tokens "
+                     f"({side * side / 2**30:.1f} GiB) every micro-step; variable-length or flex attention builds none")
+    _resolve_head_loss(values, notes, cuda)
     if values.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         values["use_liger_kernel"] = False
         notes.append("speed: use_liger_kernel needs the liger-kernel package, which is not installed; using the "
@@ -42,25 +52,113 @@ def resolve_speed(values: dict[str, Any], notes: list[str], gpu_memory: int | No
     _resolve_batch_shape(values, notes)
     if cuda:
         _resolve_data_loading(values, notes)
-        if "gradient_checkpointing" not in values and "activation_checkpointing" not in values:
-            _resolve_checkpointing(values, notes, gpu_memory)
+        if "gradient_checkpointing" not in values and "activation_checkpointing" not in values and config:
+            _resolve_checkpointing(values, notes, gpu_memory, config)
 
 
-def _resolve_attention(values: dict[str, Any], notes: list[str], cuda: bool) -> None:
-    """Packed rows get attention that keeps them apart without materialising a dense mask where it can run."""
+def _model_config(values: dict[str, Any]) -> Any:
+    """The model's config (no weights), or None where it cannot be read: the model's own error comes later."""
+    from transformers import AutoConfig
+
+    name = values.get("model_name_or_path")
+    if name is None:
+        return None
+    try:
+        return AutoConfig.from_pretrained(embedded.resolve(name), revision=values.get("model_revision"),
+                                          trust_remote_code=values.get("trust_remote_code", False))
+    except (OSError, ValueError):
+        return None
+
+
+def _model_class(config: Any) -> type | None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code or a model transformers does not map
+        return None
+
+
+def _attention_unavailable(attention: str, config: Any) -> str | None:
+    """Why ``attention`` cannot train this model here (None: it can), by transformers' own checks.
+
+    Import names do not tell: flash-attn-4 installs as ``flash_attn`` too, and a flash-attn 2 built for another
+    torch imports but does not run. The model class says what its attention layers support.
+    """
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+
+    model_class = _model_class(config) if config is not None else None
+    # torch_varlen takes the same variable-length keyword arguments as flash attention.
+    flag = "_supports_flex_attn" if attention == "flex_attention" else "_supports_flash_attn"
+    if not getattr(model_class, flag, False):
+        return "this model's attention layers do not support it"
+    missing = {"flash_attention_2": not is_flash_attn_2_available() and "flash-attn 2 is not installed for this torch",
+               "flash_attention_4": not is_flash_attn_4_available() and "flash-attn-4 is not installed",
+               VARLEN: not varlen_available() and "this torch has no torch.nn.attention.varlen"}
+    return missing.get(attention) or None
+
+
+def _resolve_attention(values: dict[str, Any], notes: list[str], cuda: bool, config: Any) -> None:
+    """Packed rows get attention that keeps them apart without building a mask, where it can run."""
     attention = values.get("attn_implementation")
-    if attention is None and cuda and values.get("packing"):
-        flash = importlib.util.find_spec("flash_attn") is not None
-        values["attn_implementation"] = "flash_attention_2" if flash else "flex_attention"
-        notes.append(f"speed: packed rows use {values['attn_implementation']} (variable-length attention, no "
-                     "dense mask); set attn_implementation to choose")
-    elif attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        values["attn_implementation"] = "sdpa"
-        notes.append("speed: attn_implementation flash_attention_2 needs the flash-attn package, which is not "
-                     "installed; using sdpa (same results, packed sequences still kept apart)")
-    elif attention == "flex_attention" and not cuda:
-        values["attn_implementation"] = "sdpa"
-        notes.append("speed: flex_attention trains on a CUDA GPU only; using sdpa (same results)")
+    packed = bool(values.get("packing"))
+    if attention is None:
+        if not (cuda and packed):
+            return
+        chosen = next((name for name in ("flash_attention_2", "flash_attention_4", VARLEN)
+                       if _attention_unavailable(name, config) is None), None)
+        if chosen is not None:
+            values["attn_implementation"] = chosen
+            notes.append(f"speed: packed rows use {chosen} (variable-length attention, no mask); set "
+                         "attn_implementation to choose")
+        elif _attention_unavailable("flex_attention", config) is None:
+            values["attn_implementation"] = "flex_attention"
+            notes.append("speed: packed rows use flex_attention (a block mask, no dense mask); set "
+                         "attn_implementation to choose")
+        else:
+            notes.append("speed: packed rows use sdpa: this model supports neither variable-length nor flex "
+                         "attention (a dense mask per batch)")
+        return
+    if attention == VARLEN and not packed:
+        raise SftkitError(f"attn_implementation: {VARLEN} attends within packed sequences only: add packing: true, "
+                          "or choose sdpa or flex_attention")
+    if attention in ("flash_attention_2", "flash_attention_4", VARLEN, "flex_attention"):
+        why = "trains on a CUDA GPU only" if not cuda else _attention_unavailable(attention, config)
+        if why:
+            values["attn_implementation"] = "sdpa"
+            notes.append(f"speed: {attention}: {why}; using sdpa (same results, packed sequences still kept apart)")
+
+
+def _dense_packed_mask(values: dict[str, Any]) -> bool:
+    """Packed rows under sdpa: transformers builds a block-diagonal mask over the whole micro-step."""
+    return bool(values.get("packing")) and values.get("attn_implementation", "sdpa") == "sdpa"
+
+
+def _tokens_per_micro_step(values: dict[str, Any], config: Any) -> int:
+    length = values.get("max_length", SFTConfig.max_length)
+    if length is None:
+        length = getattr(config, "max_position_embeddings", SFTConfig.max_length)
+    return values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size) * length
+
+
+def _resolve_head_loss(values: dict[str, Any], notes: list[str], cuda: bool) -> None:
+    """The training loss from the hidden states; the logits are never built whichever kernel computes it."""
+    asked = values.get("lm_head_loss", "auto")
+    if asked == "trl":
+        return
+    if asked == "auto":
+        # TRL's fused head keeps its entropy and accuracy logs on a CPU, where the kernels gain nothing.
+        chosen = next((kernel for kernel in KERNELS if kernel_available(kernel, cuda) is None), "trl") if cuda \
+            else "trl"
+        values["lm_head_loss"] = chosen
+        if chosen != "trl":
+            notes.append(f"speed: the loss is computed by the {chosen} linear cross-entropy kernel (no logits; "
+                         "TRL's entropy and token accuracy are not logged); set lm_head_loss to choose")
+        return
+    if (why := kernel_available(asked, cuda)) is not None:
+        values["lm_head_loss"] = "trl"
+        notes.append(f"speed: lm_head_loss {asked}: {why}; using TRL's fused head (lm_head_loss: trl, the same "
+                     "loss, no logits either)")
 
 
 def _resolve_batch_shape(values: dict[str, Any], notes: list[str]) -> None:
@@ -81,26 +179,19 @@ def _resolve_data_loading(values: dict[str, Any], notes: list[str]) -> None:
     if "dataloader_num_workers" in values:
         return
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = max(1, min(4, (os.cpu_count() or 1) // processes_here - 1))
+    workers = max(1, min(4, usable_cpus() // processes_here - 1))
     values["dataloader_num_workers"] = workers
     values.setdefault("dataloader_persistent_workers", True)  # not forked again for every epoch and eval
     notes.append(f"speed: {workers} data-loading worker(s) per process")
 
 
-def _resolve_checkpointing(values: dict[str, Any], notes: list[str], gpu_memory: int) -> None:
+def _resolve_checkpointing(values: dict[str, Any], notes: list[str], gpu_memory: int, config: Any) -> None:
     """No activation recomputation (a third more compute) when the run fits in GPU memory without it."""
-    from transformers import AutoConfig
-
-    name = values.get("model_name_or_path")
-    if name is None:
-        return
+    tokens = _tokens_per_micro_step(values, config)
     try:
-        config = AutoConfig.from_pretrained(embedded.resolve(name), revision=values.get("model_revision"),
-                                            trust_remote_code=values.get("trust_remote_code", False))
-        tokens = (values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-                  * (values.get("max_length", SFTConfig.max_length) or config.max_position_embeddings))
-        estimate = training_memory_estimate(config, tokens, **_precision(values))
-    except (OSError, ValueError, AttributeError):  # the model's own error comes, clearer, when it is loaded
+        estimate = training_memory_estimate(config, tokens, **_precision(values),
+                                            dense_mask=_dense_packed_mask(values))
+    except (ValueError, AttributeError):  # a config transformers cannot build: the model's own error comes later
         return
     needed = estimate > CHECKPOINTING_MEMORY_FRACTION * gpu_memory
     values["gradient_checkpointing"] = needed
@@ -115,15 +206,18 @@ def _precision(values: dict[str, Any]) -> dict[str, bool]:
             "half_activations": half_weights or bool(values.get("bf16") or values.get("fp16"))}
 
 
-def training_memory_estimate(config: Any, tokens: int, fp32_master_weights: bool, half_activations: bool) -> int:
+def training_memory_estimate(config: Any, tokens: int, fp32_master_weights: bool, half_activations: bool,
+                             dense_mask: bool = False) -> int:
     """Bytes a full fine-tuning step needs on one device with every activation kept, erring high.
 
     Weights, gradients and AdamW's two moments: 16 bytes a parameter with fp32 master weights (18 under
     autocast, which keeps 16-bit copies), 8 in pure 16-bit. Activations kept for the backward pass: about
     9 x hidden + 4 x intermediate values a token and layer, 4 bytes each in fp32, 3 in mixed precision (the
-    residual stream and norms stay fp32). The LM head: the logits, their fp32 copy for the loss and its
-    gradient, 12 bytes a vocabulary row a token (16 in fp32). tests/test_speed_defaults.py holds the
-    activation and head terms against the tensors autograd really keeps.
+    residual stream and norms stay fp32). The LM head builds no logits (TRL's fused head or sftkit's
+    kernels): it keeps the last hidden states and their gradient, 12 bytes a hidden value a token, and
+    projects at most HEAD_TILE_TOKENS tokens at a time, a tile of logits and their gradient in fp32.
+    Packed rows under sdpa (``dense_mask``) add a boolean mask of tokens x tokens.
+    tests/test_speed_defaults.py holds these terms against the tensors autograd really keeps.
     Sharded states (ZeRO, FSDP) and adapters (PEFT) need less, so the estimate errs towards checkpointing.
     """
     import torch
@@ -135,5 +229,5 @@ def training_memory_estimate(config: Any, tokens: int, fp32_master_weights: bool
     states = parameters * ((18 if half_activations else 16) if fp32_master_weights else 8)
     per_token_and_layer = (9 * text.hidden_size + 4 * text.intermediate_size) * (3 if half_activations else 4)
     activations = tokens * text.num_hidden_layers * per_token_and_layer
-    head = tokens * text.vocab_size * (12 if half_activations else 16)
-    return states + activations + head
+    head = tokens * text.hidden_size * 12 + min(tokens, HEAD_TILE_TOKENS) * text.vocab_size * 8
+    return states + activations + head + (tokens * tokens if dense_mask else 0)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from accelerate import PartialState
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import get_peft_config, get_quantization_config, pack_dataset
 
-from sftkit.attention import use_flex_attention_in_autocast_dtype
+from sftkit.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
+from sftkit.compilation import FixedShapeCollator, compile_decoder_layers
+from sftkit.counting import CountingCollator
 from sftkit.data import prepare_data
 from sftkit.errors import SftkitError
-from sftkit.fixed_shape import fix_batch_shape
 from sftkit.launcher import partial_batch_note
 from sftkit.lazy import SkippingCollator
 from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
@@ -25,8 +28,12 @@ from sftkit.trainer import SftkitTrainer
 logger = logging.getLogger(__name__)
 
 
-def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
-    """Run one supervised fine-tuning job as the recipe describes it (``callbacks`` observe it, e.g. benchmarks)."""
+def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool = True) -> None:
+    """Run one supervised fine-tuning job as the recipe describes it.
+
+    ``callbacks`` observe it (benchmarks do); ``save=False`` leaves the trained model unwritten (benchmarks,
+    whose 0.5B-parameter models would take seconds to write for nothing).
+    """
     state = PartialState(cpu=recipe.training.use_cpu)
     for note in recipe.notes:
         logger.info(note)
@@ -62,6 +69,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
 
     if recipe.model.attn_implementation == "flex_attention":
         use_flex_attention_in_autocast_dtype()
+    elif recipe.model.attn_implementation == VARLEN:
+        use_varlen_attention()
     # sftkit has tokenized, masked, truncated (and packs) the rows itself; TRL must not prepare them again.
     args.assistant_only_loss = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -80,13 +89,13 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
         on_invalid=recipe.sftkit.on_invalid,
         max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
         known_invalid=data.train.invalid_row_ids() if data.train.lazy is not None else None,
+        head_loss=head_loss(recipe),
         callbacks=list(callbacks),
     )
-    if recipe.sftkit.fixed_batch_shape:
-        trainer.data_collator = fix_batch_shape(trainer.data_collator, args.max_length,
-                                                args.per_device_train_batch_size, tokenizer.pad_token_id)
-    if data.train.lazy is not None:  # rows prepared on demand: invalid ones reach the trainer's policy by name
-        trainer.data_collator = SkippingCollator(trainer.data_collator, tokenizer.pad_token_id)
+    if args.torch_compile:
+        compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)
+        logger.info("speed: torch_compile: %d decoder layers compiled, each on its own", compiled)
+    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id, lazy=data.train.lazy is not None)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
@@ -98,10 +107,12 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
                           "resume_from_checkpoint.")
     if data.eval is not None:
         trainer.evaluate()
-    trainer.save_model(args.output_dir)
+    if save:
+        trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
-    written = {"model": str(output_dir), "run record": str(output_dir / "sftkit_run.yaml")}
+    written = {"model": str(output_dir)} if save else {}
+    written["run record"] = str(output_dir / "sftkit_run.yaml")
     totals = trainer.totals()  # every process takes part
     if state.is_main_process:
         lazy = data.train.lazy is not None
@@ -111,3 +122,29 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = ()) -> None:
                                                       "tokens_trained": totals["tokens_trained"]})
     trainer.accelerator.wait_for_everyone()  # the group is torn down together, not under a rank still writing
     trainer.end()
+
+
+def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, lazy: bool) -> Any:
+    """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid lazy rows passed on."""
+    collator, args = trainer.data_collator, recipe.training
+    fixed_shape = recipe.sftkit.fixed_batch_shape
+    if fixed_shape and not collator.padding_free:
+        collator.pad_to_multiple_of = args.max_length  # rows padded to max_length; the attention mask hides it
+    collator = CountingCollator(collator, positions=trainer.head_loss is not None)
+    if fixed_shape and trainer.data_collator.padding_free:  # after counting: the padding is not a token seen
+        collator = FixedShapeCollator(collator, args.per_device_train_batch_size * args.max_length, pad_token_id)
+    if lazy:  # rows prepared on demand: invalid ones reach the trainer's policy by name
+        collator = SkippingCollator(collator, pad_token_id)
+    return collator
+
+
+def head_loss(recipe: Recipe) -> str | None:
+    """The kernel that computes the training loss from the hidden states; None for TRL's own fused head."""
+    chosen = recipe.sftkit.lm_head_loss
+    if chosen == "trl":
+        return None
+    if is_deepspeed_zero3_enabled():  # the head's weight is sharded outside its own forward: TRL gathers it
+        logger.info("speed: lm_head_loss %s computes the loss from the head's weight, which ZeRO-3 shards; using "
+                    "TRL's fused head (lm_head_loss: trl), which gathers it", chosen)
+        return None
+    return chosen
