@@ -1,16 +1,25 @@
-"""GPU throughput: plain TRL's best configuration against sftkit's GPU recipe, same model, data and invocation.
+"""GPU throughput: sftkit against plain TRL at the same precision and rows per step, in one invocation.
 
-    python scripts/bench_gpu.py [--steps 30] [--warmup 8] [--only sftkit,sftkit_sdpa] [--json bench.json]
-    python scripts/bench_gpu.py --tiny                        # every path that can run on a CPU, small
-    bash scripts/gpu_check.sh                                 # the GPU machine's one prepared command
+    python scripts/bench_gpu.py [--only sftkit,sftkit_bf16] [--json bench.json] [--budget 330]
+    python scripts/bench_gpu.py --tiny                        # every configuration a CPU can run, small
+    bash scripts/gpu_check.sh                                 # installs, preflight, then this
 
-Qwen2.5-0.5B's architecture with random weights (throughput does not depend on weight values),
-text of log-normal lengths (about 350 tokens at the median) in a byte-level BPE tokenizer trained on
-it (the model keeps Qwen2.5's 151,936-row vocabulary, so the LM head costs what it costs there). Each configuration runs in its own process. Reported: tokens/s after warm-up,
-MFU, peak memory, and the first 20 per-step losses, then the ratios against plain TRL.
-Besides the recipe itself, each lever configuration is the recipe with one change, so that every
-lever is weighed by measurement. A configuration that fails or outlasts --timeout is reported as
-failed and the others still run; only plain TRL failing stops the benchmark (the ratios need it).
+Qwen2.5-0.5B's architecture with random weights (throughput does not depend on weight values), text
+of log-normal lengths (about 350 tokens at the median) in a byte-level BPE tokenizer trained on it; the
+model keeps Qwen2.5's 151,936-row vocabulary, so the LM head costs what it costs there. Every row is
+packed into sequences of 1,024 tokens, for both tools, so they train on the same sequences.
+
+Each configuration runs in its own process and is compared with the one it should beat:
+- like for like: sftkit pure bf16 against TRL's best (pure bf16 weights, flex attention); sftkit's
+  mixed precision (fp32 master weights, the default) against TRL's mixed precision;
+- tokens per micro-step: 64 packed rows per optimizer step taken as 32 or 64 rows a micro-step, against
+  TRL's 4 rows a micro-step with 16 accumulation steps (the same optimisation);
+- levers: the recipe with one lever changed, against the recipe; the recipe under the DeepSpeed ZeRO-2
+  and FSDP2 launcher configs with one process, against the recipe on its own.
+Reported: tokens/s between the end of the warm-up and the last step (the clock synchronises the GPU at
+those two points only, and nothing is logged between them), MFU, peak memory, and each configuration's
+first losses against its comparison's. A configuration that fails or outlasts its time is reported as
+failed and the others still run; a comparison that failed leaves absolute numbers only.
 
 MFU = tokens/s x FLOP per token / the card's dense bf16 peak (989 TFLOP/s for H100 SXM and H200),
 with FLOP per token = 6 x parameters (the tied LM head counted once, as the matrix product it is)
@@ -37,35 +46,85 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 RECIPE = ROOT / "configs" / "recipes" / "qwen2.5-0.5b-infinity-instruct.yaml"
+LAUNCHERS = {"zero2": ("deepspeed_zero2.yaml", "cpu/zero2_2proc.yaml"), "fsdp2": ("fsdp2.yaml", None)}
+
+
+class Schedule(NamedTuple):
+    """Packed rows per optimizer step, steps run, and the warm-up before the clock starts (losses logged in it)."""
+
+    rows_per_step: int
+    steps: int
+    warmup: int
+
+
+SCHEDULES = {"recipe": Schedule(4, 40, 20), "64 rows": Schedule(64, 12, 4), "launcher": Schedule(4, 20, 10)}
+TINY_SCHEDULES = {"recipe": Schedule(4, 8, 4), "64 rows": Schedule(64, 4, 2), "launcher": Schedule(4, 8, 4)}
 
 
 class Config(NamedTuple):
-    """One measured configuration: what it is, and the recipe keys it changes (None: plain TRL, no sftkit)."""
+    """One measured configuration.
+
+    ``tool``: "trl" (plain SFTTrainer) or "sftkit" (the GPU recipe); ``changes``: what differs from the tool's
+    own setup; ``against``: the configuration it is compared with; ``on_cpu``: what a CPU (--tiny) runs instead,
+    where that differs; ``needs_cuda``: why it cannot run on a CPU at all.
+    """
 
     what: str
-    changes: dict[str, Any] | None = None
-    needs_cuda: str = ""  # why it cannot run on a CPU, where it cannot
+    tool: str
+    changes: dict[str, Any]
+    schedule: str = "recipe"
+    against: str | None = None
+    launcher: str | None = None
+    on_cpu: str = ""
+    needs_cuda: str = ""
 
 
-# The first three are the comparison; each sftkit_* lever after them is the recipe with one change.
-# The slowest (compile) runs last, so a spent --budget costs the fewest measurements.
+BF16_ON_CPU = "fp32 on a CPU: the same computation as the one it is compared with"
+# Run in this order, the most informative first, so a spent --budget costs the least: the like-for-like
+# comparisons, compile, tokens per micro-step, the launchers, then the levers TRL's own table predicts.
 CONFIGS = {
-    "trl_best": Config("plain TRL: packing (bfd, padding-free), bf16 weights, flex attention, no gradient "
-                       "checkpointing"),
-    "sftkit": Config(f"sftkit's GPU recipe ({RECIPE.relative_to(ROOT)}): mixed precision, and the speed levers "
-                     "sftkit chooses on this machine", {}),
-    "sftkit_bf16": Config("the recipe with pure bf16 weights (dtype: bfloat16), shown against mixed precision",
-                          {"dtype": "bfloat16"}),
-    "sftkit_sdpa": Config("the recipe with attn_implementation: sdpa (flex attention against sdpa)",
-                          {"attn_implementation": "sdpa"}),
-    "sftkit_liger": Config("the recipe with use_liger_kernel: true (Liger's fused linear cross-entropy and kernels)",
-                           {"use_liger_kernel": True}, needs_cuda="Liger's kernels are Triton, CUDA only"),
+    "trl_best": Config("plain TRL's best: pure bf16 weights, flex attention, packing (bfd, padding-free), no "
+                       "gradient checkpointing", "trl", {"dtype": "bfloat16", "attention": "flex_attention"},
+                       on_cpu="fp32, sdpa"),
+    "sftkit_bf16": Config("sftkit's recipe with pure bf16 weights (dtype: bfloat16)", "sftkit", {"dtype": "bfloat16"},
+                          against="trl_best", on_cpu="fp32"),
+    "trl_mixed": Config("plain TRL in mixed precision (fp32 master weights, bf16 autocast), sdpa, packing, no "
+                        "gradient checkpointing", "trl", {"dtype": "float32", "attention": "sdpa"},
+                        against="trl_best", on_cpu=BF16_ON_CPU),
+    "sftkit": Config(f"sftkit's GPU recipe as a user runs it ({RECIPE.relative_to(ROOT)}): mixed precision, the "
+                     "speed levers sftkit chooses on this machine", "sftkit", {}, against="trl_mixed"),
+    "sftkit_compile": Config("the recipe with torch_compile: true (each decoder layer compiled, one batch shape)",
+                             "sftkit", {"torch_compile": True}, against="sftkit"),
+    "trl_64rows": Config("plain TRL's best at 64 packed rows per step: 4 rows a micro-step, 16 accumulation steps",
+                         "trl", {"dtype": "bfloat16", "attention": "flex_attention", "gradient_accumulation_steps": 16},
+                         schedule="64 rows", on_cpu="fp32, sdpa"),
+    "sftkit_64k": Config("sftkit pure bf16 at 64 packed rows per step: 64 rows (65,536 tokens) a micro-step, no "
+                         "accumulation", "sftkit", {"dtype": "bfloat16", "per_device_train_batch_size": 64,
+                                                    "global_batch_size": 64},
+                         schedule="64 rows", against="trl_64rows", on_cpu="fp32"),
+    "sftkit_32k": Config("sftkit pure bf16 at 64 packed rows per step: 32 rows (32,768 tokens) a micro-step, 2 "
+                         "accumulation steps", "sftkit", {"dtype": "bfloat16", "per_device_train_batch_size": 32,
+                                                          "global_batch_size": 64},
+                         schedule="64 rows", against="trl_64rows", on_cpu="fp32"),
+    "sftkit_zero2": Config("the recipe under configs/accelerate/deepspeed_zero2.yaml, one process", "sftkit", {},
+                           schedule="launcher", against="sftkit", launcher="zero2",
+                           on_cpu="configs/accelerate/cpu/zero2_2proc.yaml, one process"),
+    "sftkit_fsdp2": Config("the recipe under configs/accelerate/fsdp2.yaml, one process", "sftkit", {},
+                           schedule="launcher", against="sftkit", launcher="fsdp2",
+                           needs_cuda="accelerate runs FSDP2 without sharding on a CPU"),
+    "sftkit_flex": Config("the recipe with attn_implementation: flex_attention", "sftkit",
+                          {"attn_implementation": "flex_attention"}, against="sftkit", on_cpu="sdpa: " + BF16_ON_CPU),
+    "sftkit_head_trl": Config("the recipe with lm_head_loss: trl (TRL's fused head, with its entropy and accuracy)",
+                              "sftkit", {"lm_head_loss": "trl"}, against="sftkit",
+                              on_cpu="a CPU computes the loss with TRL's head anyway: the same computation"),
+    "sftkit_sdpa": Config("the recipe with attn_implementation: sdpa", "sftkit", {"attn_implementation": "sdpa"},
+                          against="sftkit", on_cpu="the same computation (a CPU attends with sdpa anyway)"),
     "sftkit_gc": Config("the recipe with gradient_checkpointing: true (what activation recomputation costs)",
-                        {"gradient_checkpointing": True}),
-    "sftkit_compile": Config("the recipe with torch_compile: true (packed batches kept to one shape)",
-                             {"torch_compile": True}),
+                        "sftkit", {"gradient_checkpointing": True}, against="sftkit"),
+    "sftkit_liger": Config("the recipe with use_liger_kernel: true (Liger's RMSNorm, SwiGLU and rotary kernels)",
+                           "sftkit", {"use_liger_kernel": True}, against="sftkit",
+                           needs_cuda="Liger's kernels are Triton, CUDA only"),
 }
-LOSS_STEPS = 20  # the per-step losses compared and printed
 
 
 def model_config(tiny: bool):
@@ -112,36 +171,61 @@ def build_assets(work: Path, tiny: bool) -> tuple[Path, Path]:
     return model_dir, data
 
 
-def token_lengths(model_dir: Path, data: Path) -> list[int]:
+def max_length(tiny: bool) -> int:
+    return 256 if tiny else 1024
+
+
+def token_lengths(model_dir: Path, data: Path, tiny: bool) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [json.loads(line)["text"] for line in data.open()]
-    return [min(len(ids) + 1, 1024) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [min(len(ids) + 1, max_length(tiny)) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def flop_per_token(tiny: bool, lengths: list[int]) -> float:
-    config = model_config(tiny)
+    import torch
     from transformers import Qwen2ForCausalLM
 
-    with __import__("torch").device("meta"):
+    config = model_config(tiny)
+    with torch.device("meta"):
         parameters = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
     mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
     return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * mean_context
 
 
 class Clock:
-    """A TrainerCallback (built lazily, so this module imports without transformers) timing steps and losses."""
+    """A TrainerCallback (built lazily, so this module imports without transformers): the time at the end of the
+    warm-up and at the last step, the GPU synchronised there only; logs (each one a synchronisation) only in the
+    warm-up, where the losses are compared, and at its end and the last step, where the tokens are read."""
 
-    def __new__(cls, marks: dict):
+    def __new__(cls, marks: dict, schedule: Schedule):
         import torch
         from transformers import TrainerCallback
 
+        def now() -> float:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
         class _Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == schedule.warmup:
+                    marks["start"] = now()
+
             def on_step_end(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                marks.setdefault("time", {})[state.global_step] = time.perf_counter()
+                if state.global_step == schedule.steps:
+                    marks["end"] = now()
+                control.should_log = state.global_step <= schedule.warmup or state.global_step == schedule.steps
+                return control
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                from accelerate import PartialState
+                from torch.distributed.tensor import DTensor
+
+                sharded = any(isinstance(p, DTensor) for p in model.parameters()) if model is not None else False
+                kind = PartialState().distributed_type.value
+                marks["ran_as"] = ("one process" if kind == "NO" else kind) + (", sharded" if sharded else "")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "num_tokens" in logs:
@@ -152,54 +236,63 @@ class Clock:
         return _Clock()
 
 
-def run_one(name: str, work: Path, tiny: bool, steps: int, warmup: int) -> dict:
+def run_one(name: str, work: Path, tiny: bool) -> dict:
     import torch
 
+    config = CONFIGS[name]
+    schedule = (TINY_SCHEDULES if tiny else SCHEDULES)[config.schedule]
     model_dir, data = build_assets(work, tiny)
     marks: dict = {}
     cuda = torch.cuda.is_available()
-    common = {"output_dir": str(work / f"out-{name}"), "max_steps": steps, "logging_steps": 1, "report_to": "none",
-              "save_strategy": "no", "learning_rate": 1e-5, "per_device_train_batch_size": 4, "max_length": 1024,
-              "packing": True, "seed": 0, "lr_scheduler_type": "constant", "warmup_steps": 0}
+    changes = dict(config.changes)
+    if not cuda:  # a CPU runs every path in fp32 with sdpa (the table says which configurations that makes alike)
+        changes.pop("dtype", None)
+        changes.pop("attention", None)
+    accumulation = changes.pop("gradient_accumulation_steps", 1)
+    common = {"output_dir": str(work / f"out-{name}"), "max_steps": schedule.steps, "logging_steps": 1,
+              "report_to": "none", "save_strategy": "no", "learning_rate": 1e-5, "per_device_train_batch_size": 4,
+              "max_length": max_length(tiny), "packing": True, "seed": 0, "lr_scheduler_type": "constant",
+              "warmup_steps": 0}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if name == "trl_best":
+    if config.tool == "trl":
         import datasets
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        attention = "flex_attention" if cuda else "sdpa"
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention,
-                                                     dtype=torch.bfloat16 if cuda else torch.float32)
-        args = SFTConfig(**common, gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=changes.get("attention", "sdpa"),
+                                                     dtype=getattr(torch, changes.get("dtype", "float32")))
+        args = SFTConfig(**common, gradient_accumulation_steps=accumulation, gradient_checkpointing=False, bf16=cuda,
+                         use_cpu=not cuda)
         trainer = SFTTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(model_dir),
                              train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
-                             callbacks=[Clock(marks)])
+                             callbacks=[Clock(marks, schedule)])
         trainer.train()
+        levers: list[str] = []
     else:
         from sftkit.recipe import load_recipe, read_recipe_file
         from sftkit.train import train
 
         recipe = read_recipe_file(str(RECIPE))
         recipe.pop("dataset_config")  # the data here is a local text file
-        changes = dict(CONFIGS[name].changes)
-        if not cuda:
-            changes.pop("dtype", None)  # a CPU runs every path in fp32 (the skipped line says so)
-        # The speed levers the recipe leaves unset (attention, checkpointing, data workers) are sftkit's to choose.
-        # Every row prepared and packed, as plain TRL does, so that both train on the same packed sequences.
+        # The speed levers the recipe leaves unset are sftkit's to choose. Every row prepared and packed, as plain
+        # TRL does, so that both train on the same packed sequences.
         values = {**recipe, **common, "model_name_or_path": str(model_dir), "dataset_name": str(data),
                   "assistant_only_loss": False, "prepare": "eager", **changes}
         file = work / f"{name}.yaml"
         file.write_text(json.dumps(values))
-        train(load_recipe(str(file)), callbacks=[Clock(marks)])
-    seconds = marks["time"][steps] - marks["time"][warmup]
-    tokens = marks["tokens"][steps] - marks["tokens"][warmup]
+        loaded = load_recipe(str(file))
+        levers = [note for note in loaded.notes if note.startswith("speed:")]
+        train(loaded, callbacks=[Clock(marks, schedule)], save=False)
+    tokens = marks["tokens"][schedule.steps] - marks["tokens"][schedule.warmup]
     return {
         "name": name,
-        "tokens_per_s": tokens / seconds,
+        "tokens_per_s": tokens / (marks["end"] - marks["start"]),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "losses": [marks["loss"][step] for step in sorted(marks["loss"])][:LOSS_STEPS],
+        "losses": [marks["loss"][step] for step in sorted(marks["loss"]) if step <= schedule.warmup],
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "ran_as": marks.get("ran_as"),
+        "levers": levers,
     }
 
 
@@ -219,15 +312,26 @@ def matmul_ceiling_tflops() -> float | None:
     return 2 * 8192**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def run_child(name: str, options: argparse.Namespace, limit: float) -> dict:
+def child_command(name: str, options: argparse.Namespace, cuda: bool) -> list[str]:
+    """This script for one configuration; under ``accelerate launch`` with its launcher config, one process."""
+    own = [__file__, "--run", name, "--workdir", str(options.workdir), *(["--tiny"] if options.tiny else [])]
+    launcher = CONFIGS[name].launcher
+    if launcher is None:
+        return [sys.executable, *own]
+    gpu_file, cpu_file = LAUNCHERS[launcher]
+    config_file = ROOT / "configs" / "accelerate" / (gpu_file if cuda else cpu_file)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "--num_processes", "1", "--main_process_port", "0", *own]
+
+
+def run_child(name: str, options: argparse.Namespace, limit: float, cuda: bool) -> dict:
     """One configuration in its own process group: a crash or a hang stays there, and its workers end with it."""
-    command = [sys.executable, __file__, "--run", name, "--workdir", str(options.workdir),
-               "--steps", str(options.steps), "--warmup", str(options.warmup), *(["--tiny"] if options.tiny else [])]
     # The children import this checkout's sftkit, whether or where it is installed.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     # A process group of its own, in this session: a machine's cleanup of the session still reaches it.
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                             env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}, start_new_session=True)
+    child = subprocess.Popen(child_command(name, options, cuda), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path},
+                             start_new_session=True)
     try:
         stdout, stderr = child.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -249,13 +353,13 @@ def tail(text: str, count: int = 15) -> str:
 
 
 def compare_losses(results: dict[str, dict], tolerance: float) -> list[dict]:
-    """Each sftkit configuration against plain TRL, and pure bf16 weights against mixed precision."""
-    pairs = [(name, "trl_best") for name in results if name != "trl_best"] + [("sftkit_bf16", "sftkit")]
+    """Each configuration's logged losses against those of the configuration it is compared with."""
     comparisons = []
-    for name, against in pairs:
-        if "losses" not in results.get(name, {}) or "losses" not in results.get(against, {}):
+    for name, result in results.items():
+        against = CONFIGS[name].against
+        if against is None or "losses" not in result or "losses" not in results.get(against, {}):
             continue
-        steps = list(zip(results[name]["losses"], results[against]["losses"], strict=False))
+        steps = list(zip(result["losses"], results[against]["losses"], strict=False))
         worst = max(abs(a - b) / abs(b) for a, b in steps)
         comparisons.append({"name": name, "against": against, "steps": len(steps),
                             "largest_relative_difference": worst, "tolerance": tolerance,
@@ -268,7 +372,8 @@ def environment(device: str) -> dict:
     import torch
 
     versions = {}
-    for package in ("torch", "transformers", "trl", "datasets", "liger-kernel"):
+    for package in ("torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "liger-kernel",
+                    "cut-cross-entropy"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -277,85 +382,44 @@ def environment(device: str) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a toy model on the CPU: checks every path that runs")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--only", type=lambda text: text.split(","), default=list(CONFIGS),
-                        help=f"configurations to run, comma-separated (trl_best always runs): {', '.join(CONFIGS)}")
-    parser.add_argument("--timeout", type=float, default=240, help="seconds one configuration may take (failed after)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds all configurations may take together; each is given what is left, at most "
-                             "--timeout, and one reached with nothing left is reported as not run")
-    parser.add_argument("--json", type=Path, help="also write the table, losses and environment here")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench-gpu")
-    parser.add_argument("--run", help=argparse.SUPPRESS)  # one configuration, in a child process
-    options = parser.parse_args()
-    if unknown := sorted(set(options.only) - set(CONFIGS)):
-        parser.error(f"unknown configuration {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-    if options.tiny:
-        options.steps, options.warmup = 6, 2
-    work = options.workdir / ("tiny" if options.tiny else "full")
-    work.mkdir(parents=True, exist_ok=True)
-    if options.run:
-        result = run_one(options.run, work, options.tiny, options.steps, options.warmup)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
-
-    import torch
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # a terminated benchmark ends its child too
-    cuda = torch.cuda.is_available()
-    selected = [name for name in CONFIGS if name == "trl_best" or name in options.only]
-    skipped = {name: CONFIGS[name].needs_cuda for name in selected if CONFIGS[name].needs_cuda and not cuda}
-    if not cuda:
-        levers = "".join(f"; {name} ({why})" for name, why in skipped.items())
-        print("skipped on this machine (no CUDA GPU): bf16 and pure-bf16 weights, flex attention, fused AdamW, "
-              f"peak memory, MFU and the matrix-product ceiling{levers}; the paths below run in fp32 with sdpa")
-    lengths = token_lengths(*build_assets(work, options.tiny))
-    results: dict[str, dict] = {}
-    deadline = time.monotonic() + options.budget if options.budget is not None else None
-    for name in (name for name in selected if name not in skipped):
-        left = deadline - time.monotonic() if deadline is not None else options.timeout
-        if left < 1:
-            results[name] = {"name": name, "failed": "not run: --budget spent", "wall_s": 0.0}
-            print(f"{name} failed: not run: --budget spent", flush=True)
-            continue
-        print(f"running {name}: {CONFIGS[name].what}", flush=True)
-        started = time.monotonic()
-        results[name] = run_child(name, options, min(options.timeout, left))
-        results[name]["wall_s"] = round(time.monotonic() - started, 1)
-        if "failed" in results[name]:
-            if name == "trl_best":
-                sys.exit(f"trl_best failed (the ratios are against it): {results[name]['failed']}")
-            print(f"{name} failed: {results[name]['failed']}", flush=True)
-
-    per_token = flop_per_token(options.tiny, lengths)
-    base = results["trl_best"]
-    device = base["device"]
+def report(results: dict[str, dict], per_token: float, ceiling: float | None, cuda: bool) -> list[dict]:
+    """Print the table, the levers each sftkit run chose, the losses and their comparisons; return the latter."""
+    device = next((result["device"] for result in results.values() if "device" in result), "-")
     peak = next((value for key, value in SPEC_PEAK_TFLOPS.items() if key in device), None)
-    ceiling = matmul_ceiling_tflops()
     print(f"\n{device}; FLOP per token {per_token / 1e9:.2f} G; spec peak {peak or '-'} TFLOP/s; "
           f"measured bf16 ceiling {f'{ceiling:.0f}' if ceiling else '-'} TFLOP/s")
-    print("| configuration | tokens/s | vs plain TRL | MFU | of ceiling | peak GiB | wall s |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | compared with | tokens/s | ratio | MFU | of ceiling | peak GiB | peak ratio | wall s |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, result in results.items():
+        against = CONFIGS[name].against
+        base = results.get(against or "", {})
         if "failed" in result:
-            print(f"| {name} | failed ({result['failed'].splitlines()[0]}) | - | - | - | - | {result['wall_s']} |")
+            print(f"| {name} | {against or '-'} | failed ({result['failed'].splitlines()[0]}) | - | - | - | - | - | "
+                  f"{result['wall_s']} |")
             continue
         achieved = result["tokens_per_s"] * per_token / 1e12
-        result.update(vs_trl=result["tokens_per_s"] / base["tokens_per_s"], tflops=achieved,
-                      mfu=achieved / peak if peak else None, of_ceiling=achieved / ceiling if ceiling else None)
-        mfu = f"{result['mfu']:.1%}" if peak else "-"
-        of_ceiling = f"{result['of_ceiling']:.1%}" if ceiling else "-"
-        memory = f"{result['peak_gib']:.1f}" if result["peak_gib"] is not None else "-"
-        print(f"| {name} | {result['tokens_per_s']:,.0f} | {result['vs_trl']:.2f}x | {mfu} | {of_ceiling} | "
-              f"{memory} | {result['wall_s']} |")
-    print(f"\nper-step losses (first {LOSS_STEPS}):")
+        result.update(tflops=achieved, mfu=achieved / peak if peak else None,
+                      of_ceiling=achieved / ceiling if ceiling else None,
+                      ratio=result["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None)
+        peak_ratio = (result["peak_gib"] / base["peak_gib"]) if result["peak_gib"] and base.get("peak_gib") else None
+        cells = [f"{result['tokens_per_s']:,.0f}", f"{result['ratio']:.2f}x" if result["ratio"] else "-",
+                 f"{result['mfu']:.1%}" if result["mfu"] is not None else "-",
+                 f"{result['of_ceiling']:.1%}" if result["of_ceiling"] is not None else "-",
+                 f"{result['peak_gib']:.1f}" if result["peak_gib"] is not None else "-",
+                 f"{peak_ratio:.2f}x" if peak_ratio else "-", str(result["wall_s"])]
+        print(f"| {name} | {against or '-'} | " + " | ".join(cells) + " |")
+    if not cuda:
+        print("\non a CPU (fp32, sdpa): " + "; ".join(f"{name}: {CONFIGS[name].on_cpu}" for name in results
+                                                       if CONFIGS[name].on_cpu))
+    print("\nwhat each sftkit configuration ran with:")
+    for name, result in results.items():
+        if CONFIGS[name].tool == "sftkit" and "ran_as" in result:
+            print(f"{name:16} {result['ran_as']}; " + "; ".join(lever.removeprefix("speed: ")
+                                                              for lever in result["levers"]))
+    print("\nlosses logged in the warm-up:")
     for name, result in results.items():
         if "losses" in result:
-            print(f"{name:15} " + " ".join(f"{loss:.3f}" for loss in result["losses"]))
+            print(f"{name:16} " + " ".join(f"{loss:.3f}" for loss in result["losses"]))
     # bf16 keeps 8 bits of mantissa: one rounding is 0.4%, and a few steps of it stay within 2% of the loss.
     # In fp32 (--tiny) the paths compute the same thing and agree to 1e-4.
     comparisons = compare_losses(results, 2e-2 if cuda else 1e-4)
@@ -363,13 +427,75 @@ def main() -> None:
         verdict = "within" if line["within"] else "OUTSIDE"
         print(f"{line['name']} against {line['against']}: largest relative loss difference "
               f"{line['largest_relative_difference']:.2e} over {line['steps']} steps, {verdict} {line['tolerance']:g}")
+    return comparisons
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a toy model on the CPU: checks every path that runs")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=list(CONFIGS),
+                        help=f"configurations to run, comma-separated: {', '.join(CONFIGS)}")
+    parser.add_argument("--timeout", type=float, default=180, help="seconds one configuration may take (failed after)")
+    parser.add_argument("--first-timeout", type=float, default=240,
+                        help="seconds the first configuration may take: it also compiles flex attention's kernels "
+                             "into the shared cache and warms the file cache")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds all configurations may take together; each is given what is left, at most "
+                             "its timeout, and one reached with nothing left is reported as not run")
+    parser.add_argument("--json", type=Path, help="also write the table, losses and environment here")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sftkit-bench-gpu")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # one configuration, in a child process
+    options = parser.parse_args()
+    if unknown := sorted(set(options.only) - set(CONFIGS)):
+        parser.error(f"unknown configuration {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    work = options.workdir / ("tiny" if options.tiny else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    if options.run:
+        result = run_one(options.run, work, options.tiny)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import torch
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # a terminated benchmark ends its child too
+    cuda = torch.cuda.is_available()
+    selected = [name for name in CONFIGS if name in options.only]
+    skipped = {name: CONFIGS[name].needs_cuda for name in selected if CONFIGS[name].needs_cuda and not cuda}
+    if skipped:
+        print("skipped on this machine (no CUDA GPU): " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+    lengths = token_lengths(*build_assets(work, options.tiny), options.tiny)
+    results: dict[str, dict] = {}
+    deadline = time.monotonic() + options.budget if options.budget is not None else None
+    for index, name in enumerate(name for name in selected if name not in skipped):
+        timeout = options.first_timeout if index == 0 else options.timeout
+        left = deadline - time.monotonic() if deadline is not None else timeout
+        if left < 1:
+            results[name] = {"name": name, "failed": "not run: --budget spent", "wall_s": 0.0}
+            print(f"{name} failed: not run: --budget spent", flush=True)
+            continue
+        print(f"running {name}: {CONFIGS[name].what}", flush=True)
+        started = time.monotonic()
+        results[name] = run_child(name, options, min(timeout, left), cuda)
+        results[name]["wall_s"] = round(time.monotonic() - started, 1)
+        if "failed" in results[name]:
+            print(f"{name} failed: {results[name]['failed']}", flush=True)
+
+    per_token = flop_per_token(options.tiny, lengths)
+    ceiling = matmul_ceiling_tflops()
+    comparisons = report(results, per_token, ceiling, cuda)
     if options.json:
-        report = {"environment": environment(device), "flop_per_token": per_token, "spec_peak_tflops": peak,
-                  "measured_ceiling_tflops": ceiling, "steps": options.steps, "warmup": options.warmup,
-                  "timeout_s": options.timeout, "budget_s": options.budget,
-                  "skipped": skipped, "results": results, "loss_comparisons": comparisons}
+        device = next((result["device"] for result in results.values() if "device" in result), "-")
+        written = {"environment": environment(device), "flop_per_token": per_token,
+                   "spec_peak_tflops": next((v for k, v in SPEC_PEAK_TFLOPS.items() if k in device), None),
+                   "measured_ceiling_tflops": ceiling,
+                   "schedules": {name: schedule._asdict() for name, schedule in
+                                 (TINY_SCHEDULES if options.tiny else SCHEDULES).items()},
+                   "configurations": {name: CONFIGS[name]._asdict() for name in selected},
+                   "timeout_s": options.timeout, "budget_s": options.budget, "skipped": skipped,
+                   "results": results, "loss_comparisons": comparisons}
         options.json.parent.mkdir(parents=True, exist_ok=True)
-        options.json.write_text(json.dumps(report, indent=2) + "\n")
+        options.json.write_text(json.dumps(written, indent=2) + "\n")
         print(f"written: {options.json}")
 
 

@@ -1,17 +1,24 @@
-"""The GPU benchmark's CPU paths: every configuration a CPU can run trains to plain TRL's losses."""
+"""The GPU benchmark's one command, dry, on a CPU: every configuration a CPU can run trains to the losses of the
+one it is compared with, and a package missing from the carried set stops it in the preflight, in seconds."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
+import sysconfig
 
 from helpers import ROOT
 
+_spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+bench_gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_gpu)
+CONFIGS = bench_gpu.CONFIGS
 
-def test_gpu_benchmark_runs_its_cpu_paths(tmp_path):
-    """Through the GPU machine's one command, dry: every configuration a CPU can run trains, in fp32, to plain
-    TRL's losses; the others are named as skipped."""
+
+def test_gpu_benchmark_runs_every_configuration_a_cpu_can(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny", "--workdir", str(tmp_path)], cwd=ROOT,
@@ -21,17 +28,46 @@ def test_gpu_benchmark_runs_its_cpu_paths(tmp_path):
     report = out / "bench.json"
     assert (out / "bench.log").read_text().strip().endswith(f"written: {report}")
     lines = result.stdout.splitlines()
+    cuda_only = {"sftkit_liger", "sftkit_fsdp2"}
     skipped = next(line for line in lines if line.startswith("skipped on this machine (no CUDA GPU)"))
-    assert "sftkit_liger (" in skipped  # Liger's kernels are Triton: CUDA only
-    ran = ["sftkit", "sftkit_bf16", "sftkit_sdpa", "sftkit_gc", "sftkit_compile"]
-    for name in ["trl_best", *ran]:
+    assert all(f"{name} (" in skipped for name in cuda_only)
+    ran = [name for name in CONFIGS if name not in cuda_only]
+    for name in ran:
         assert any(line.startswith(f"| {name} | ") and "failed" not in line for line in lines), name
-    # In fp32 every path computes what plain TRL computes: the losses agree to 1e-4.
-    for name, against in [(name, "trl_best") for name in ran] + [("sftkit_bf16", "sftkit")]:
+    # In fp32 every path computes what the one it is compared with computes: the losses agree to 1e-4.
+    compared = [name for name in ran if CONFIGS[name].against]
+    for name in compared:
+        against = CONFIGS[name].against
         line = next(line for line in lines if line.startswith(f"{name} against {against}: largest relative loss"))
         assert line.endswith(", within 0.0001"), line
+    assert "sftkit_zero2     DEEPSPEED;" in result.stdout  # the launcher config really ran DeepSpeed
     written = json.loads(report.read_text())
-    assert list(written["results"]) == ["trl_best", *ran] and list(written["skipped"]) == ["sftkit_liger"]
-    assert len(written["loss_comparisons"]) == len(ran) + 1
+    assert list(written["results"]) == ran and sorted(written["skipped"]) == sorted(cuda_only)
+    assert len(written["loss_comparisons"]) == len(compared)
     assert all(comparison["within"] for comparison in written["loss_comparisons"])
     assert written["environment"]["device"] == "cpu" and written["environment"]["trl"]
+
+
+def test_a_package_missing_from_the_carried_set_stops_in_the_preflight(tmp_path):
+    """The GPU path for real: the carried wheels (here sftkit's own) installed into a site directory, on a Python
+    that has every package of this machine but deepspeed. One clear line, before the benchmark starts."""
+    wheels, site, python = tmp_path / "wheels", tmp_path / "packages", tmp_path / "bin"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    site.mkdir()
+    for entry in os.scandir(sysconfig.get_paths()["purelib"]):
+        if not entry.name.startswith("deepspeed") and not entry.name.endswith(".pth"):
+            (site / entry.name).symlink_to(entry.path)
+    python.mkdir()
+    (python / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: only PYTHONPATH's packages
+    (python / "python3").chmod(0o755)
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--workdir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "PATH": f"{python}:{os.environ['PATH']}", "PYTHONPATH": str(site),
+                                 "WHEELS": str(wheels), "SITE": str(tmp_path / "installed"),
+                                 "OUT": str(tmp_path)})
+    assert result.returncode != 0
+    assert (tmp_path / "installed" / "sftkit").is_dir()  # the carried wheel was installed first
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "preflight" in line]
+    assert len(said) == 1 and said[0].startswith("gpu_check preflight: cannot import deepspeed: ModuleNotFoundError")
+    assert "running trl_best" not in result.stdout
