@@ -3,7 +3,6 @@ token counts taken on the CPU. fp32 on a CPU, within 1e-5."""
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -11,10 +10,11 @@ import sys
 import pytest
 import torch
 from helpers import ROOT
-from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from sftkit.attention import VARLEN, varlen_attention_forward
+import sftkit.attention
+from sftkit.attention import VARLEN, use_varlen_attention
 from sftkit.counting import TOKENS_FED, TOKENS_TRAINED, CountingCollator
 from sftkit.errors import SftkitError
 from sftkit.head_loss import LABEL_POSITIONS, add_head_loss
@@ -77,23 +77,22 @@ def test_head_loss_is_the_summed_cross_entropy_of_the_trained_positions():
 
 
 def _reference_varlen_kernel(query, key, value, boundaries, longest, scale):
-    """What torch's CUDA varlen_attn computes, in sdpa on the CPU: causal attention within each sequence."""
+    """What torch's CUDA varlen_attn computes, in sdpa on the CPU: causal attention within each sequence (a mask
+    built on the device, so it reads nothing back to the host)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    out = []
-    for start, end in zip(boundaries[:-1].tolist(), boundaries[1:].tolist(), strict=True):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-                   .transpose(0, 1))
-    return torch.cat(out)
+    positions = torch.arange(query.shape[0])
+    sequence = torch.searchsorted(boundaries, positions, right=True)
+    mask = (sequence[:, None] == sequence[None, :]) & (positions[:, None] >= positions[None, :])
+    q, k, v = (tensor.transpose(0, 1) for tensor in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
 @pytest.fixture
-def varlen_on_cpu():
+def varlen_on_cpu(monkeypatch):
     """torch's varlen kernel runs on CUDA only: on the CPU the attention function gets a reference kernel."""
-    AttentionInterface.register(VARLEN, functools.partial(varlen_attention_forward, kernel=_reference_varlen_kernel))
-    yield
-    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    monkeypatch.setattr(sftkit.attention, "_torch_varlen_kernel", lambda: _reference_varlen_kernel)
+    use_varlen_attention()
 
 
 def test_varlen_attention_trains_what_sdpa_trains_on_packed_rows(varlen_on_cpu):
@@ -126,3 +125,44 @@ def test_the_torch_kernel_reports_the_loss_of_bf16_inputs_in_fp32():
     targets = torch.randint(0, 1000, (300,))
     reference = torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, targets, reduction="sum")
     assert sum_of_losses("torch")(hidden, weight, targets).item() == pytest.approx(reference.item(), rel=1e-3)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (int(), .item(), bool(), .tolist()): on a GPU, each one makes
+    the CPU wait for every kernel queued before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("head, synchronised", [("torch", False), ("trl", True)])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, varlen_on_cpu, head,
+                                                            synchronised):
+    """With a GPU's levers (variable-length attention, a head-loss kernel), a training step and the row policy
+    read no value back from the device; TRL's head path does (its metrics), which shows the count sees one."""
+    from sftkit.recipe import load_recipe
+    from sftkit.train import train
+    from sftkit.trainer import RowPolicy, SftkitTrainer
+
+    mode = _HostReads()
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            with mode:
+                return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(SftkitTrainer, "compute_loss", counted(SftkitTrainer.compute_loss))
+    monkeypatch.setattr(RowPolicy, "on_step_end", counted(RowPolicy.on_step_end))
+    recipe = load_recipe(str(ROOT / "configs" / "recipes" / "quickstart.yaml"), {
+        "output_dir": str(tmp_path), "max_steps": 3, "eval_strategy": "no", "eval_on_start": False,
+        "test_split_size": 0, "lm_head_loss": head, "packing": True})
+    recipe.model.attn_implementation = VARLEN  # what a GPU gets (a CPU would fall back to sdpa)
+    train(recipe, save=False)
+    assert (mode.reads > 0) is synchronised
