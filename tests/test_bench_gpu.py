@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -52,8 +53,10 @@ def test_a_package_missing_from_the_carried_set_stops_in_the_preflight(tmp_path)
     """The GPU path for real: the carried wheels (here sftkit's own) installed into a site directory, on a Python
     that has every package of this machine but deepspeed. One clear line, before the benchmark starts."""
     wheels, site, python = tmp_path / "wheels", tmp_path / "packages", tmp_path / "bin"
+    source = tmp_path / "source"  # a copy: building in the checkout would leave a build/ folder there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", ".whl"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     site.mkdir()
     for entry in os.scandir(sysconfig.get_paths()["purelib"]):
         if not entry.name.startswith("deepspeed") and not entry.name.endswith(".pth"):
