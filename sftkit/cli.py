@@ -66,6 +66,26 @@ def _check_options(arguments: list[str], rows: int, colour: bool) -> tuple[int, 
     return rows, colour, remaining
 
 
+def _environment_first(arguments: list[str]) -> None:
+    """Set the recipe's env: variables before transformers, datasets and the Hub client are imported, since some
+    (HF_HOME, HF_HUB_OFFLINE, ...) are read at import. The recipe loader checks them again with the rest."""
+    config = next((token.partition("=")[2] or (arguments[i + 1] if i + 1 < len(arguments) else "")
+                   for i, token in enumerate(arguments) if token == "--config" or token.startswith("--config=")), None)
+    if not config or not os.path.isfile(config):
+        return
+    import yaml
+
+    try:
+        with open(config, encoding="utf-8") as file:
+            values = yaml.safe_load(file)
+    except yaml.YAMLError:
+        return  # the recipe loader reports it, with the file's name
+    environment = values.get("env") if isinstance(values, dict) else None
+    if isinstance(environment, dict):
+        for name, value in environment.items():
+            os.environ[str(name)] = str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = "train"
@@ -75,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     _setup_logging()
+    _environment_first(arguments)
     try:
         if command == "adapters":
             print(_adapters())

@@ -18,6 +18,13 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process can see."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def gpu_memory() -> int | None:
     """Bytes on one of this machine's CUDA GPUs (a node's GPUs are alike); None without one."""
     import torch

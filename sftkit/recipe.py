@@ -13,6 +13,7 @@ import difflib
 import enum
 import importlib.util
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
-from sftkit.hardware import bf16_supported, gpu_memory, has_accelerator
+from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerator
 from sftkit.launcher import reconcile_launcher
 from sftkit.speed import resolve_speed
 
@@ -71,6 +72,28 @@ class SftkitArguments:
 
 
 RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)
+
+# TRL keys sftkit does not honour, with why and what to do instead: accepting them would train something else than
+# the recipe says. Keys that are honoured only for some values are checked in _check_together.
+REJECTED_KEYS = {
+    "dataset_streaming": "streaming datasets are not read yet: the dataset is downloaded and prepared (lazily, for a "
+                         "bounded run); remove the key",
+    "streaming": "streaming datasets are not read yet: the mixture is downloaded and prepared (lazily, for a bounded "
+                 "run); remove the key",
+    "dataset_text_field": "sftkit reads text through the text adapter: set dataset_format: text and dataset_options: "
+                          "{text_column: NAME}",
+    "dataset_kwargs": "sftkit prepares the data itself (adapters, the row chain), so TRL's preparation options have "
+                      "nothing to act on; remove the key",
+    "ignore_bias_buffers": "TRL's DPO script option for models with boolean buffers; a sftkit run has none to ignore; "
+                           "remove the key",
+}
+# Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
+# applied before those imports (the sftkit command does so).
+IMPORT_TIME_ENV = {
+    "HF_HOME": "huggingface_hub", "HF_HUB_CACHE": "huggingface_hub", "HF_HUB_OFFLINE": "huggingface_hub",
+    "HF_ENDPOINT": "huggingface_hub", "HF_DATASETS_CACHE": "datasets", "HF_DATASETS_OFFLINE": "datasets",
+    "TRANSFORMERS_CACHE": "transformers", "TRANSFORMERS_OFFLINE": "transformers",
+}
 
 
 @dataclass
@@ -315,6 +338,11 @@ def _check_together(values: dict[str, Any], source: str) -> None:
         fail("packing needs max_length (the length of a packed row); set it, or remove packing")
     if values.get("packing_strategy") and not values.get("packing"):
         fail("packing_strategy is set but packing is not enabled; add packing: true or remove packing_strategy")
+    if values.get("do_train") is False:
+        fail("do_train: false, but sftkit train always trains; run sftkit check to prepare and see the data without "
+             "training, and remove the key")
+    if values.get("do_predict"):
+        fail("do_predict: sftkit does not run predictions after training; remove the key")
     if values.get("max_steps", -1) <= 0 and values.get("num_train_epochs", 1) <= 0:
         fail("the run would train nothing: set max_steps > 0 or num_train_epochs > 0")
     size = values.get("test_split_size")
@@ -347,11 +375,21 @@ def derive_gradient_accumulation(global_batch: int, per_device: int, processes: 
     return global_batch // rows_per_pass
 
 
-def resolve_device(values: dict[str, Any], notes: list[str]) -> None:
-    """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP."""
+def resolve_device(values: dict[str, Any], notes: list[str], source: str) -> None:
+    """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP. Several GPUs
+    without a launcher would run nn.DataParallel in one process, which sftkit's batch arithmetic does not describe:
+    that stops with the command that uses them all."""
     if "use_cpu" not in values and not has_accelerator():
         values["use_cpu"] = True
         notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
+    gpus = gpu_count()
+    if gpus > 1 and "WORLD_SIZE" not in os.environ and not values.get("use_cpu"):
+        raise SftkitError(
+            f"this machine has {gpus} GPUs and no launcher started this run, which would train on them as one process "
+            "(nn.DataParallel) with another batch than the recipe says. Start it with\n"
+            f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {source}\n"
+            "or choose one GPU with CUDA_VISIBLE_DEVICES=0."
+        )
 
 
 def resolve_precision(values: dict[str, Any], notes: list[str], source: str) -> None:
@@ -383,22 +421,59 @@ def resolve_precision(values: dict[str, Any], notes: list[str], source: str) -> 
 # ---------------------------------------------------------------- putting it together
 
 
+def apply_environment(environment: Any, source: str) -> None:
+    """Set the recipe's ``env:`` variables; one that a library already read at import time is an error, not a no-op."""
+    if not isinstance(environment, dict):
+        raise SftkitError(f"recipe {source}: env must be a mapping of VARIABLE: value")
+    for name, value in environment.items():
+        name, value = str(name), str(value)
+        library = IMPORT_TIME_ENV.get(name)
+        if library in sys.modules and os.environ.get(name) != value:
+            raise SftkitError(
+                f"recipe {source}: env: {name} is read by {library} when it is imported, which happened before this "
+                f"recipe was loaded, so it would have no effect. Run through the sftkit command (it sets env: first), "
+                f"or set {name} in the environment before starting."
+            )
+        os.environ[name] = value
+
+
+def resolve_resume(values: dict[str, Any], source: str) -> str | None:
+    """``resume_from_checkpoint``: true means the latest checkpoint in output_dir, a path must be a checkpoint; both
+    checked before any data work."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    asked = values["resume_from_checkpoint"]
+    if asked in (False, None, "false", "False"):
+        return None
+    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
+    if asked in (True, "true", "True"):
+        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if latest is None:
+            raise SftkitError(f"recipe {source}: resume_from_checkpoint: true, but output_dir {output_dir} holds no "
+                              "checkpoint-N folder to resume from; remove the key to start fresh")
+        return latest
+    if not isinstance(asked, str) or not (Path(asked) / "trainer_state.json").is_file():
+        raise SftkitError(f"recipe {source}: resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N "
+                          f"folder with a trainer_state.json); use true for the latest one in output_dir")
+    return asked
+
+
 def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, check and resolve a recipe file with command-line overrides on top."""
     source = path or "<command line>"
     values = read_recipe_file(path) if path else {}
     values.update(overrides or {})
 
-    environment = values.pop("env", None) or {}
-    if not isinstance(environment, dict):
-        raise SftkitError(f"recipe {source}: env must be a mapping of VARIABLE: value")
-    for name, value in environment.items():
-        os.environ[str(name)] = str(value)
+    apply_environment(values.pop("env", None) or {}, source)
 
     known = _recipe_fields()
     for key in values:
+        if key in REJECTED_KEYS:
+            raise SftkitError(f"recipe {source}: {key}: {REJECTED_KEYS[key]}")
         if key not in known:
             raise SftkitError(f"recipe {source}: unknown key {key!r}{_closest(key, known)}")
+    if "resume_from_checkpoint" in values:
+        values["resume_from_checkpoint"] = resolve_resume(values, source)
     for key, value in list(values.items()):
         annotation = known[key][1]
         try:
@@ -414,7 +489,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Re
     entry_adapters, entries = _split_entry_adapters(values)
 
     notes: list[str] = []
-    resolve_device(values, notes)
+    resolve_device(values, notes, source)
     resolve_precision(values, notes, source)
     resolve_speed(values, notes, gpu_memory())
     if values.get("global_batch_size") is not None:

@@ -176,3 +176,105 @@ def test_explicit_precision_wins_or_is_rejected(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SftkitError, match="fp16: true needs a CUDA GPU"):
             load_recipe(str(recipe_with(tmp_path, "fp16: true\n")))
+
+
+# Every TRL key a recipe may set, and where sftkit honours it. A key TRL adds in a new version fails this test until
+# it is implemented or rejected with why (sftkit.recipe.REJECTED_KEYS).
+HONOURED = {
+    # ScriptArguments and DatasetMixtureConfig: the data sftkit loads
+    "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "datasets", "test_split_size",
+    # SFTConfig's own keys: sftkit prepares the rows with them, or TRL's trainer and collator use them
+    "model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "chat_template_path", "dataset_num_proc",
+    "eos_token", "max_length", "truncation_mode", "shuffle_dataset", "packing", "packing_strategy", "padding_free",
+    "pad_to_multiple_of", "eval_packing", "completion_only_loss", "assistant_only_loss", "loss_type",
+    "activation_offloading", "pad_token",
+    # ModelConfig: how the model is loaded and adapted
+    "model_name_or_path", "model_revision", "dtype", "attn_implementation", "use_peft", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "lora_target_parameters", "lora_modules_to_save", "lora_task_type",
+    "use_rslora", "use_dora", "load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+    "bnb_4bit_quant_storage",
+}
+
+
+def test_every_trl_key_is_honoured_or_rejected_with_why():
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
+
+    from sftkit.recipe import REJECTED_KEYS
+
+    trainer_keys = {f.name for f in dataclasses.fields(TrainingArguments)}  # the Trainer honours its own
+    trl_keys = {f.name for cls in (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig)
+                for f in dataclasses.fields(cls) if f.init} - trainer_keys
+    assert trl_keys == HONOURED | set(REJECTED_KEYS), "classify the new or removed keys"
+    assert not HONOURED & set(REJECTED_KEYS)
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("dataset_streaming", "true", "not read yet"),
+    ("dataset_text_field", "body", "dataset_format: text and dataset_options: {text_column: NAME}"),
+    ("dataset_kwargs", "{skip_prepare_dataset: true}", "prepares the data itself"),
+    ("ignore_bias_buffers", "true", "DPO"),
+])
+def test_keys_sftkit_does_not_honour_are_errors_that_say_why(tmp_path, key, value, says):
+    with pytest.raises(SftkitError, match=f"{key}: .*{says}"):
+        load_recipe(str(recipe_with(tmp_path, f"{key}: {value}\n")))
+
+
+@pytest.mark.parametrize("text, says", [
+    ("do_train: false\n", "always trains; run sftkit check"),
+    ("do_predict: true\n", "does not run predictions"),
+])
+def test_run_switches_sftkit_does_not_follow_are_errors(tmp_path, text, says):
+    with pytest.raises(SftkitError, match=says):
+        load_recipe(str(recipe_with(tmp_path, text)))
+
+
+def test_resume_true_is_the_latest_checkpoint_and_a_wrong_path_is_caught_before_any_data_work(tmp_path):
+    output = tmp_path / "run"
+    text = f"output_dir: {output}\nresume_from_checkpoint: true\n"
+    with pytest.raises(SftkitError, match="holds no checkpoint-N folder"):
+        load_recipe(str(recipe_with(tmp_path, text.replace("output_dir: /tmp/my-first-sft-exp\n", ""))))
+    for step in (5, 10):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    recipe = load_recipe(str(tmp_path / "recipe.yaml"), {"output_dir": str(output), "resume_from_checkpoint": True})
+    assert recipe.training.resume_from_checkpoint == str(output / "checkpoint-10")
+    with pytest.raises(SftkitError, match="resume_from_checkpoint '/no/such/checkpoint' is not a checkpoint"):
+        load_recipe(str(tmp_path / "recipe.yaml"), {"resume_from_checkpoint": "/no/such/checkpoint"})
+
+
+def test_env_read_at_import_is_refused_when_it_comes_too_late(tmp_path):
+    import huggingface_hub  # noqa: F401 - what the recipe's env: would come after
+
+    with pytest.raises(SftkitError, match="env: HF_HUB_OFFLINE is read by huggingface_hub when it is imported"):
+        load_recipe(str(recipe_with(tmp_path, "env:\n  HF_HUB_OFFLINE: 'maybe'\n")))
+
+
+def test_the_command_applies_env_before_the_libraries_read_it(tmp_path):
+    """HF_HUB_OFFLINE set by the recipe reaches the Hub client: a Hub dataset fails at once as offline."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model_name_or_path: embedded:tiny-qwen2\ndataset_name: nobody/no-such-dataset\n"
+                    f"output_dir: {tmp_path / 'out'}\nenv:\n  HF_HUB_OFFLINE: '1'\n")
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    result = subprocess.run([sys.executable, "-m", "sftkit", "check", "--config", str(path)], capture_output=True,
+                            text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 1
+    assert "could not load it from the Hugging Face Hub" in result.stderr and "ffline" in result.stderr
+
+
+def test_several_gpus_without_a_launcher_stop_with_the_command_to_use(tmp_path, monkeypatch):
+    """Several GPUs cannot be had on this machine: the hardware probe is made to report four."""
+    import sftkit.recipe
+
+    monkeypatch.setattr(sftkit.recipe, "gpu_count", lambda: 4)
+    monkeypatch.setattr(sftkit.recipe, "has_accelerator", lambda: True)
+    monkeypatch.setattr(sftkit.recipe, "bf16_supported", lambda: False)
+    with pytest.raises(SftkitError, match="(?s)4 GPUs and no launcher.*accelerate launch --multi_gpu --num_processes 4"):
+        load_recipe(str(recipe_with(tmp_path, "")))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    load_recipe(str(recipe_with(tmp_path, "")))  # under a launcher: fine
