@@ -1,20 +1,29 @@
-"""The bad-row policy: every invalid row is counted by reason, then the run stops or skips them, as the recipe says."""
+"""The bad-row policy: every invalid row is counted by reason, then the run stops or skips it, as the recipe says.
+
+Before step 1 the prepared rows are counted and the policy enforced (``enforce``); rows met mid-run (lazy
+preparation) are counted by each process, summed, and policed by ``RowPolicy``. Every invalid row, from
+either, is listed in ``output_dir/skipped_rows.jsonl`` by one writer, the main process.
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
 
 from sftkit.errors import SftkitError
 
 SHOWN_ROWS = 5
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
+MIN_ROWS_FOR_FRACTION = 100  # max_invalid_fraction is judged mid-run once this many rows have been drawn
 
 
 @dataclass
@@ -85,18 +94,111 @@ def enforce(report: RowReport, on_invalid: str, max_invalid_fraction: float) -> 
         )
 
 
-def write_skipped(rows: datasets.Dataset, sources: Sequence[Any], split: str, path: Path) -> int:
-    """Append each invalid row, its reason and its raw content to ``skipped_rows.jsonl``; returns how many."""
-    invalid = [row for row, reason in enumerate(rows["invalid"]) if reason is not None]
-    if not invalid:
-        return 0
+def skipped_entry(split: str, row: int, reason: str, problem: str, source: str, source_row: int, data: Any,
+                  met: str) -> dict[str, Any]:
+    """One line of skipped_rows.jsonl: which row (global id, and its source's own), why, and its raw content."""
+    return {"split": split, "row": row, "reason": reason, "problem": problem, "source": source,
+            "source_row": source_row, "data": data, "met": met}
+
+
+def append_skipped(output_dir: str, entries: Sequence[Mapping[str, Any]]) -> None:
+    """The one writer of skipped_rows.jsonl (called by the main process only)."""
+    if not entries:
+        return
+    path = Path(output_dir) / SKIPPED_ROWS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as file:
-        for row in invalid:
-            entry = rows[row]
+        for entry in entries:
+            file.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str) -> int:
+    """A new skipped_rows.jsonl with every row of ``splits`` (PreparedSplit) found invalid before step 1."""
+    (Path(output_dir) / SKIPPED_ROWS_FILE).unlink(missing_ok=True)
+    entries = []
+    for split in splits:
+        rows = split.rows
+        for position in [p for p, reason in enumerate(rows["invalid"]) if reason is not None]:
+            entry = rows[position]
             source = sources[entry["source"]]
             raw = getattr(source, entry["source_split"])[entry["source_row"]]
-            line = {"split": split, "row": row, "reason": entry["invalid"], "problem": entry["problem"],
-                    "source": source.name, "source_row": entry["source_row"], "data": raw}
-            file.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-    return len(invalid)
+            entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], source.name,
+                                         entry["source_row"], raw, "before step 1"))
+    append_skipped(output_dir, entries)
+    return len(entries)
+
+
+class MidRunRows:
+    """One process's count of the rows its trainer drew, and of those found invalid as they were prepared."""
+
+    def __init__(self, known_invalid: set[int]) -> None:
+        self.known_invalid = known_invalid  # found before step 1: already counted and listed
+        self.drawn = self.invalid = 0
+        self.pending: list[dict[str, Any]] = []  # not listed in skipped_rows.jsonl yet
+        self.first: tuple[dict[str, Any], int] | None = None  # the first invalid row met, and the step
+
+    def count(self, invalid: Sequence[Mapping[str, Any]], drawn: int, step: int) -> None:
+        self.drawn += drawn
+        new = [dict(entry) for entry in invalid if entry["row"] not in self.known_invalid]
+        self.invalid += len(new)
+        self.pending += new
+        if new and self.first is None:
+            self.first = (new[0], step)
+
+
+class RowPolicy(TrainerCallback):
+    """Whether invalid rows met mid-run must stop the run (then: save and stop); lists them as they are met.
+
+    One process decides after every step. Several processes sum their counts, and hand their invalid rows to the
+    main process to list, only at logging steps and at the end (a collective every step would make each step wait
+    for the slowest process's GPU), so a stop comes at the next logging step after the row.
+    """
+
+    def __init__(self, trainer: Any, rows: MidRunRows, on_invalid: str, max_invalid_fraction: float) -> None:
+        self.trainer = trainer
+        self.rows = rows
+        self.on_invalid = on_invalid
+        self.max_invalid_fraction = max_invalid_fraction
+
+    def _list_pending(self) -> None:
+        accelerator = self.trainer.accelerator
+        pending, self.rows.pending = self.rows.pending, []
+        if accelerator.num_processes > 1:
+            pending = gather_object(pending)
+        if accelerator.is_main_process:
+            append_skipped(self.trainer.args.output_dir, pending)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        trainer, several = self.trainer, self.trainer.accelerator.num_processes > 1
+        if several and not (control.should_log or state.global_step >= state.max_steps):
+            return control
+        self._list_pending()
+        drawn, invalid = summed(trainer.accelerator, self.rows.drawn, self.rows.invalid)
+        if not invalid:
+            return control
+        if self.on_invalid == "error":
+            stop = f"an invalid row was met {'by' if several else 'at'} step {state.global_step} (on_invalid: error)"
+        elif drawn >= MIN_ROWS_FOR_FRACTION and invalid > self.max_invalid_fraction * drawn:
+            stop = (f"{invalid} of the {drawn} rows drawn so far are invalid, more than max_invalid_fraction "
+                    f"{self.max_invalid_fraction:g}")
+        else:
+            return control
+        if self.rows.first is not None:
+            entry, step = self.rows.first
+            stop += f"; this process met train row {entry['row']} at step {step}: {entry['reason']}: {entry['problem']}"
+        trainer.policy_stop = stop
+        control.should_save = True
+        control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self._list_pending()  # rows met after the last logging step
+        return control
+
+
+def summed(accelerator: Any, *counts: int) -> list[int]:
+    """Counts summed over every process (a collective when there are several: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return list(counts)
+    local = torch.tensor(counts, dtype=torch.long, device=accelerator.device)
+    return [int(value) for value in accelerator.reduce(local, reduction="sum")]

@@ -15,61 +15,53 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
-from transformers import PreTrainedTokenizerBase
 
-from sftkit.adapt import check_record
+from sftkit.bad_rows import skipped_entry
 from sftkit.hookspecs import RowError
-from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
+from sftkit.rows import RowChain
+from sftkit.tokenization import IGNORE
 
-INVALID_KEY = "sftkit_invalid"  # (row, reason, message) of each invalid row in a batch
+INVALID_KEY = "sftkit_invalid"  # the skipped-rows entry of each invalid row in a batch (``bad_rows.skipped_entry``)
 ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not
 
 
 @dataclass(frozen=True)
 class LazySource:
-    """One source's raw rows (only the adapter's columns) and how to convert them."""
+    """One source's raw rows (only the adapter's columns), the row chain that prepares them, and its name."""
 
     rows: Any  # datasets.Dataset
-    convert: Callable[[dict[str, Any]], dict[str, Any]]
+    chain: RowChain
+    name: str
 
 
 class LazyPreparer:
     """A ``with_transform`` function: global row ids in, prepared rows (or why they are invalid) out."""
 
-    def __init__(self, sources: Sequence[LazySource], tokenizer: PreTrainedTokenizerBase,
-                 settings: TokenizeSettings) -> None:
+    def __init__(self, sources: Sequence[LazySource]) -> None:
         self.sources = list(sources)
-        self.tokenizer = tokenizer
-        self.settings = settings
         self.offsets = [0]
         for source in self.sources:
             self.offsets.append(self.offsets[-1] + source.rows.num_rows)
 
-    def _record(self, row: int) -> dict[str, Any]:
-        source_index = bisect.bisect_right(self.offsets, row) - 1
-        source = self.sources[source_index]
-        record = source.convert(source.rows[row - self.offsets[source_index]])
-        check_record(record)
-        return record
-
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], INVALID_KEY: []}
-        for row in batch["row"]:
-            try:
-                tokens = tokenize_record(self._record(int(row)), self.tokenizer, self.settings)
-            except RowError as error:
-                tokens = {"input_ids": [], "labels": [], "invalid": (int(row), error.reason, str(error))}
-            out["input_ids"].append(tokens["input_ids"])
-            out["labels"].append(tokens["labels"])
-            out[INVALID_KEY].append(tokens.get("invalid"))
+        for row in map(int, batch["row"]):
+            index = bisect.bisect_right(self.offsets, row) - 1
+            source = self.sources[index]
+            raw = source.rows[row - self.offsets[index]]
+            (result,) = source.chain([raw])
+            invalid = skipped_entry("train", row, result.reason, str(result), source.name, row - self.offsets[index],
+                                    raw, "mid-run") if isinstance(result, RowError) else None
+            out["input_ids"].append([] if invalid else result["input_ids"])
+            out["labels"].append([] if invalid else result["labels"])
+            out[INVALID_KEY].append(invalid)
         return out
 
 
-def lazy_rows(sources: Sequence[LazySource], ids: Sequence[int], tokenizer: PreTrainedTokenizerBase,
-              settings: TokenizeSettings) -> datasets.Dataset:
+def lazy_rows(sources: Sequence[LazySource], ids: Sequence[int]) -> datasets.Dataset:
     """A dataset of row ids that prepares each row as the trainer reads it (TRL is told not to prepare it)."""
     rows = datasets.Dataset.from_dict({"row": list(map(int, ids))})
-    rows.set_transform(LazyPreparer(sources, tokenizer, settings))  # in place: with_transform would copy every id
+    rows.set_transform(LazyPreparer(sources))  # in place: with_transform would copy every id
     return rows
 
 
@@ -83,7 +75,7 @@ class SkippingCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         valid = [{"input_ids": example["input_ids"], "labels": example["labels"]}
                  for example in examples if example.get(INVALID_KEY) is None]
-        invalid = [tuple(example[INVALID_KEY]) for example in examples if example.get(INVALID_KEY) is not None]
+        invalid = [example[INVALID_KEY] for example in examples if example.get(INVALID_KEY) is not None]
         # A batch with no valid row still has to step with the others: one padding token that trains nothing.
         batch = self.collator(valid or [{"input_ids": [self.pad_token_id], "labels": [IGNORE]}])
         batch[INVALID_KEY] = invalid

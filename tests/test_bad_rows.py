@@ -107,20 +107,22 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
     assert record["data"]["invalid_rows"]["train"] == {"unknown role": 1, "does not end on a trained turn": 1}
 
 
-def _lazy_run(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _lazy_run(tmp_path, *overrides: str, bad: list | None = None,
+              launcher: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
     """600 rows; those that a lazy run's pre-flight sample leaves out are bad, so only training meets them."""
     from sftkit.data import PREFLIGHT_ROWS
     from sftkit.render_guard import sample_indices
 
     sampled = set(sample_indices(600, PREFLIGHT_ROWS))
-    rows = [sharegpt_row(index, *(GOOD if index in sampled else BAD["unknown role"])) for index in range(600)]
+    rows = [sharegpt_row(index, *(GOOD if index in sampled else bad or BAD["unknown role"])) for index in range(600)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     output = tmp_path / "out"
+    start = ["accelerate", "launch", *launcher, "-m", "sftkit"] if launcher else [sys.executable, "-m", "sftkit"]
     result = subprocess.run(
-        [sys.executable, "-m", "sftkit", "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
+        [*start, "--config", str(ROOT / "configs/recipes/quickstart.yaml"), "--dataset_name",
          str(data), "--output_dir", str(output), "--max_steps", "12", "--test_split_size", "0", "--eval_strategy",
          "no", "--eval_on_start", "false", "--logging_steps", "1", "--prepare", "lazy", *overrides],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
     )
     return result, output
 
@@ -147,3 +149,32 @@ def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path, workers):
     record = yaml.safe_load((output / "sftkit_run.yaml").read_text())
     assert record["data"]["preparation"].startswith("lazy")
     assert record["result"]["rows_drawn"] == drawn and record["result"]["rows_invalid"] == invalid
+
+
+def test_rows_the_chat_template_rejects_mid_run_are_skipped_not_a_crash(tmp_path):
+    """A strict template (Mistral's: roles alternate, no system turn) raises on rows outside the pre-flight sample:
+    each is a row error with the template's message, skipped and listed, and the run finishes."""
+    from chat_templates import MISTRAL
+
+    template = tmp_path / "mistral.jinja"
+    template.write_text(MISTRAL)
+    result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8",
+                               "--chat_template_path", str(template), bad=[("system", "Be brief."), *GOOD])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in (output / "skipped_rows.jsonl").read_text().splitlines()]
+    assert lines and {line["reason"] for line in lines} == {"rejected by chat template"}
+    assert "System role" in lines[0]["problem"] or "alternate" in lines[0]["problem"]
+    assert "Traceback" not in result.stderr
+
+
+def test_rows_met_mid_run_by_every_process_are_listed(tmp_path):
+    """Two processes: the rows each one meets are counted and listed once, by the main process."""
+    result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8",
+                               "--global_batch_size", "8", "--per_device_train_batch_size", "4",
+                               launcher=("--config_file", str(ROOT / "configs/accelerate/cpu/ddp_2proc.yaml")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("rows "))
+    drawn, invalid = (int(word.replace(",", "")) for word in summary.split() if word.replace(",", "").isdigit())
+    assert drawn == 12 * 8 and invalid > 0
+    lines = [json.loads(line) for line in (output / "skipped_rows.jsonl").read_text().splitlines()]
+    assert len(lines) == invalid and len({line["row"] for line in lines}) == invalid
