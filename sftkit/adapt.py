@@ -1,8 +1,7 @@
-"""Adapt: pick the adapter for the data and turn every raw row into a canonical record."""
+"""Adapt: pick the adapter for the data, check its options, and what a canonical record must be."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -10,28 +9,28 @@ from typing import Any
 import datasets
 
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import Adapter, RowError
+from sftkit.hookspecs import Adapter, Detection, RowError
 from sftkit.plugins import InstalledAdapter, Registry
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-ADAPTED = datasets.Features(
-    {"record": datasets.Value("string"), "invalid": datasets.Value("string"), "problem": datasets.Value("string")}
-)
 DETECTION_ROWS = 16
 
 
-def choose_adapter(dataset_format: str, dataset: datasets.Dataset, registry: Registry) -> tuple[InstalledAdapter, str]:
-    """The named adapter, or with ``auto`` the single one that recognises the data; returns it and why."""
+def choose_adapter(dataset_format: str, dataset: datasets.Dataset,
+                   registry: Registry) -> tuple[InstalledAdapter, str, dict[str, Any]]:
+    """The named adapter, or with ``auto`` the single one that recognises the data; returns it, why, and the options
+    its detection found (such as the name of the column that holds the turns)."""
     if dataset_format != "auto":
-        return registry.get(dataset_format), "named by dataset_format"
+        return registry.get(dataset_format), "named by dataset_format", {}
     rows = dataset.select(range(min(DETECTION_ROWS, dataset.num_rows))).to_list()
     matches = []
     for name, installed in sorted(registry.adapters.items()):
-        reason = installed.adapter.detect(dataset.column_names, rows)
-        if reason:
-            matches.append((installed, f"dataset_format auto: {name} ({reason})"))
+        found = installed.adapter.detect(dataset.column_names, rows)
+        if found:
+            detection = found if isinstance(found, Detection) else Detection(found)
+            matches.append((installed, f"dataset_format auto: {name} ({detection.reason})", dict(detection.options)))
     if len(matches) == 1:
         return matches[0]
     adapters = ", ".join(sorted(registry.adapters))
@@ -41,7 +40,7 @@ def choose_adapter(dataset_format: str, dataset: datasets.Dataset, registry: Reg
             f"Installed adapters: {adapters}. Set dataset_format to one of them (with dataset_options to name the "
             "columns), or install a plugin for this format."
         )
-    names = ", ".join(installed.adapter.name for installed, _ in matches)
+    names = ", ".join(installed.adapter.name for installed, _, _ in matches)
     raise SftkitError(
         f"dataset_format auto: several adapters recognise columns {dataset.column_names}: {names}. "
         "Set dataset_format to the one you mean."
@@ -125,42 +124,13 @@ def check_record(record: Mapping[str, Any]) -> None:
         raise RowError(f"the adapter produced {sorted(record)}; expected messages, prompt/completion or text")
 
 
-def adapt(
-    dataset: datasets.Dataset, installed: InstalledAdapter, options: Mapping[str, Any], split: str,
-    num_proc: int | None = None,
-) -> datasets.Dataset:
-    """Convert every row to ``record`` (canonical, as JSON) or mark it ``invalid`` with the reason and ``problem``.
-
-    Records travel as JSON text so that tool-call arguments of any shape survive Arrow, which would
-    otherwise merge every row's argument keys into one struct.
-    """
+def check_columns(installed: InstalledAdapter, options: Mapping[str, Any], dataset: datasets.Dataset,
+                  source: str) -> None:
+    """The adapter reads at least one of the data's columns; none means the wrong format or column names."""
     adapter = installed.adapter
-    columns = [column for column in adapter.columns(options) if column in dataset.column_names]
-    if not columns:
+    wanted = adapter.columns(options)
+    if not set(wanted) & set(dataset.column_names):
         raise SftkitError(
-            f"{split} data: adapter {adapter.name!r} reads columns {adapter.columns(options)}, and the data has none of "
-            f"them (it has {dataset.column_names}); name the right ones in dataset_options or choose another format"
+            f"dataset {source}: adapter {adapter.name!r} reads columns {wanted}, and the data has none of them (it has "
+            f"{dataset.column_names}); name the right ones in dataset_options or choose another format"
         )
-    dataset = dataset.select_columns(columns)  # never carry unread columns through an expensive pass
-
-    def convert(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"record": [], "invalid": [], "problem": []}
-        for offset in range(len(batch[columns[0]])):
-            row = {column: batch[column][offset] for column in columns}
-            try:
-                record = adapter.convert(row, options)
-                check_record(record)
-            except RowError as error:
-                out["record"].append(None)
-                out["invalid"].append(error.reason)
-                out["problem"].append(str(error))
-                continue
-            out["record"].append(json.dumps(record, ensure_ascii=False))
-            out["invalid"].append(None)
-            out["problem"].append(None)
-        return out
-
-    return dataset.map(
-        convert, batched=True, remove_columns=columns, features=ADAPTED, num_proc=num_proc,
-        desc=f"Adapting {split} rows ({adapter.name})",
-    )

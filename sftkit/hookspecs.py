@@ -15,7 +15,7 @@ own adapters register through exactly the same hook.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
@@ -45,6 +45,15 @@ class Option:
     choices: tuple[Any, ...] | None = None  # when set, sftkit rejects any other value before reading a row
 
 
+@dataclass(frozen=True)
+class Detection:
+    """What ``Adapter.detect`` returns when the adapter fits data whose column names differ from its defaults: why,
+    and the ``dataset_options`` that read this data (the recipe's own options win over them)."""
+
+    reason: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Adapter:
     """Turns one raw dataset row into a canonical record that TRL trains on.
 
@@ -61,8 +70,9 @@ class Adapter:
     description: str = ""
     options: Mapping[str, Option] = {}
 
-    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
-        """Return why this adapter fits data with these columns and first rows, or None if it does not."""
+    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | Detection | None:
+        """Return why this adapter fits data with these columns and first rows (a ``Detection`` when it needs options
+        to read them), or None if it does not."""
         return None
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:

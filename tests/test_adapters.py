@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import json
-
 import datasets
 import pluggy
 import pytest
 from helpers import sharegpt_row
 
 from sftkit import hookspecs, plugins
-from sftkit.adapt import adapt, choose_adapter, resolve_options
+from sftkit.adapt import choose_adapter, resolve_options
 from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import Adapter, RowError, hookimpl
+from sftkit.rows import PREPARED, RowChain, prepare_rows
+from sftkit.templates import reply_end
 from sftkit.testing import convert_rows, detects
+from sftkit.tokenization import TokenizeSettings
+
+
+def chain(tokenizer, adapter: Adapter, options: dict | None = None) -> RowChain:
+    end_of_turn, appended, _ = reply_end(tokenizer)
+    settings = TokenizeSettings(max_length=None, truncate=False, truncation_mode="keep_start", long_rows="truncate",
+                                assistant_only_loss=True, completion_only_loss=None, end_of_turn=end_of_turn,
+                                eos_after_replies=appended)
+    return RowChain(adapter, resolve_options(adapter, options or {}), tokenizer, settings)
 
 
 def test_sharegpt_maps_infinity_instruct_roles(sharegpt_rows):
@@ -33,13 +42,11 @@ def test_role_map_is_configurable():
     assert [message["role"] for message in records[0]["messages"]] == ["user", "assistant"]
 
 
-def test_unknown_role_names_row_role_and_option():
+def test_unknown_role_names_row_role_and_option(tokenizer):
     rows = [sharegpt_row(0, ("human", "hi"), ("gpt", "hello")), sharegpt_row(1, ("human", "hi"), ("robot", "x"))]
-    installed = plugins.InstalledAdapter(ShareGPTAdapter(), "sftkit", "test")
-    options = resolve_options(installed.adapter, {})
-    adapted = adapt(datasets.Dataset.from_list(rows), installed, options, "train")
-    assert adapted["invalid"] == [None, "unknown role"]
-    assert "'robot'" in adapted["problem"][1] and "role_map" in adapted["problem"][1]
+    prepared = prepare_rows(datasets.Dataset.from_list(rows), chain(tokenizer, ShareGPTAdapter()), "train", "roles")
+    assert prepared["invalid"] == [None, "unknown role"]
+    assert "'robot'" in prepared["problem"][1] and "role_map" in prepared["problem"][1]
 
 
 def test_unknown_option_is_an_error():
@@ -47,11 +54,10 @@ def test_unknown_option_is_an_error():
         convert_rows(ShareGPTAdapter(), [], {"rolemap": {}})
 
 
-def test_unread_columns_are_dropped(sharegpt_rows):
-    installed = plugins.InstalledAdapter(ShareGPTAdapter(), "sftkit", "test")
-    adapted = adapt(datasets.Dataset.from_list(sharegpt_rows), installed, resolve_options(installed.adapter, {}), "t")
-    assert adapted.column_names == ["record", "invalid", "problem"]
-    assert json.loads(adapted["record"][0]) == {"messages": [
+def test_unread_columns_are_dropped(tokenizer, sharegpt_rows):
+    prepared = prepare_rows(datasets.Dataset.from_list(sharegpt_rows), chain(tokenizer, ShareGPTAdapter()), "t", "cols")
+    assert prepared.column_names == list(PREPARED)
+    assert chain(tokenizer, ShareGPTAdapter()).record(sharegpt_rows[0]) == {"messages": [
         {"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "What is 1 + 2?"},
         {"role": "assistant", "content": "1 + 2 = 3."},
@@ -60,8 +66,8 @@ def test_unread_columns_are_dropped(sharegpt_rows):
 
 def test_auto_detects_sharegpt_and_says_why(sharegpt_rows):
     dataset = datasets.Dataset.from_list(sharegpt_rows)
-    installed, reason = choose_adapter("auto", dataset, plugins.registry())
-    assert installed.adapter.name == "sharegpt"
+    installed, reason, options = choose_adapter("auto", dataset, plugins.registry())
+    assert installed.adapter.name == "sharegpt" and options == {}
     assert "conversations" in reason
     assert detects(ShareGPTAdapter(), [{"text": "x"}]) is None
 

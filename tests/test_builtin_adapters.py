@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from helpers import sharegpt_row
 
 from sftkit import plugins
 from sftkit.adapt import choose_adapter
@@ -404,7 +405,7 @@ def test_prompt_completion_column_options_and_role_map():
 
 
 def test_prompt_completion_unknown_role_in_message_list():
-    row = {"prompt": [{"role": "human", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]}
+    row = {"prompt": [{"role": "robot", "content": "hi"}], "completion": [{"role": "assistant", "content": "x"}]}
     error = rejects(PromptCompletionAdapter(), row)
     assert error.reason == "unknown role" and "prompt turn 0" in str(error) and "role_map" in str(error)
 
@@ -770,7 +771,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_auto_detection_picks_exactly_one_builtin(shape):
     rows = SHAPES[shape]
-    installed, reason = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
+    installed, reason, _ = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
     expected = shape.split("-")[0]
     assert installed.adapter.name == expected and reason.startswith(f"dataset_format auto: {expected} (")
     convert_rows(installed.adapter, rows)
@@ -780,7 +781,6 @@ def test_auto_detection_picks_exactly_one_builtin(shape):
     ("adapter", "rows"),
     [
         (MessagesAdapter(), [{"messages": [{"from": "human", "value": "a"}]}]),  # sharegpt turns under 'messages'
-        (MessagesAdapter(), [{"conversations": MESSAGES_OK}]),
         (ShareGPTAdapter(), [{"conversations": MESSAGES_OK}]),  # role/content turns under 'conversations'
         (AlpacaAdapter(), [{"instruction": "a", "context": "", "response": "b"}]),  # Dolly, not Alpaca
         (PromptCompletionAdapter(), [{"prompt": "a", "chosen": "b", "rejected": "c"}]),  # preference data
@@ -792,6 +792,31 @@ def test_auto_detection_picks_exactly_one_builtin(shape):
 )
 def test_detection_declines_other_shapes(adapter, rows):
     assert detects(adapter, rows) is None
+
+
+@pytest.mark.parametrize(("column", "turns", "expected"), [
+    ("conversations", MESSAGES_OK, "messages"),  # role/content turns under the name ShareGPT data uses
+    ("dialog", MESSAGES_OK, "messages"),
+    ("chat", [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "sharegpt"),
+])
+def test_a_list_of_turns_is_recognised_by_its_shape_whatever_the_column(column, turns, expected):
+    rows = [{"id": 1, column: turns}]
+    installed, reason, options = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
+    assert installed.adapter.name == expected and options == {"messages_column": column}
+    assert f"column {column!r} holds" in reason
+    record = convert_rows(installed.adapter, rows, options)[0]
+    assert [message["role"] for message in record["messages"]] == ["user", "assistant"]
+
+
+def test_well_known_speakers_are_read_in_any_case_and_the_log_says_so():
+    rows = [sharegpt_row(0, ("Human", "2 + 2?"), ("GPT", "4.")), sharegpt_row(1, ("USER", "hi"), ("Assistant", "hey"))]
+    installed, reason, _ = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
+    assert "speakers read by their well-known names: Assistant -> assistant, GPT -> assistant, Human -> user, " \
+           "USER -> user" in reason
+    records = convert_rows(installed.adapter, rows)
+    assert [[m["role"] for m in record["messages"]] for record in records] == [["user", "assistant"]] * 2
+    turns = [{"role": "Human", "content": "hi"}, {"role": "BOT", "content": "x"}]  # BOT is nobody's well-known name
+    assert rejects(MessagesAdapter(), {"messages": turns}).reason == "unknown role"
 
 
 def test_detection_reasons_name_what_was_seen():
@@ -833,7 +858,7 @@ def _read(path: Path) -> list[dict]:
 def test_llamafactory_demo_files_convert_with_the_auto_chosen_adapter(file_name):
     rows = _read(LLAMAFACTORY / file_name)
     assert rows
-    installed, _ = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
+    installed, _, _ = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
     assert installed.adapter.name == REAL_FILES[file_name]
     records = convert_rows(installed.adapter, rows)  # raises on the first row that does not convert
     assert len(records) == len(rows)

@@ -9,10 +9,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
+from sftkit.hookspecs import Adapter, Detection, Option, RowError, hookimpl
 
 ROLES = ("system", "user", "assistant", "tool")
 MALFORMED_TOOL_CALL = "malformed tool call"
+# Speaker names in wide use, in any case (Human, GPT, User, ASSISTANT), and the role each means.
+WELL_KNOWN_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+                    "gpt": "assistant", "tool": "tool", "observation": "tool"}
 
 
 def _short(value: Any) -> str:
@@ -124,11 +127,43 @@ def name_tool_turns(messages: list[dict[str, Any]]) -> None:
             pending = []
 
 
-def detect_turns(column: str, keys: tuple[str, ...], rows: Sequence[Mapping[str, Any]]) -> str | None:
-    """Why a list-of-turns adapter fits: ``column`` holds turns that all have ``keys``; None if it does not."""
-    turns = [turn for row in rows for turn in (row.get(column) or [])]
-    if turns and all(isinstance(turn, Mapping) and set(keys) <= turn.keys() for turn in turns):
-        return f"column {column!r} holds {{{', '.join(keys)}}} turns"
+def role_of(speaker: Any, role_map: Mapping[str, str]) -> str | None:
+    """The role a turn's speaker names: the role map's, else a well-known name in any case; None if unknown."""
+    if not isinstance(speaker, str):
+        return None
+    if speaker in role_map:
+        return role_map[speaker]
+    lowered = speaker.lower()
+    by_case = {key.lower(): role for key, role in role_map.items()}
+    return by_case.get(lowered) or WELL_KNOWN_ROLES.get(lowered)
+
+
+# Columns of turns that belong to other formats: prompt/completion pairs, preference pairs.
+OTHER_FORMATS_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+
+
+def _holds_turns(values: list[Any], keys: tuple[str, ...]) -> bool:
+    turns = [turn for value in values if isinstance(value, list) for turn in value]
+    return bool(turns) and all(isinstance(value, list) for value in values if value is not None) and all(
+        isinstance(turn, Mapping) and set(keys) <= turn.keys() for turn in turns)
+
+
+def detect_turns(default_column: str, keys: tuple[str, ...], columns: Sequence[str],
+                 rows: Sequence[Mapping[str, Any]], role_key: str, role_map: Mapping[str, str]) -> Detection | None:
+    """Why a list-of-turns adapter fits: a column, whatever its name, holds turns that all have ``keys`` (the
+    adapter's default column first); with the option naming it, and the speakers matched by case, when any were."""
+    candidates = [column for column in columns if column not in OTHER_FORMATS_COLUMNS]
+    for column in sorted(candidates, key=lambda name: name != default_column):
+        values = [row.get(column) for row in rows]
+        if not _holds_turns(values, keys):
+            continue
+        reason = f"column {column!r} holds {{{', '.join(keys)}}} turns"
+        speakers = sorted({turn[role_key] for value in values for turn in value or []
+                           if isinstance(turn[role_key], str) and turn[role_key] not in role_map})
+        matched = [f"{speaker} -> {role_of(speaker, role_map)}" for speaker in speakers if role_of(speaker, role_map)]
+        if matched:
+            reason += f"; speakers read by their well-known names: {', '.join(matched)}"
+        return Detection(reason, {} if column == default_column else {"messages_column": column})
     return None
 
 
@@ -151,7 +186,7 @@ def convert_messages(turns: Any, column: str, role_map: Mapping[str, str]) -> li
         if not isinstance(turn, Mapping) or "role" not in turn:
             raise RowError(f"{where} must be a mapping with keys 'role' and 'content', got {_short(turn)}")
         speaker = turn["role"]
-        role = role_map.get(speaker) if isinstance(speaker, str) else None
+        role = role_of(speaker, role_map)
         if role is None:
             raise RowError(
                 f"{where} has unknown role {speaker!r}; map it with "
@@ -192,8 +227,8 @@ class MessagesAdapter(Adapter):
         ),
     }
 
-    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
-        return detect_turns("messages", ("role", "content"), rows) if "messages" in columns else None
+    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Detection | None:
+        return detect_turns("messages", ("role", "content"), columns, rows, "role", {role: role for role in ROLES})
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:
         return [options["messages_column"], *([options["tools_column"]] if options["tools_column"] else [])]

@@ -18,8 +18,9 @@ from sftkit.adapters.messages import (
     detect_turns,
     name_tool_turns,
     normalize_tool_calls,
+    role_of,
 )
-from sftkit.hookspecs import Adapter, Option, RowError, hookimpl
+from sftkit.hookspecs import Adapter, Detection, Option, RowError, hookimpl
 
 FUNCTION_CALL = "function_call"  # the special role: an assistant turn whose value is the JSON of its tool calls
 DEFAULT_ROLE_MAP = {
@@ -54,8 +55,8 @@ class ShareGPTAdapter(Adapter):
         ),
     }
 
-    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | None:
-        return detect_turns("conversations", ("from", "value"), rows) if "conversations" in columns else None
+    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Detection | None:
+        return detect_turns("conversations", ("from", "value"), columns, rows, "from", DEFAULT_ROLE_MAP)
 
     def columns(self, options: Mapping[str, Any]) -> list[str]:
         optional = [options[key] for key in ("system_column", "tools_column") if options[key]]
@@ -84,7 +85,7 @@ class ShareGPTAdapter(Adapter):
                     f"turn {position} must be a mapping with keys {role_key!r} and {content_key!r}, got {_short(turn)}"
                 )
             speaker = turn[role_key]
-            role = role_map.get(speaker) if isinstance(speaker, str) else None
+            role = role_of(speaker, role_map)
             if role is None:
                 raise RowError(
                     f"turn {position} has unknown role {speaker!r}; map it with "
