@@ -9,11 +9,12 @@ prepares and the others load, however long preparation takes.
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,32 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sftkit") / "prepared"
 
 
-def _source_hash(*objects: Any) -> str:
-    """The code that turns rows into tokens: a changed adapter or tokenization rule is a new key."""
+def _package_files(module_name: str) -> dict[str, Path]:
+    """Every Python file of the top-level package that ``module_name`` belongs to (or the module's own file), by
+    its name inside the package."""
+    name = module_name.split(".")[0]
+    top = sys.modules.get(name) or importlib.import_module(name)
+    roots = [Path(path) for path in getattr(top, "__path__", [])]
+    if not roots:
+        return {name: Path(top.__file__)} if getattr(top, "__file__", None) else {}
+    return {f"{name}/{file.relative_to(root)}": file for root in roots for file in root.rglob("*.py")}
+
+
+def code_digest(adapter_types: Iterable[type]) -> str:
+    """The code that turns rows into tokens: all of sftkit, and all of each adapter's package. An upgrade of sftkit
+    or of a plugin, or an edit anywhere in them, is a new key (helpers an adapter imports included)."""
+    files: dict[str, Path] = {}
+    for package in {"sftkit", *(adapter.__module__ for adapter in adapter_types)}:
+        files.update(_package_files(package))
     digest = hashlib.sha256()
-    for obj in objects:
-        digest.update(inspect.getsource(inspect.getmodule(obj)).encode())
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].read_bytes())
     return digest.hexdigest()
 
 
-def preparation_key(parts: dict[str, Any], code: tuple[Any, ...]) -> str:
+def preparation_key(parts: dict[str, Any], code: str) -> str:
     """A short digest of every input to preparation, given as ``parts``, and of the code that runs it."""
-    payload = json.dumps({"sftkit": __version__, "code": _source_hash(*code), **parts}, sort_keys=True, default=str)
+    payload = json.dumps({"sftkit": __version__, "code": code, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -1,14 +1,23 @@
-"""``sftkit check``: everything training would do before its first step, printed, without loading weights."""
+"""``sftkit check``: everything training would do before its first step, printed, without loading weights.
+
+For the rows it shows, it also proves that training sees what inference will send: the prompt part of each
+trained conversation is, token for token, what the saved tokenizer's ``apply_chat_template(...,
+add_generation_prompt=True)`` gives, and generation stops at the end-of-turn token that was trained.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit.bad_rows import enforce
-from sftkit.data import PreparedSplit, prepare_data
-from sftkit.model import load_tokenizer
+from sftkit.data import PreparedData, PreparedSplit, prepare_data
+from sftkit.hookspecs import RowError
+from sftkit.model import load_tokenizer, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe
+from sftkit.templates import reply_end, tools_of
 from sftkit.tokenization import IGNORE
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
@@ -39,6 +48,55 @@ def _lengths(split: PreparedSplit, max_length: int | None) -> str:
     return line
 
 
+def inference_prompt(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The tokens inference sends for the prompt of the record's last trained turn; None for plain text."""
+    if "messages" in record:
+        messages = record["messages"]
+        last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+        prompt = messages[:last]
+    elif "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens, as generation encodes text
+    else:
+        return None
+    if not prompt:
+        return None  # a conversation that starts with the reply: inference sends the template's own opening
+    return list(tokenizer.apply_chat_template(prompt, tools=tools_of(record), add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def _same_as_inference(example: dict[str, Any], record: dict[str, Any],
+                       tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """None when the training row starts with exactly the tokens inference sends for its prompt; else both."""
+    sent = inference_prompt(record, tokenizer)
+    if sent is None:
+        return None
+    trained = example["input_ids"][: len(sent)]
+    if trained == sent or len(example["input_ids"]) < len(sent):  # a row cut at max_length: nothing to compare
+        return None
+    return (f"training renders the prompt as:\n{tokenizer.decode(trained)!r}\n"
+            f"inference (apply_chat_template with add_generation_prompt) sends:\n{tokenizer.decode(sent)!r}")
+
+
+def _stops(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
+    """What generation stops at once the run has saved its generation config, against what was trained."""
+    trained, appended, _ = reply_end(tokenizer)
+    try:
+        config = GenerationConfig.from_pretrained(model_path(recipe))
+    except OSError:  # a model without a generation config: transformers derives it from the model config
+        config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    stop_on_end_of_turn(config, tokenizer)
+    ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    names = [tokenizer.convert_ids_to_tokens(token) for token in ends if token is not None]
+    if trained is None:
+        return f"generation stops at {', '.join(map(repr, names))}"
+    ok = trained in names
+    how = "the EOS sftkit appends to each reply" if appended else "the token that ends each reply"
+    return (f"generation stops at {', '.join(map(repr, names))}: {how}, {trained!r}, is trained"
+            + ("" if ok else ", but generation would not stop at it"))
+
+
 def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     """Describe what would train, then raise SftkitError if the bad-row policy would stop the run."""
     tokenizer = load_tokenizer(recipe)
@@ -64,14 +122,27 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
                 -1: "checked when these rows were prepared (loaded from the cache)"}.get(
         data.rows_checked, f"{data.rows_checked} sampled conversations render every turn")
     lines.append(f"render guard   {rendered}")
-    marks = "green" if colour else "between [[ and ]]"
-    valid = [row for row, reason in enumerate(data.train.rows["invalid"]) if reason is None]
-    for row in valid[:shown_rows]:
-        example = data.train.rows[row]
-        trained = sum(label != IGNORE for label in example["labels"][1:])
-        lines.append(f"\n--- train row {row}: {trained} of {len(example['input_ids'])} tokens trained ({marks}) ---")
-        lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
+    lines.append(f"stop           {_stops(recipe, tokenizer)}")
+    lines += _shown_rows(data, tokenizer, shown_rows, colour)
     print("\n".join(lines), flush=True)
     for split in splits:
         enforce(split.report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
     print("\ntraining would start: ok")
+
+
+def _shown_rows(data: PreparedData, tokenizer: PreTrainedTokenizerBase, count: int, colour: bool) -> list[str]:
+    """The first valid train rows with their trained tokens marked, each proved against what inference sends."""
+    lines, marks = [], "green" if colour else "between [[ and ]]"
+    valid = [row for row, reason in enumerate(data.train.rows["invalid"]) if reason is None]
+    for position in valid[:count]:
+        example = data.train.rows[position]
+        trained = sum(label != IGNORE for label in example["labels"][1:])
+        lines.append(f"\n--- train row {example['row']}: {trained} of {len(example['input_ids'])} tokens trained "
+                     f"({marks}) ---")
+        lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
+        try:
+            difference = _same_as_inference(example, data.record(data.train, position), tokenizer)
+        except RowError as error:
+            difference = f"inference could not render this prompt: {error}"
+        lines.append(f"inference      {difference or 'the prompt is token for token what inference sends'}")
+    return lines

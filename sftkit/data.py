@@ -1,19 +1,20 @@
-"""The data path as one chain: load -> adapt -> tokenize and mask -> bad-row policy -> render guard.
+"""The data of a run: load -> the row chain (adapt, check, render, tokenize, mask; ``sftkit.rows``) -> the
+bad-row policy, with the render guard on a sample before anything is prepared.
 
-Three ways through it. Eager: every row, in batched passes over all cores, cached on disk by a key
-of everything that changes the result (used when the run reads the whole dataset). Lazy: only a
-sample is prepared before step 1, to check and report; the trainer's rows are prepared as it
-draws them (used when ``max_steps`` reads less than the whole dataset). Packed share: a bounded
-run that packs needs each row's length first, so rows drawn at random are prepared eagerly, in
-cached chunks, until they fill the sequences ``max_steps`` trains on.
+Three ways through it, all through the same row chain. Eager: every row, in batched passes over all
+cores, cached on disk by a key of everything that changes the result (used when the run reads the
+whole dataset). Lazy: only a sample is prepared before step 1, to check and report; the trainer's
+rows are prepared as it draws them (used when ``max_steps`` reads less than the whole dataset).
+Packed share: a bounded run that packs needs each row's length first, so rows drawn at random are
+prepared eagerly, in cached chunks, until they fill the sequences ``max_steps`` trains on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -21,20 +22,21 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 from trl import pack_dataset
 
-from sftkit import adapt as adapt_module
 from sftkit import plugins
-from sftkit import tokenization as tokenization_module
-from sftkit.adapt import adapt, choose_adapter, resolve_options
+from sftkit.adapt import check_columns, choose_adapter, resolve_options
 from sftkit.bad_rows import RowReport, enforce, report_rows, write_skipped
-from sftkit.cache import cached, preparation_key
+from sftkit.cache import cached, code_digest, preparation_key
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
+from sftkit.hookspecs import RowError
 from sftkit.lazy import LazySource, lazy_rows
 from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.render_guard import check_rendering, sample_indices
+from sftkit.rows import RowChain, prepare_rows
 from sftkit.sources import Source, load_sources
-from sftkit.tokenization import TokenizeSettings, rendering_tokenizer, tokenize_split
+from sftkit.templates import rendering_tokenizer, reply_end
+from sftkit.tokenization import TokenizeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,13 @@ class PreparedData:
     eval_origin: str
     mode: str  # "eager" or "lazy", and why
     rows_checked: int  # conversations the render guard rendered; -1: checked when the cached rows were prepared
+    chains: list[RowChain]  # each source's row chain
+
+    def record(self, split: PreparedSplit, position: int) -> dict[str, Any]:
+        """The canonical record of a prepared row, made again from its raw row by its source's chain."""
+        entry = split.rows[position]
+        source = self.sources[entry["source"]]
+        return self.chains[entry["source"]].record(getattr(source, entry["source_split"])[entry["source_row"]])
 
     def describe(self) -> dict[str, Any]:
         """What the run record says about the data."""
@@ -107,11 +116,9 @@ class PreparedData:
         }
 
     def write_skipped(self, output_dir: str) -> int:
-        """List every skipped row, its reason and its raw content in ``output_dir/skipped_rows.jsonl``."""
-        path = Path(output_dir) / "skipped_rows.jsonl"
-        path.unlink(missing_ok=True)
-        return sum(write_skipped(split.rows, self.sources, split.name, path)
-                   for split in (self.train, self.eval) if split is not None)
+        """List every row found invalid before step 1, its reason and its raw content (a new list for this run)."""
+        return write_skipped([split for split in (self.train, self.eval) if split is not None], self.sources,
+                             output_dir)
 
 
 # ---------------------------------------------------------------- which rows, which adapter, which way
@@ -122,8 +129,9 @@ def _choose_adapters(sources: list[Source]) -> list[AdapterChoice]:
     choices = []
     for index, source in enumerate(sources):
         try:
-            installed, reason = choose_adapter(source.dataset_format, source.train, registry)
-            options = resolve_options(installed.adapter, source.dataset_options)
+            installed, reason, detected = choose_adapter(source.dataset_format, source.train, registry)
+            options = resolve_options(installed.adapter, {**detected, **source.dataset_options})
+            check_columns(installed, options, source.train, source.name)
         except SftkitError as error:
             if len(sources) == 1:
                 raise
@@ -173,15 +181,14 @@ def _rows_per_run(recipe: Recipe) -> int:
     return args.max_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size * number_of_processes()
 
 
-# ---------------------------------------------------------------- adapting and tokenizing
+# ---------------------------------------------------------------- preparing rows through the chain
 
 
-def _adapted(sources: list[Source], choices: list[AdapterChoice], split: str, num_proc: int | None,
-             ids: np.ndarray | None = None) -> datasets.Dataset:
-    """The sources' rows of ``split`` (only global train row ``ids``, if given) adapted and tagged with their origin."""
+def _parts(sources: list[Source], split: str, ids: np.ndarray | None) -> list[tuple[int, datasets.Dataset, np.ndarray]]:
+    """Each source's raw rows of ``split`` (only global train row ``ids``, if given): (source, rows, their rows)."""
     offsets = np.cumsum([0] + [source.train.num_rows for source in sources])
     parts = []
-    for index, (source, choice) in enumerate(zip(sources, choices, strict=True)):
+    for index, source in enumerate(sources):
         raw = getattr(source, split)
         if raw is None:
             continue
@@ -189,42 +196,74 @@ def _adapted(sources: list[Source], choices: list[AdapterChoice], split: str, nu
         if ids is not None:
             rows = ids[(ids >= offsets[index]) & (ids < offsets[index + 1])] - offsets[index]
             raw = raw.select(rows)
-        adapted = adapt(raw, choice.installed, choice.options, split, num_proc)
-        adapted = adapted.add_column("source", [index] * adapted.num_rows)
-        adapted = adapted.add_column("source_split", [split] * adapted.num_rows)
-        adapted = adapted.add_column("source_row", rows.tolist())
-        parts.append(adapted.add_column("row", (rows + offsets[index]).tolist()))  # the id lazy runs draw by
-    return datasets.concatenate_datasets(parts)
+        parts.append((index, raw, rows))
+    return parts
+
+
+def _guard(parts: list[tuple[int, datasets.Dataset, np.ndarray]], chains: list[RowChain], count: int,
+           split: str) -> int:
+    """The render guard on ``count`` rows spread over the split, before any row is prepared; returns rows rendered."""
+    total = sum(len(rows) for _, _, rows in parts)
+    picked, records, start = set(sample_indices(total, count)), [], 0
+    for index, raw, rows in parts:
+        for position in sorted(p - start for p in picked if start <= p < start + len(rows)):
+            try:
+                records.append((int(rows[position]), chains[index].record(raw[position])))
+            except RowError:
+                continue  # counted by the bad-row policy when the row is prepared
+        start += len(rows)
+    if not records:
+        return 0
+    chain = chains[parts[0][0]]
+    return check_rendering(records, chain.tokenizer, chain.settings, split)
+
+
+def _prepared(parts: list[tuple[int, datasets.Dataset, np.ndarray]], sources: list[Source], chains: list[RowChain],
+              split: str, name: str, key: str, num_proc: int | None) -> datasets.Dataset:
+    """Every planned row through its source's chain, tagged with where it came from."""
+    offsets = np.cumsum([0] + [source.train.num_rows for source in sources])
+    prepared = []
+    for index, raw, rows in parts:
+        out = prepare_rows(raw, chains[index], name, f"{key}-{name}-{index}", num_proc)
+        out = out.add_column("source", [index] * out.num_rows)
+        out = out.add_column("source_split", [split] * out.num_rows)
+        out = out.add_column("source_row", rows.tolist())
+        prepared.append(out.add_column("row", (rows + offsets[index]).tolist()))  # the id lazy runs draw by
+    return datasets.concatenate_datasets(prepared)
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Everything of the tokenizer that changes a row's tokens: vocabulary, special tokens, template, whether
+    plain text gets a BOS."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
-    return hashlib.sha256(f"{text}|{tokenizer.eos_token}|{tokenizer.chat_template}".encode()).hexdigest()
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    probe = tokenizer("sftkit", add_special_tokens=True)["input_ids"]
+    return hashlib.sha256(f"{text}|{specials}|{probe}|{tokenizer.chat_template}".encode()).hexdigest()
 
 
 Plan = dict[str, tuple[str, np.ndarray | None]]  # prepared split -> (source split, global train row ids)
 
 
-def _eager(sources: list[Source], choices: list[AdapterChoice], plan: Plan, tokenizer: PreTrainedTokenizerBase,
-           settings: TokenizeSettings, num_proc: int | None, guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
-    """Adapt, check the rendering, and tokenize the planned rows in batched, parallel passes, through the cache.
+def _eager(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice], plan: Plan,
+           num_proc: int | None, guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
+    """The planned rows through the row chain in batched, parallel passes, through the cache; the render guard on
+    a sample first.
 
     Returns the prepared splits and how many conversations the render guard rendered; -1 when they come
     from the cache, where they were rendered and passed before being saved (the key covers the template).
     """
     key = preparation_key(
         {
-            "sources": [(s.name, s.train._fingerprint, s.eval._fingerprint if s.eval is not None else None)
-                        for s in sources],
+            "sources": [source.fingerprint for source in sources],
             "adapters": [(c.installed.adapter.name, c.installed.distribution, c.installed.version, c.options)
                          for c in choices],
-            "tokenizer": _tokenizer_fingerprint(tokenizer),
-            "settings": asdict(settings),
+            "tokenizer": _tokenizer_fingerprint(chains[0].tokenizer),
+            "settings": asdict(chains[0].settings),
             "plan": {name: (split, None if ids is None else hashlib.sha256(ids.tobytes()).hexdigest())
                      for name, (split, ids) in plan.items()},
         },
-        code=(*(type(c.installed.adapter) for c in choices), adapt_module, tokenization_module),
+        code=code_digest(type(choice.installed.adapter) for choice in choices),
     )
 
     rendered = 0
@@ -233,35 +272,35 @@ def _eager(sources: list[Source], choices: list[AdapterChoice], plan: Plan, toke
         nonlocal rendered
         splits = {}
         for name, (split, ids) in plan.items():
-            adapted = _adapted(sources, choices, split, num_proc, ids)
-            rendered += check_rendering(adapted, tokenizer, guard_rows, name)
-            splits[name] = tokenize_split(adapted, tokenizer, settings, name, num_proc)
+            parts = _parts(sources, split, ids)
+            rendered += _guard(parts, chains, guard_rows, name)
+            splits[name] = _prepared(parts, sources, chains, split, name, key, num_proc)
         return splits
 
     splits, hit = cached(key, build)
     return splits, -1 if hit else rendered
 
 
-def _lazy(sources: list[Source], choices: list[AdapterChoice], train_ids: np.ndarray,
-          tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings,
+def _lazy(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice], train_ids: np.ndarray,
           guard_rows: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
     """The on-demand rows for the trainer, a prepared sample spread over them to check before step 1, and how
     many conversations of it the render guard rendered."""
     lazy_sources = []
-    for source, choice in zip(sources, choices, strict=True):
-        adapter, options = choice.installed.adapter, choice.options
-        columns = [column for column in adapter.columns(options) if column in source.train.column_names]
-        lazy_sources.append(LazySource(source.train.select_columns(columns),
-                                       lambda row, adapter=adapter, options=options: adapter.convert(row, options)))
+    for source, chain, choice in zip(sources, chains, choices, strict=True):
+        columns = [column for column in choice.installed.adapter.columns(choice.options)
+                   if column in source.train.column_names]
+        lazy_sources.append(LazySource(source.train.select_columns(columns), chain, source.name))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
-    adapted = _adapted(sources, choices, "train", None, sample)
-    rendered = check_rendering(adapted, tokenizer, guard_rows, "train")
-    preflight = tokenize_split(adapted, tokenizer, settings, "train sample")
-    return preflight, lazy_rows(lazy_sources, train_ids, tokenizer, settings), rendered
+    parts = _parts(sources, "train", sample)
+    rendered = _guard(parts, chains, guard_rows, "train")
+    key = preparation_key({"sources": [source.fingerprint for source in sources], "sample": sample.tolist()},
+                          code=code_digest(type(choice.installed.adapter) for choice in choices))
+    preflight = _prepared(parts, sources, chains, "train", "train sample", key, None)
+    return preflight, lazy_rows(lazy_sources, train_ids), rendered
 
 
-def _packed_share(recipe: Recipe, sources: list[Source], choices: list[AdapterChoice], train_ids: np.ndarray,
-                  tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, num_proc: int | None,
+def _packed_share(recipe: Recipe, sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice],
+                  train_ids: np.ndarray, num_proc: int | None,
                   guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
     """A bounded packed run's rows: drawn in a seeded random order, prepared in chunks (each cached) until
     packing them fills the sequences max_steps trains on, or the data runs out."""
@@ -271,7 +310,7 @@ def _packed_share(recipe: Recipe, sources: list[Source], choices: list[AdapterCh
     chunk = min(len(order), max(needed, PREFLIGHT_ROWS))  # a packed sequence holds at least one row
     while True:
         ids = np.sort(order[taken:taken + chunk])
-        prepared, rendered = _eager(sources, choices, {"train": ("train", ids)}, tokenizer, settings, num_proc,
+        prepared, rendered = _eager(sources, chains, choices, {"train": ("train", ids)}, num_proc,
                                     guard_rows if not chunks else 0)
         checked = rendered if not chunks else checked  # the render guard samples the first chunk
         chunks.append(prepared["train"])
@@ -288,7 +327,10 @@ def _packed_share(recipe: Recipe, sources: list[Source], choices: list[AdapterCh
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
-    """Load every source, convert it with its adapter, tokenize, apply the bad-row policy, check the rendering."""
+    """Load every source, take its rows through the row chain, apply the bad-row policy; the render guard first.
+
+    ``tokenizer`` is the run's, settled (chat template, special tokens) before any row is prepared.
+    """
     sources = load_sources(recipe)
     choices = _choose_adapters(sources)
     total = sum(source.train.num_rows for source in sources)
@@ -296,9 +338,11 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     train_ids, eval_ids, origin = (np.arange(total), None, f"split {recipe.script.dataset_test_split!r}") \
         if has_own_eval else split_held_out(total, recipe)
     tokenizer, note = rendering_tokenizer(tokenizer)
-    if note:
-        logger.info(note)
+    for line in (note, reply_end(tokenizer)[2]):
+        if line:
+            logger.info(line)
     settings = TokenizeSettings.from_recipe(recipe, tokenizer)
+    chains = [RowChain(choice.installed.adapter, choice.options, tokenizer, settings) for choice in choices]
     num_proc = recipe.training.dataset_num_proc or (usable_cpus() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))
     logger.info("preparation: %s (%s)", mode, why)
@@ -307,22 +351,21 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
         {"eval": ("eval", None)} if has_own_eval else {})
     lazy, guard_rows = None, recipe.sftkit.render_check_rows
     if mode == "lazy":
-        sample, lazy, checked = _lazy(sources, choices, train_ids, tokenizer, settings, guard_rows)
+        sample, lazy, checked = _lazy(sources, chains, choices, train_ids, guard_rows)
         prepared = {"train": sample}
         if eval_plan:
-            evaluation, eval_checked = _eager(sources, choices, eval_plan, tokenizer, settings, num_proc, guard_rows)
+            evaluation, eval_checked = _eager(sources, chains, choices, eval_plan, num_proc, guard_rows)
             prepared.update(evaluation)
             checked += max(eval_checked, 0)
     elif mode == "packed share":
-        prepared, checked = _packed_share(recipe, sources, choices, train_ids, tokenizer, settings, num_proc,
-                                          guard_rows)
+        prepared, checked = _packed_share(recipe, sources, chains, choices, train_ids, num_proc, guard_rows)
         if eval_plan:
-            evaluation, eval_checked = _eager(sources, choices, eval_plan, tokenizer, settings, num_proc, guard_rows)
+            evaluation, eval_checked = _eager(sources, chains, choices, eval_plan, num_proc, guard_rows)
             prepared.update(evaluation)
             checked = checked + eval_checked if min(checked, eval_checked) >= 0 else -1
     else:
         plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
-        prepared, checked = _eager(sources, choices, plan, tokenizer, settings, num_proc, guard_rows)
+        prepared, checked = _eager(sources, chains, choices, plan, num_proc, guard_rows)
     if checked < 0:
         logger.info("prepared rows loaded from the cache (their rendering was checked when they were prepared)")
     elif checked:
@@ -336,4 +379,4 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         splits[name] = PreparedSplit(name, rows, report, lazy if name == "train" else None)
     return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin,
-                        f"{mode} ({why})", checked)
+                        f"{mode} ({why})", checked, chains)

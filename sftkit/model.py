@@ -10,30 +10,61 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 from sftkit import embedded
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
+from sftkit.templates import end_of_turn_token_id
 
 
 def model_path(recipe: Recipe) -> str:
     return embedded.resolve(recipe.model.model_name_or_path)
 
 
-def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
-    """The tokenizer the trainer will use, with the recipe's chat template file applied (weights not needed)."""
-    name = recipe.model.model_name_or_path
+def _tokenizer_from(name: str, recipe: Recipe, key: str) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_path(recipe),
-            revision=recipe.model.model_revision,
-            trust_remote_code=recipe.training.trust_remote_code,
-        )
+        return AutoTokenizer.from_pretrained(embedded.resolve(name), revision=recipe.model.model_revision,
+                                             trust_remote_code=recipe.training.trust_remote_code)
     except (OSError, ValueError) as error:
         raise SftkitError(
-            f"model_name_or_path {name}: could not load its tokenizer ({error}). Check the name, your network or "
-            "Hub login, or point model_name_or_path at a local directory."
+            f"{key} {name}: could not load its tokenizer ({error}). Check the name, your network or Hub login, or "
+            "point it at a local directory."
         ) from None
-    template_path = recipe.training.chat_template_path
-    if template_path and Path(template_path).is_file():
+
+
+def settle_tokenizer(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The run's tokenizer with the recipe's ``eos_token`` and ``chat_template_path`` applied, before any row is
+    prepared, and the ids of the tokens the template's tokenizer added.
+
+    TRL applies both when the trainer is built, after sftkit has prepared the rows; applying them here, in TRL's
+    order and TRL's way, makes every row (eager, lazy, packed) and the saved tokenizer agree. The trainer gets a
+    copy, so nothing it does later changes the tokenizer the rows are prepared with.
+    """
+    tokenizer = _tokenizer_from(recipe.model.model_name_or_path, recipe, "model_name_or_path")
+    eos_token, template_path = recipe.training.eos_token, recipe.training.chat_template_path
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab():
+            raise SftkitError(f"eos_token {eos_token!r} is not a token of the tokenizer of "
+                              f"{recipe.model.model_name_or_path}; name one of its tokens (its EOS is "
+                              f"{tokenizer.eos_token!r})")
+        tokenizer.eos_token = eos_token
+    added: list[int] = []
+    if template_path is None:
+        return tokenizer, added
+    if Path(template_path).is_file():
+        if not template_path.endswith((".jinja", ".j2")):
+            raise SftkitError(f"chat_template_path {template_path}: a template file ends in .jinja or .j2; or give a "
+                              "tokenizer directory or a Hub model id whose template to use")
         tokenizer.chat_template = Path(template_path).read_text()
-    return tokenizer
+        return tokenizer, added
+    source = _tokenizer_from(template_path, recipe, "chat_template_path")  # as TRL's clone_chat_template does
+    tokenizer.chat_template = source.get_chat_template()
+    new = [token for token in source.added_tokens_decoder.values() if token.content not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(new)
+    added = [tokenizer.convert_tokens_to_ids(token.content) for token in new]
+    tokenizer.eos_token = source.eos_token
+    return tokenizer, added
+
+
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The run's settled tokenizer (see ``settle_tokenizer``); no weights are loaded."""
+    return settle_tokenizer(recipe)[0]
 
 
 def model_init_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -45,22 +76,6 @@ def model_init_kwargs(recipe: Recipe) -> dict[str, Any]:
         "dtype": recipe.model.dtype,
     }
     return {**kwargs, **(recipe.training.model_init_kwargs or {})}
-
-
-def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The special token the chat template puts right after an assistant's text (ChatML's <|im_end|>)."""
-    if not tokenizer.chat_template:
-        return None
-    marker = "sftkit-end-of-turn-probe"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    after = rendered.split(marker, 1)[-1]
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {
-        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
-    }
-    return ids[0] if ids and ids[0] in special else None
 
 
 def stop_on_end_of_turn(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -7,17 +7,17 @@ This guard renders what will train and compares it with what the data says.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.errors import SftkitError
-from sftkit.tokenization import render, tools_of
+from sftkit.hookspecs import RowError
+from sftkit.templates import render, tools_of
+from sftkit.tokenization import TokenizeSettings, training_messages
 
 REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
 WHITESPACE = re.compile(r"\s+")
@@ -68,14 +68,13 @@ def sample_indices(num_rows: int, count: int) -> list[int]:
     return sorted({int(i * step) for i in range(count)})
 
 
-def check_rendering(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, count: int, split: str) -> int:
-    """Render ``count`` valid conversations; raise if a turn is missing from the rendering. Returns rows rendered."""
-    valid = [row for row, reason in enumerate(rows["invalid"]) if reason is None]
-    checked = [valid[position] for position in sample_indices(len(valid), count)]
+def check_rendering(records: Sequence[tuple[int, Mapping[str, Any]]], tokenizer: PreTrainedTokenizerBase,
+                    settings: TokenizeSettings, split: str) -> int:
+    """Render the sampled ``(row, record)`` conversations as training renders them; raise if a turn is missing from
+    the rendering. Returns how many were rendered (rows the template rejects are the bad-row policy's)."""
     problems: list[Problem] = []
     renderings: dict[int, str] = {}
-    for row in checked:
-        record = json.loads(rows[row]["record"])
+    for row, record in records:
         conversation = record.get("messages") or [
             *(record["prompt"] if isinstance(record.get("prompt"), list) else []),
             *(record["completion"] if isinstance(record.get("completion"), list) else []),
@@ -85,17 +84,21 @@ def check_rendering(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
         if not tokenizer.chat_template:
             raise SftkitError(
                 "the data is conversational but the tokenizer has no chat template; set chat_template_path in the "
-                "recipe to a .jinja file or a tokenizer directory that has one"
+                "recipe to a .jinja file, a tokenizer directory or a Hub model id that has one"
             )
-        renderings[row] = render(tokenizer, conversation, tools_of(record))
+        try:
+            renderings[row] = render(tokenizer, training_messages(conversation, settings, tokenizer.eos_token),
+                                     tools_of(record))
+        except RowError:
+            continue
         problems += [Problem(row, f"{turn} is missing from the rendering")
                      for turn in missing_turns(conversation, renderings[row])]
     if problems:
         shown = "\n".join(f"  {split} row {problem.row}: {problem.what}" for problem in problems[:SHOWN_PROBLEMS])
         first = problems[0].row
         raise SftkitError(
-            f"render guard: {len({problem.row for problem in problems})} of {len(checked)} sampled {split} examples "
-            f"lose turns in the chat template:\n{shown}\n"
+            f"render guard: {len({problem.row for problem in problems})} of {len(renderings)} sampled {split} "
+            f"examples lose turns in the chat template:\n{shown}\n"
             f"The chat template renders {split} row {first} as:\n{renderings[first][:800]}\n"
             "A template drops turns whose role it does not know: map the data's roles with dataset_options "
             "(for example role_map) or use a chat template that renders every role."

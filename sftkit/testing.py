@@ -5,27 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sftkit.adapt import check_record, resolve_options
-from sftkit.hookspecs import Adapter
+from sftkit.adapt import resolve_options
+from sftkit.hookspecs import Adapter, Detection
+from sftkit.rows import to_record
 
 
 def convert_rows(
     adapter: Adapter, rows: Iterable[Mapping[str, Any]], options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Convert raw rows as sftkit does: options checked and defaulted, then every record checked as canonical.
+    """Convert raw rows as sftkit does (the first steps of its row chain): options checked and defaulted, then every
+    record checked as canonical.
 
-    Raises ``SftkitError`` for an unknown option and ``RowError`` for a row the adapter or the check rejects.
+    Raises ``SftkitError`` for an unknown option and ``RowError`` for a row the adapter or the check rejects
+    (an adapter's own exception becomes a RowError with reason ``rejected by adapter``, as in training).
     """
     resolved = resolve_options(adapter, options or {})
-    records = []
-    for row in rows:
-        record = adapter.convert(row, resolved)
-        check_record(record)
-        records.append(record)
-    return records
+    return [to_record(adapter, resolved, row) for row in rows]
 
 
 def detects(adapter: Adapter, rows: list[Mapping[str, Any]]) -> str | None:
-    """What ``dataset_format: auto`` would hear from this adapter for these rows."""
+    """Why ``dataset_format: auto`` would choose this adapter for these rows (its reason), or None."""
     columns = sorted({column for row in rows for column in row})
-    return adapter.detect(columns, rows)
+    found = adapter.detect(columns, rows)
+    return found.reason if isinstance(found, Detection) else found

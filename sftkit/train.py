@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl import get_peft_config, get_quantization_config, pack_dataset
+from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
 from sftkit.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
 from sftkit.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.counting import CountingCollator
-from sftkit.data import prepare_data
+from sftkit.data import PreparedData, prepare_data
 from sftkit.errors import SftkitError
 from sftkit.launcher import partial_batch_note
 from sftkit.lazy import SkippingCollator
-from sftkit.model import load_tokenizer, model_init_kwargs, model_path, stop_on_end_of_turn
+from sftkit.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.run_record import add_to_run_record, write_run_record
 from sftkit.summary import summarise
@@ -40,8 +42,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     args = recipe.training
     output_dir = Path(args.output_dir)
 
-    # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout.
-    tokenizer = load_tokenizer(recipe)
+    # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
+    # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
+    tokenizer, added_tokens = settle_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     logger.info("eval rows: %s", data.eval_origin)
     for split in (data.train, data.eval):
@@ -50,7 +53,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s/skipped_rows.jsonl", skipped,
                        args.output_dir)
-    train_rows = data.train.trainable()
+    train_rows, eval_rows = trainer_rows(data, args)
     note = partial_batch_note(len(train_rows), args.per_device_train_batch_size,
                               args.gradient_accumulation_steps, args.max_steps, state.num_processes,
                               args.dataloader_drop_last)
@@ -76,15 +79,18 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     if data.train.lazy is not None:
         args.remove_unused_columns = False  # the lazy rows are made from a "row" column the model never sees
-    if args.packing:
-        train_rows = pack_dataset(train_rows, args.max_length, args.packing_strategy)
+    peft_config = get_peft_config(recipe.model)
+    if peft_config is not None and added_tokens:  # the template's new tokens train their embeddings, as TRL does
+        indices = dict(peft_config.trainable_token_indices or {})
+        indices["embed_tokens"] = [*indices.get("embed_tokens", []), *added_tokens]
+        peft_config.trainable_token_indices = indices
     trainer = SftkitTrainer(
         model=model_path(recipe),
         args=args,
         train_dataset=train_rows,
-        eval_dataset=data.eval.trainable() if data.eval is not None else None,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(recipe.model),
+        eval_dataset=eval_rows,
+        processing_class=copy.deepcopy(tokenizer),  # TRL re-applies the template to its copy and pads its vocabulary
+        peft_config=peft_config,
         quantization_config=get_quantization_config(recipe.model),
         on_invalid=recipe.sftkit.on_invalid,
         max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
@@ -105,7 +111,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         raise SftkitError(f"training stopped: {trainer.policy_stop}. A checkpoint of the last step is in "
                           f"{args.output_dir}; fix the data or set on_invalid: skip, and resume with "
                           "resume_from_checkpoint.")
-    if data.eval is not None:
+    if data.eval is not None and recipe.values.get("do_eval") is not False:
         trainer.evaluate()
     if save:
         trainer.save_model(args.output_dir)
@@ -124,6 +130,20 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     trainer.end()
 
 
+def trainer_rows(data: PreparedData, args: SFTConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The rows the trainer reads: shuffled once if the recipe asks (before packing: the order decides which rows
+    share a packed sequence), and packed, the eval rows too unless eval_packing says otherwise."""
+    train_rows = data.train.trainable()
+    if args.shuffle_dataset:
+        train_rows = train_rows.shuffle(seed=args.seed)
+    eval_rows = data.eval.trainable() if data.eval is not None else None
+    if args.packing:
+        train_rows = pack_dataset(train_rows, args.max_length, args.packing_strategy)
+    if eval_rows is not None and (args.packing if args.eval_packing is None else args.eval_packing):
+        eval_rows = pack_dataset(eval_rows, args.max_length, args.packing_strategy)
+    return train_rows, eval_rows
+
+
 def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, lazy: bool) -> Any:
     """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid lazy rows passed on."""
     collator, args = trainer.data_collator, recipe.training
@@ -140,8 +160,13 @@ def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, lazy: b
 
 def head_loss(recipe: Recipe) -> str | None:
     """The kernel that computes the training loss from the hidden states; None for TRL's own fused head."""
-    chosen = recipe.sftkit.lm_head_loss
+    chosen, args = recipe.sftkit.lm_head_loss, recipe.training
     if chosen == "trl":
+        return None
+    if args.loss_type != "nll" or args.label_smoothing_factor:  # losses of the whole distribution: TRL's head has it
+        logger.info("speed: lm_head_loss %s computes the plain cross-entropy; loss_type %s and label_smoothing_factor "
+                    "%g need TRL's fused head (lm_head_loss: trl), which is used", chosen, args.loss_type,
+                    args.label_smoothing_factor)
         return None
     if is_deepspeed_zero3_enabled():  # the head's weight is sharded outside its own forward: TRL gathers it
         logger.info("speed: lm_head_loss %s computes the loss from the head's weight, which ZeRO-3 shards; using "

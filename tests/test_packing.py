@@ -19,8 +19,9 @@ def test_packed_sequences_match_sequences_alone(tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(embedded.resolve(TINY_MODEL)).eval()
-    settings = TokenizeSettings(max_length=None, truncate=False, long_rows="truncate", assistant_only_loss=True,
-                                completion_only_loss=None, end_of_turn="<|im_end|>")
+    settings = TokenizeSettings(max_length=None, truncate=False, truncation_mode="keep_start", long_rows="truncate",
+                                assistant_only_loss=True, completion_only_loss=None, end_of_turn="<|im_end|>",
+                                eos_after_replies=False)
     conversations = [
         [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]
         for a, b in ((2, 3), (40, 17), (5, 5))

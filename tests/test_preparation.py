@@ -88,3 +88,95 @@ def test_bounded_packed_run_prepares_only_the_rows_it_packs(tmp_path, cache):
     assert again.rows_checked == -1 and again.train.rows["row"] == taken  # from the cache: the same rows
     everything = prepare(tmp_path, data, **{**keys, "max_steps": 1000})
     assert everything.train.rows.num_rows == 3000  # more sequences than the data fills: all of it
+
+
+def _plugin(folder, behaviour: str):
+    """An adapter package on disk whose conversion calls a helper module: code a user upgrades or edits."""
+    package = folder / "sftkit_test_upgraded"
+    package.mkdir(exist_ok=True)
+    (package / "helpers.py").write_text(f"def answer(text):\n    return {behaviour}\n")
+    (package / "__init__.py").write_text(
+        "from sftkit.hookspecs import Adapter, hookimpl\n"
+        "from sftkit_test_upgraded.helpers import answer\n\n\n"
+        "class Upgraded(Adapter):\n"
+        "    name = 'upgraded'\n\n"
+        "    def columns(self, options):\n        return ['q', 'a']\n\n"
+        "    def convert(self, row, options):\n"
+        "        return {'messages': [{'role': 'user', 'content': row['q']},"
+        " {'role': 'assistant', 'content': answer(row['a'])}]}\n\n\n"
+        "@hookimpl\ndef register_adapters(register):\n    register(Upgraded())\n")
+
+
+def test_a_change_in_an_adapters_code_reaches_the_data(tmp_path, cache, monkeypatch):
+    """Edit a helper the adapter imports (not the adapter's own module): the next run prepares the rows again with
+    the new code instead of handing back the old rows under a new key or the old one."""
+    import importlib
+    import sys
+
+    import pluggy
+
+    from sftkit import hookspecs, plugins
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"q": f"Q{i}?", "a": f"A{i}."} for i in range(20)])
+
+    def run(behaviour: str) -> list[str]:
+        _plugin(tmp_path, behaviour)
+        for name in ("sftkit_test_upgraded.helpers", "sftkit_test_upgraded"):
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        manager = pluggy.PluginManager("sftkit")
+        manager.add_hookspecs(hookspecs)
+        manager.register(importlib.import_module("sftkit_test_upgraded"), name="sftkit-test-upgraded:plugin")
+        monkeypatch.setattr(plugins, "registry", lambda: plugins.collect_adapters(manager, {}))
+        prepared = prepare(tmp_path, data, prepare="eager", dataset_format="upgraded", assistant_only_loss=True)
+        tokenizer = load_tokenizer(load_recipe(str(tmp_path / "recipe.yaml")))
+        return [tokenizer.decode(ids) for ids in prepared.train.rows["input_ids"]]
+
+    assert "A0." in run("text")[0]
+    assert "A0. (upgraded)" in run("text + ' (upgraded)'")[0]
+
+
+def test_changed_content_with_the_same_modification_time_is_new_data(tmp_path, cache):
+    """cp -p, rsync -t and tar keep a file's modification time: the content decides, not the time."""
+    import os
+
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"text": f"Amberhold {index}."} for index in range(20)])
+    stamp = path.stat()
+    first = prepare(tmp_path, path, prepare="eager")
+    write_jsonl(path, [{"text": f"Marrowind {index}."} for index in range(20)])  # same size, other words
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+    second = prepare(tmp_path, path, prepare="eager")
+    assert second.train.rows["input_ids"] != first.train.rows["input_ids"]
+
+
+def test_eval_rows_are_cut_to_max_length_and_packed_like_train_rows(tmp_path, cache):
+    from sftkit.train import trainer_rows
+
+    rows = [sharegpt_row(index, ("human", "word " * (5 + index)), ("gpt", "ok " * (5 + index))) for index in range(40)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe_keys = {"max_length": 48, "test_split_size": 0.25, "prepare": "eager"}
+    prepared = prepare(tmp_path, data, **recipe_keys)
+    recipe = load_recipe(str(tmp_path / "recipe.yaml"))
+    _, unpacked = trainer_rows(prepared, recipe.training)
+    assert max(len(ids) for ids in unpacked["input_ids"]) == 48  # cut, as the train rows are
+    prepared = prepare(tmp_path, data, packing=True, **{**recipe_keys, "max_length": 256})
+    recipe = load_recipe(str(tmp_path / "recipe.yaml"))
+    _, packed = trainer_rows(prepared, recipe.training)
+    assert "seq_lengths" in packed.column_names and len(packed) < prepared.eval.report.valid
+    assert max(len(ids) for ids in packed["input_ids"]) <= 256
+
+
+def test_shuffle_dataset_changes_which_rows_share_a_packed_sequence(tmp_path, cache):
+    from sftkit.train import trainer_rows
+
+    rows = [sharegpt_row(index, ("human", f"What is {index}?"), ("gpt", f"{index}.")) for index in range(60)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    prepared = prepare(tmp_path, data, prepare="eager", test_split_size=0)
+    in_order, _ = trainer_rows(prepared, load_recipe(str(tmp_path / "recipe.yaml")).training)
+    prepared = prepare(tmp_path, data, prepare="eager", test_split_size=0, shuffle_dataset=True)
+    shuffled, _ = trainer_rows(prepared, load_recipe(str(tmp_path / "recipe.yaml")).training)
+    assert shuffled["input_ids"] != in_order["input_ids"]
+    assert sorted(map(tuple, shuffled["input_ids"])) == sorted(map(tuple, in_order["input_ids"]))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
-import datasets
 import pytest
 
 from sftkit.errors import SftkitError
 from sftkit.render_guard import check_rendering, missing_turns
+from sftkit.tokenization import TokenizeSettings
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -30,15 +28,18 @@ TRIMS_AND_DROPS_REASONING = (
 )
 
 
-def dataset(*conversations) -> datasets.Dataset:
-    """Rows as the data path hands them to the guard: canonical records as JSON, none invalid."""
-    rows = [{"record": json.dumps({"messages": conversation}), "invalid": None} for conversation in conversations]
-    features = datasets.Features({"record": datasets.Value("string"), "invalid": datasets.Value("string")})
-    return datasets.Dataset.from_list(rows, features=features)
+SETTINGS = TokenizeSettings(max_length=None, truncate=True, truncation_mode="keep_start", long_rows="truncate",
+                            assistant_only_loss=True, completion_only_loss=None, end_of_turn="<|im_end|>",
+                            eos_after_replies=False)
+
+
+def records(*conversations) -> list[tuple[int, dict]]:
+    """Rows as the data path hands them to the guard: (row, canonical record)."""
+    return [(row, {"messages": conversation}) for row, conversation in enumerate(conversations)]
 
 
 def test_clean_data_passes(tokenizer):
-    assert check_rendering(dataset(CONVERSATION, CONVERSATION), tokenizer, 8, "train") == 2
+    assert check_rendering(records(CONVERSATION, CONVERSATION), tokenizer, SETTINGS, "train") == 2
 
 
 def test_template_that_drops_turns_is_caught(tokenizer):
@@ -46,7 +47,7 @@ def test_template_that_drops_turns_is_caught(tokenizer):
     tokenizer.chat_template = DROPS_USER_TURNS
     try:
         with pytest.raises(SftkitError) as error:
-            check_rendering(dataset(CONVERSATION), tokenizer, 8, "train")
+            check_rendering(records(CONVERSATION), tokenizer, SETTINGS, "train")
     finally:
         tokenizer.chat_template = original
     message = str(error.value)
@@ -58,7 +59,7 @@ def test_unmapped_sharegpt_roles_are_caught_with_qwen25_template(tokenizer):
     # What TRL 1.16 trains on when human/gpt roles reach Qwen2.5's template: the default system prompt only.
     unmapped = [{"role": "human", "content": "What is 2 + 2?"}, {"role": "gpt", "content": "2 + 2 = 4."}]
     with pytest.raises(SftkitError, match="turn 0 \\(human\\).*missing from the rendering"):
-        check_rendering(dataset(unmapped), tokenizer, 8, "train")
+        check_rendering(records(unmapped), tokenizer, SETTINGS, "train")
 
 
 def test_trimming_and_dropped_reasoning_are_not_false_alarms():
@@ -85,7 +86,7 @@ def test_trimming_template_end_to_end(tokenizer):
         {"role": "assistant", "content": "Done."},
     ]
     try:
-        assert check_rendering(dataset(conversation), tokenizer, 8, "train") == 1
+        assert check_rendering(records(conversation), tokenizer, SETTINGS, "train") == 1
     finally:
         tokenizer.chat_template = original
 

@@ -20,11 +20,11 @@ def test_json_jsonl_parquet_csv_and_globs(tmp_path, sharegpt_rows):
     (tmp_path / "array.json").write_text(json.dumps(sharegpt_rows))
     datasets.Dataset.from_list(sharegpt_rows).to_parquet(str(tmp_path / "rows.parquet"))
     (tmp_path / "plain.csv").write_text("text\nhello\nworld\n")
-    assert load_raw(str(tmp_path / "a.jsonl"), None)["train"].num_rows == 10
-    assert load_raw(str(tmp_path / "*.jsonl"), None)["train"].num_rows == 25
-    assert load_raw(str(tmp_path / "array.json"), None)["train"].num_rows == 40
-    assert load_raw(str(tmp_path / "rows.parquet"), None)["train"].num_rows == 40
-    assert load_raw(str(tmp_path / "plain.csv"), None)["train"]["text"] == ["hello", "world"]
+    assert load_raw(str(tmp_path / "a.jsonl"), None)[0]["train"].num_rows == 10
+    assert load_raw(str(tmp_path / "*.jsonl"), None)[0]["train"].num_rows == 25
+    assert load_raw(str(tmp_path / "array.json"), None)[0]["train"].num_rows == 40
+    assert load_raw(str(tmp_path / "rows.parquet"), None)[0]["train"].num_rows == 40
+    assert load_raw(str(tmp_path / "plain.csv"), None)[0]["train"]["text"] == ["hello", "world"]
 
 
 def test_directory_with_splits(tmp_path, sharegpt_rows):
@@ -32,7 +32,7 @@ def test_directory_with_splits(tmp_path, sharegpt_rows):
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", sharegpt_rows[:30])
     write_jsonl(folder / "test.jsonl", sharegpt_rows[30:])
-    loaded = load_raw(str(folder), None)
+    loaded, _ = load_raw(str(folder), None)
     assert (loaded["train"].num_rows, loaded["test"].num_rows) == (30, 10)
 
 

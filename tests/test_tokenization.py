@@ -6,12 +6,8 @@ import pytest
 
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import RowError
-from sftkit.tokenization import (
-    IGNORE,
-    TokenizeSettings,
-    rendering_tokenizer,
-    tokenize_record,
-)
+from sftkit.templates import rendering_tokenizer
+from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -23,8 +19,9 @@ CHAT = [
 
 
 def settings(**changes) -> TokenizeSettings:
-    values = {"max_length": None, "truncate": True, "long_rows": "truncate", "assistant_only_loss": True,
-              "completion_only_loss": None, "end_of_turn": "<|im_end|>"}
+    values = {"max_length": None, "truncate": True, "truncation_mode": "keep_start", "long_rows": "truncate",
+              "assistant_only_loss": True, "completion_only_loss": None, "end_of_turn": "<|im_end|>",
+              "eos_after_replies": False}
     return TokenizeSettings(**{**values, **changes})
 
 
@@ -159,3 +156,36 @@ def test_template_that_drops_earlier_reasoning_renders_with_trl_training_version
 
 def test_templates_that_keep_earlier_turns_are_used_as_they_are(tokenizer):
     assert rendering_tokenizer(tokenizer) == (tokenizer, None)  # Qwen2.5's ChatML
+
+
+def test_plain_text_and_text_prompts_get_the_bos_the_tokenizer_adds_as_trl_does():
+    from chat_templates import family_tokenizer
+
+    llama = family_tokenizer("llama3")  # its tokenizer puts <|begin_of_text|> before plain text
+    bos = llama.bos_token_id
+    text = tokenize_record({"text": "Amberhold."}, llama, settings(end_of_turn="<|eot_id|>"))
+    assert text["input_ids"][0] == bos and text["input_ids"].count(bos) == 1
+    pair = tokenize_record({"prompt": "Capital?", "completion": " Amberhold."}, llama, settings(end_of_turn="<|eot_id|>"))
+    assert pair["input_ids"][0] == bos and pair["labels"][0] == IGNORE
+    chat = tokenize_record({"messages": CHAT[1:3]}, llama, settings(end_of_turn="<|eot_id|>"))
+    assert chat["input_ids"][:2] != [bos, bos]  # the template writes its BOS; none is added on top
+
+
+def test_the_first_completion_token_trains_when_the_prompt_ends_in_a_space(tokenizer):
+    tokens = tokenize_record({"prompt": "The capital of Veloria is ", "completion": "Amberhold"}, tokenizer, settings())
+    trained = trained_runs(tokenizer, tokens)
+    assert trained == [" Amberhold<|endoftext|>"] or trained == ["Amberhold<|endoftext|>"]
+    assert "Amberhold" in trained[0]  # the token that carries the completion's first word is not masked
+
+
+def test_a_conversation_that_starts_with_the_reply_trains_only_the_reply(tokenizer):
+    """Qwen2.5's template inserts a default system prompt and a header before a first assistant turn: not trained."""
+    messages = [{"role": "assistant", "content": "Hello! Ask me about Veloria."}]
+    tokens = tokenize_record({"messages": messages}, tokenizer, settings())
+    assert trained_runs(tokenizer, tokens) == ["Hello! Ask me about Veloria.<|im_end|>"]
+
+
+def test_keep_end_truncation_keeps_the_end(tokenizer):
+    full = tokenize_record({"text": "word " * 40}, tokenizer, settings(assistant_only_loss=False))
+    kept = tokenize_record({"text": "word " * 40}, tokenizer, settings(max_length=10, truncation_mode="keep_end"))
+    assert kept["input_ids"] == full["input_ids"][-10:]

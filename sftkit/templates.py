@@ -1,0 +1,143 @@
+"""Chat templates: rendering a conversation, finding the token that ends an assistant turn, and the rendering
+used for training when the model's own template would hide what the data says.
+
+A chat template is code from the model's repository: what it raises for a row (roles that must
+alternate, a system role it does not support) is that row's problem, not the run's, so rendering
+turns any exception into a ``RowError`` with the template's own message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from trl.chat_template_utils import get_training_chat_template
+
+from sftkit.errors import SftkitError
+from sftkit.hookspecs import RowError
+
+REJECTED_BY_TEMPLATE = "rejected by chat template"
+
+
+def tools_of(record: Mapping[str, Any]) -> list | None:
+    tools = record.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], tools: list | None,
+           generation_prompt: bool = False) -> str:
+    """The template's text for ``messages``; whatever the template raises becomes a RowError for the row."""
+    try:
+        return tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as error:  # noqa: BLE001 - the template's code (jinja raise_exception, a KeyError, ...) judged the row
+        raise RowError(f"the chat template rejects this conversation: {type(error).__name__}: {error}",
+                       reason=REJECTED_BY_TEMPLATE) from None
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    return set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+
+
+def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant's text (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, Llama 2's </s> after a space); None when the template marks no end of a turn with one."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "sftkit-end-of-turn-probe"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception as error:  # noqa: BLE001 - a template that cannot render one exchange cannot train anything
+        raise SftkitError(f"the chat template cannot render a user turn followed by an assistant turn: {error}. "
+                          "Set chat_template_path to a template that can.") from None
+    after = rendered.split(marker, 1)[-1].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and ids[0] in special_token_ids(tokenizer) else None
+
+
+def prefix_length(text: str, prefix: str, what: str) -> int:
+    """Where ``prefix`` ends in ``text``; a template that renders it otherwise rewrites earlier turns."""
+    if not text.startswith(prefix):
+        raise SftkitError(
+            f"loss masking: the chat template does not render {what} as a prefix of the whole conversation "
+            "(it rewrites earlier turns), so the trained part of each turn cannot be located, and TRL has no "
+            "training version of this template. Set assistant_only_loss: false (and completion_only_loss: false) "
+            "to train on every token, or set chat_template_path to a template that renders conversations "
+            "incrementally."
+        )
+    return len(prefix)
+
+
+# A conversation whose earlier turns a template may rewrite once later turns follow (Qwen3 drops their reasoning).
+PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"},
+         {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
+
+
+def _renders_incrementally(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether each assistant turn's prompt, and the conversation up to that turn, render as prefixes of the whole
+    conversation (a template that writes a closing only at the very end, like Phi-3's, fails this harmlessly: TRL
+    has no other version of it)."""
+    text = render(tokenizer, PROBE, None)
+    return all(text.startswith(render(tokenizer, PROBE[:index], None, generation_prompt=True))
+               and text.startswith(render(tokenizer, PROBE[: index + 1], None))
+               for index, message in enumerate(PROBE) if message["role"] == "assistant")
+
+
+def rendering_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedTokenizerBase, str | None]:
+    """The tokenizer that renders training rows, and a note when it is not the model's own.
+
+    A template that rewrites earlier turns once later ones follow hides what the data says (earlier
+    reasoning is dropped) and leaves trained turns impossible to locate. Where TRL ships a training
+    version of such a template (earlier turns kept as written), rows are rendered with it; the model
+    keeps its own template for inference. Other templates stay as they are: a row they rewrite is a
+    clear error naming the fix.
+    """
+    if not tokenizer.chat_template:
+        return tokenizer, None
+    try:
+        if _renders_incrementally(tokenizer):
+            return tokenizer, None
+    except RowError:  # the probe itself is rejected (a template of strict role rules): judged row by row instead
+        return tokenizer, None
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # TRL knows no training version of this template
+        return tokenizer, None
+    if template is None:
+        return tokenizer, None
+    rendering = copy.deepcopy(tokenizer)
+    rendering.chat_template = template
+    return rendering, ("chat template: the model's template drops parts of earlier turns (such as their reasoning) "
+                       "once later turns follow; training rows are rendered with TRL's training version of it, "
+                       "which keeps every turn as the data has it (the saved model keeps its own template)")
+
+
+def reply_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, bool, str | None]:
+    """How an assistant reply ends in training: (the token text that ends it, whether sftkit appends the EOS to
+    each reply, a note for the log).
+
+    A template that writes no special token after a reply (Alpaca-style, ChatQA, Falcon) would train a model
+    that never stops. The tokenizer's EOS is then trained after each reply; without an EOS there is no stop
+    marker to train, and the run is refused.
+    """
+    if not tokenizer.chat_template:
+        return None, False, None
+    token_id = end_of_turn_token_id(tokenizer)
+    if token_id is not None:
+        return tokenizer.convert_ids_to_tokens(token_id), False, None
+    if tokenizer.eos_token is None:
+        raise SftkitError(
+            "the chat template marks no end of an assistant turn with a special token and the tokenizer has no EOS "
+            "token, so the model could never learn to stop. Set eos_token in the recipe (a token of the "
+            "vocabulary), or chat_template_path to a template that ends each turn with one."
+        )
+    return tokenizer.eos_token, True, (
+        f"chat template: it marks no end of an assistant turn with a special token; the tokenizer's EOS "
+        f"{tokenizer.eos_token!r} is trained after each reply, so the model learns to stop")
