@@ -1,4 +1,4 @@
-"""The ``sftkit`` command: ``train`` (the default), ``check`` and ``adapters``."""
+"""The ``sftkit`` command: ``train`` (the default), ``check``, ``adapters``, ``k8s render`` and ``launch``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ USAGE = """\
 usage: sftkit [train] --config RECIPE.yaml [--key value ...]
        sftkit check --config RECIPE.yaml [--rows N] [--no-color] [--key value ...]
        sftkit adapters
+       sftkit k8s render --config RECIPE.yaml --nodes N --gpus-per-node G --image IMAGE [options]
+       sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--key value ...]
 
-  train     fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m sftkit)
-  check     validate the recipe and data and show what would train, without training
-  adapters  list the installed dataset adapters and their options
+  train       fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m sftkit)
+  check       validate the recipe and data and show what would train, without training
+  adapters    list the installed dataset adapters and their options
+  k8s render  the Kubeflow job (TrainJob or PyTorchJob) and ConfigMap that train the recipe on a cluster
+  launch      start this machine's share of a job (Kubernetes pod, SLURM node or one machine) with accelerate
 
 Any recipe key can be given as --key value; it overrides the file.
 """
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "train"
     if arguments and not arguments[0].startswith("-"):
         command = arguments.pop(0)
+    if command in ("k8s", "launch"):  # their own options, help and errors
+        _setup_logging()
+        from sftkit.k8s.commands import main as cluster_main
+
+        return cluster_main(command, arguments)
     if command in ("help", "-h", "--help") or arguments[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_adapters())
             return 0
         if command not in ("train", "check"):
-            raise SftkitError(f"unknown command {command!r}; commands are train, check and adapters")
+            raise SftkitError(f"unknown command {command!r}; commands are train, check, adapters, k8s and launch")
 
         from sftkit.recipe import load_recipe, parse_overrides
 

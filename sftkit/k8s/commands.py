@@ -1,0 +1,119 @@
+"""``sftkit k8s render`` and ``sftkit launch``: their options, parsed here so that the commands move as one piece."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sftkit.errors import SftkitError
+
+K8S_USAGE = """\
+usage: sftkit k8s render --config RECIPE.yaml --nodes N --gpus-per-node G --image IMAGE [options]
+
+  render   the ConfigMap and the Kubeflow job (TrainJob or PyTorchJob) that train RECIPE.yaml on a cluster,
+           as YAML for kubectl apply -f -
+
+sftkit k8s render --help lists the options.
+"""
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def render_parser() -> argparse.ArgumentParser:
+    from sftkit.k8s.render import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog="sftkit k8s render", allow_abbrev=False,
+        description="Render a ConfigMap with the recipe and the accelerate config, and the Kubeflow job whose pods "
+                    "run `sftkit launch`, as multi-document YAML: sftkit k8s render ... | kubectl apply -f -",
+        epilog="The recipe is checked first, with the global batch of nodes x gpus-per-node processes. output_dir "
+               "must lie on a --volume (or pass --allow-ephemeral-output). See docs/kubernetes.md.",
+    )
+    parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe to train")
+    parser.add_argument("--nodes", required=True, type=_positive, metavar="N", help="machines (pods)")
+    parser.add_argument("--gpus-per-node", required=True, type=_positive, metavar="G",
+                        help="GPUs of each pod, one training process each")
+    parser.add_argument("--image", required=True, help="the training image (see the Dockerfile)")
+    parser.add_argument("--kind", choices=("trainjob", "pytorchjob"), default="trainjob",
+                        help="trainjob: Kubeflow Trainer v2 (default); pytorchjob: the v1 training operator")
+    parser.add_argument("--accelerate-config", metavar="FILE",
+                        help="an accelerate config (configs/accelerate/); default: DDP over every GPU")
+    parser.add_argument("--namespace", metavar="NS", help="namespace of the job (default: kubectl's current one)")
+    parser.add_argument("--name", help="name of the job (default: sft-<recipe file name>)")
+    parser.add_argument("--volume", action="append", default=[], metavar="CLAIM:MOUNT",
+                        help="mount a persistent volume claim in every pod (repeatable); output_dir must lie on one")
+    parser.add_argument("--hf-token-secret", metavar="NAME",
+                        help="a Secret whose HF_TOKEN key becomes the pods' HF_TOKEN (gated models and datasets)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a variable in every pod's environment (repeatable), e.g. HF_HOME=/data/hf-cache or "
+                             "NCCL_DEBUG=INFO")
+    parser.add_argument("--shm-size", default=DEFAULT_SHM_SIZE, metavar="QUANTITY",
+                        help=f"size of the memory-backed /dev/shm of each pod (default {DEFAULT_SHM_SIZE})")
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, metavar="NAME",
+                        help=f"the ClusterTrainingRuntime of a TrainJob (default {DEFAULT_RUNTIME})")
+    parser.add_argument("--allow-ephemeral-output", action="store_true",
+                        help="render even if output_dir is on no volume (the model vanishes with the pod)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML to FILE instead of standard output")
+    return parser
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftkit launch", allow_abbrev=False,
+        usage="sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--nproc-per-node N] [--key value ...]",
+        description="Start this machine's share of a training job: map the scheduler's variables (Kubeflow PET_*, "
+                    "torchrun-style NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, SLURM's, or none: one machine) to "
+                    "explicit accelerate launch flags, print the command, and run `accelerate launch -m sftkit`.",
+        epilog="Other --key value options are recipe overrides, passed on to sftkit. See docs/kubernetes.md.",
+    )
+    parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe to train")
+    parser.add_argument("--accelerate-config", metavar="FILE",
+                        help="an accelerate config; machines, processes and the rendezvous come from the variables")
+    parser.add_argument("--nproc-per-node", type=_positive, metavar="N",
+                        help="processes on this machine (default: the job's setting, else one per visible GPU)")
+    return parser
+
+
+def _render(arguments: list[str]) -> None:
+    from sftkit.k8s.render import JobRequest, render
+    from sftkit.k8s.validation import environment_variable, volume_spec
+
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(K8S_USAGE)
+        return
+    if arguments[0] != "render":
+        raise SftkitError(f"unknown command 'k8s {arguments[0]}'; the k8s command is render")
+    options = render_parser().parse_args(arguments[1:])
+    request = JobRequest(
+        recipe=options.config, nodes=options.nodes, gpus_per_node=options.gpus_per_node, image=options.image,
+        kind=options.kind, accelerate_config=options.accelerate_config, namespace=options.namespace,
+        name=options.name, volumes=[volume_spec(value) for value in options.volume],
+        hf_token_secret=options.hf_token_secret, environment=[environment_variable(value) for value in options.env],
+        shm_size=options.shm_size, runtime=options.runtime,
+        allow_ephemeral_output=options.allow_ephemeral_output,
+    )
+    render(request, options.output)
+
+
+def _launch(arguments: list[str]) -> None:
+    from sftkit.k8s.launch import launch
+
+    options, recipe_overrides = launch_parser().parse_known_args(arguments)
+    launch(options.config, options.accelerate_config, options.nproc_per_node, recipe_overrides)
+
+
+def main(command: str, arguments: list[str]) -> int:
+    """Run ``sftkit k8s ...`` or ``sftkit launch ...``; a user's error is one line, without a traceback."""
+    try:
+        if command == "launch":
+            _launch(arguments)
+        else:
+            _render(arguments)
+        return 0
+    except SftkitError as error:
+        print(f"sftkit: error: {error}", file=sys.stderr)
+        return 2

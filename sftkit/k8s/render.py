@@ -1,0 +1,310 @@
+"""The manifests: a ConfigMap with the recipe and a Kubeflow job whose pods run ``sftkit launch``, as YAML.
+
+Objects are built from Kubeflow's own typed models (``kubeflow-trainer-api`` for the v2 ``TrainJob``,
+``kubeflow-training`` with the Kubernetes client's models for the v1 ``PyTorchJob``), so field names
+and types are those the operators' schemas define. Every pod gets the ConfigMap at ``/etc/sftkit``,
+a memory-backed ``/dev/shm`` (NCCL's shared-memory transport and data-loading workers need more than
+the 64 MiB a container gets by default), its GPUs, and the persistent volumes that hold ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from sftkit.errors import SftkitError
+from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, build_bundle, mounted_path
+from sftkit.k8s.validation import (
+    LABEL_MAX,
+    VolumeSpec,
+    dns_1035_label,
+    dns_1123_label,
+    dns_1123_subdomain,
+    image_reference,
+    positive_quantity,
+)
+
+DEFAULT_SHM_SIZE = "16Gi"
+SHM_MOUNT = "/dev/shm"
+DEFAULT_RUNTIME = "torch-distributed"
+GPU_RESOURCE = "nvidia.com/gpu"
+MASTER_PORT = 29500  # what the torch-distributed runtime sets; the PyTorchJob is given the same
+PATCH_MANAGER = "sftkit"
+TRAINJOB_NODE = "node"  # the replicated job and the container of the torch-distributed runtime
+PYTORCHJOB_PORT_NAME = "pytorchjob-port"
+LAUNCH_COMMAND = ["sftkit", "launch", "--config", mounted_path(RECIPE_FILE),
+                  "--accelerate-config", mounted_path(ACCELERATE_FILE)]
+
+
+@dataclass
+class JobRequest:
+    """What ``sftkit k8s render`` was asked for, checked."""
+
+    recipe: str
+    nodes: int
+    gpus_per_node: int
+    image: str
+    kind: str = "trainjob"
+    accelerate_config: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    volumes: list[VolumeSpec] = field(default_factory=list)
+    hf_token_secret: str | None = None
+    environment: list[tuple[str, str]] = field(default_factory=list)
+    shm_size: str = DEFAULT_SHM_SIZE
+    runtime: str = DEFAULT_RUNTIME
+    allow_ephemeral_output: bool = False
+
+
+def pod_names(kind: str, name: str, nodes: int) -> list[str]:
+    """Host names of the job's pods, which must be DNS labels of at most 63 characters."""
+    if kind == "trainjob":  # JobSet: <jobset>-<replicated job>-<job index>-<pod index>
+        return [f"{name}-{TRAINJOB_NODE}-0-{rank}" for rank in range(nodes)]
+    return [f"{name}-master-0", *(f"{name}-worker-{index}" for index in range(nodes - 1))]
+
+
+def _longest_name(kind: str, nodes: int) -> int:
+    return LABEL_MAX - max(len(host) for host in pod_names(kind, "", nodes))
+
+
+def job_name(request: JobRequest) -> str:
+    """The given --name, checked, or one made from the recipe's file name."""
+    longest = _longest_name(request.kind, request.nodes)
+    if request.name is None:
+        stem = re.sub(r"[^a-z0-9]+", "-", Path(request.recipe).stem.lower()).strip("-")
+        return f"sft-{stem}"[:longest].rstrip("-")
+    name = dns_1035_label(request.name, "--name")
+    if len(name) > longest:
+        raise SftkitError(
+            f"--name {name!r} is {len(name)} characters; the pods of this job are named like "
+            f"{pod_names(request.kind, name, request.nodes)[-1]}, a host name of at most {LABEL_MAX} characters: "
+            f"use at most {longest} characters"
+        )
+    return name
+
+
+def check_request(request: JobRequest) -> None:
+    if request.nodes < 1 or request.gpus_per_node < 1:
+        raise SftkitError("--nodes and --gpus-per-node must be at least 1")
+    if request.kind not in ("trainjob", "pytorchjob"):
+        raise SftkitError(f"--kind {request.kind!r}: choose trainjob (Kubeflow Trainer v2) or pytorchjob (v1)")
+    image_reference(request.image)
+    positive_quantity(request.shm_size, "--shm-size")
+    dns_1123_subdomain(request.runtime, "--runtime")
+    if request.namespace is not None:
+        dns_1123_label(request.namespace, "--namespace")
+    if request.hf_token_secret is not None:
+        dns_1123_subdomain(request.hf_token_secret, "--hf-token-secret")
+    names = [name for name, _ in request.environment] + (["HF_TOKEN"] if request.hf_token_secret else [])
+    if len(set(names)) != len(names):
+        raise SftkitError(f"--env: a variable is given twice ({', '.join(names)}; --hf-token-secret sets HF_TOKEN)")
+    mounts = [PurePosixPath(volume.mount) for volume in request.volumes]
+    if len(set(mounts)) != len(mounts):
+        raise SftkitError(f"--volume: two claims are mounted at the same path ({', '.join(map(str, mounts))})")
+    for volume, mount in zip(request.volumes, mounts, strict=True):
+        for taken in (MOUNT_DIR, SHM_MOUNT):
+            if mount.is_relative_to(taken) or PurePosixPath(taken).is_relative_to(mount):
+                raise SftkitError(f"--volume {volume.claim}:{volume.mount}: {taken} is where the job mounts its own "
+                                  "files; mount the claim elsewhere")
+
+
+# ---------------------------------------------------------------- Kubeflow Trainer v2: TrainJob
+
+
+def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str) -> dict[str, Any]:
+    from kubeflow_trainer_api import models as v2
+
+    def quantity(value: str) -> v2.IoK8sApimachineryPkgApiResourceQuantity:
+        return v2.IoK8sApimachineryPkgApiResourceQuantity(value)
+
+    volumes = [
+        v2.IoK8sApiCoreV1Volume(name="sftkit-config",
+                                config_map=v2.IoK8sApiCoreV1ConfigMapVolumeSource(name=configmap)),
+        v2.IoK8sApiCoreV1Volume(name="dshm", empty_dir=v2.IoK8sApiCoreV1EmptyDirVolumeSource(
+            medium="Memory", size_limit=quantity(request.shm_size))),
+        *(v2.IoK8sApiCoreV1Volume(name=f"volume-{index}", persistent_volume_claim=(
+            v2.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(claim_name=volume.claim)))
+          for index, volume in enumerate(request.volumes)),
+    ]
+    mounts = [
+        v2.IoK8sApiCoreV1VolumeMount(name="sftkit-config", mount_path=MOUNT_DIR, read_only=True),
+        v2.IoK8sApiCoreV1VolumeMount(name="dshm", mount_path=SHM_MOUNT),
+        *(v2.IoK8sApiCoreV1VolumeMount(name=f"volume-{index}", mount_path=volume.mount)
+          for index, volume in enumerate(request.volumes)),
+    ]
+    environment = [v2.IoK8sApiCoreV1EnvVar(name=name, value=value) for name, value in request.environment]
+    if request.hf_token_secret:
+        environment.append(v2.IoK8sApiCoreV1EnvVar(name="HF_TOKEN", value_from=v2.IoK8sApiCoreV1EnvVarSource(
+            secret_key_ref=v2.IoK8sApiCoreV1SecretKeySelector(name=request.hf_token_secret, key="HF_TOKEN"))))
+    gpus = {GPU_RESOURCE: quantity(str(request.gpus_per_node))}
+    trainer = v2.TrainerV1alpha1Trainer(
+        image=request.image,
+        command=LAUNCH_COMMAND,
+        env=environment or None,
+        num_nodes=request.nodes,
+        num_proc_per_node=request.gpus_per_node,
+        resources_per_node=v2.IoK8sApiCoreV1ResourceRequirements(requests=gpus, limits=gpus),
+    )
+    # Volumes (and the pods' labels) reach the runtime's pods only through a runtime patch (Trainer v2.2+); the
+    # node container's env cannot: it is the trainer's.
+    pod = v2.TrainerV1alpha1PodTemplatePatch(
+        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=labels),
+        spec=v2.TrainerV1alpha1PodSpecPatch(
+            volumes=volumes, containers=[v2.TrainerV1alpha1ContainerPatch(name=TRAINJOB_NODE, volume_mounts=mounts)]),
+    )
+    nodes = v2.TrainerV1alpha1ReplicatedJobPatch(
+        name=TRAINJOB_NODE,
+        template=v2.TrainerV1alpha1JobTemplatePatch(spec=v2.TrainerV1alpha1JobSpecPatch(template=pod)),
+    )
+    patch = v2.TrainerV1alpha1RuntimePatch(
+        manager=PATCH_MANAGER,
+        training_runtime_spec=v2.TrainerV1alpha1TrainingRuntimeSpecPatch(template=v2.TrainerV1alpha1JobSetTemplatePatch(
+            spec=v2.TrainerV1alpha1JobSetSpecPatch(replicated_jobs=[nodes]))),
+    )
+    job = v2.TrainerV1alpha1TrainJob(
+        api_version="trainer.kubeflow.org/v1alpha1",
+        kind="TrainJob",
+        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
+        spec=v2.TrainerV1alpha1TrainJobSpec(
+            runtime_ref=v2.TrainerV1alpha1RuntimeRef(
+                name=request.runtime, kind="ClusterTrainingRuntime", api_group="trainer.kubeflow.org"),
+            trainer=trainer,
+            runtime_patches=[patch],
+        ),
+    )
+    return job.to_dict()
+
+
+# ---------------------------------------------------------------- training operator v1: PyTorchJob
+
+
+def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str) -> dict[str, Any]:
+    from kubeflow.training import models as v1
+    from kubeflow.training.constants import constants
+    from kubernetes import client
+
+    volumes = [
+        client.V1Volume(name="sftkit-config", config_map=client.V1ConfigMapVolumeSource(name=configmap)),
+        client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory",
+                                                                            size_limit=request.shm_size)),
+        *(client.V1Volume(name=f"volume-{index}", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+            claim_name=volume.claim)) for index, volume in enumerate(request.volumes)),
+    ]
+    mounts = [
+        client.V1VolumeMount(name="sftkit-config", mount_path=MOUNT_DIR, read_only=True),
+        client.V1VolumeMount(name="dshm", mount_path=SHM_MOUNT),
+        *(client.V1VolumeMount(name=f"volume-{index}", mount_path=volume.mount)
+          for index, volume in enumerate(request.volumes)),
+    ]
+    environment = [client.V1EnvVar(name=name, value=value) for name, value in request.environment]
+    if request.hf_token_secret:
+        environment.append(client.V1EnvVar(name="HF_TOKEN", value_from=client.V1EnvVarSource(
+            secret_key_ref=client.V1SecretKeySelector(name=request.hf_token_secret, key="HF_TOKEN"))))
+    gpus = {GPU_RESOURCE: str(request.gpus_per_node)}
+    container = client.V1Container(
+        name=constants.PYTORCHJOB_CONTAINER,  # the operator finds its container by this name
+        image=request.image,
+        command=LAUNCH_COMMAND,
+        env=environment or None,
+        # MASTER_PORT comes from this port; the same as the v2 runtime's.
+        ports=[client.V1ContainerPort(name=PYTORCHJOB_PORT_NAME, container_port=MASTER_PORT)],
+        resources=client.V1ResourceRequirements(requests=gpus, limits=gpus),
+        volume_mounts=mounts,
+    )
+
+    def replicas(count: int) -> v1.KubeflowOrgV1ReplicaSpec:
+        # Never restart a single pod: it could not rejoin a rendezvous the others have left.
+        return v1.KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="Never", template=client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels=labels),
+            spec=client.V1PodSpec(containers=[container], volumes=volumes)))
+
+    specs = {constants.REPLICA_TYPE_MASTER: replicas(1)}
+    if request.nodes > 1:
+        specs[constants.REPLICA_TYPE_WORKER] = replicas(request.nodes - 1)
+    job = v1.KubeflowOrgV1PyTorchJob(
+        api_version=constants.API_VERSION,
+        kind=constants.PYTORCHJOB_KIND,
+        metadata=client.V1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
+        spec=v1.KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(request.gpus_per_node),
+            pytorch_replica_specs=specs,
+            run_policy=v1.KubeflowOrgV1RunPolicy(),
+        ),
+    )
+    return client.ApiClient().sanitize_for_serialization(job)
+
+
+# ---------------------------------------------------------------- the documents
+
+
+def _configmap(name: str, request: JobRequest, labels: dict[str, str], bundle: Bundle) -> dict[str, Any]:
+    from kubeflow_trainer_api import models as v2
+
+    return v2.IoK8sApiCoreV1ConfigMap(
+        api_version="v1",
+        kind="ConfigMap",
+        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
+        data=bundle.files,
+    ).to_dict()
+
+
+def _require_models() -> None:
+    try:
+        import kubeflow.training  # noqa: F401
+        import kubeflow_trainer_api  # noqa: F401
+        import kubernetes  # noqa: F401
+    except ImportError as error:
+        raise SftkitError(f"sftkit k8s render needs Kubeflow's models ({error.name} is missing): "
+                          "pip install 'sftkit[k8s]'") from None
+
+
+def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ConfigMap and the job, as the API expects them, and notes for the user."""
+    _require_models()
+    check_request(request)
+    name = job_name(request)
+    bundle = build_bundle(request.recipe, request.accelerate_config, request.nodes, request.gpus_per_node,
+                          request.volumes, request.allow_ephemeral_output)
+    labels = {"app.kubernetes.io/name": "sftkit", "app.kubernetes.io/instance": name}
+    configmap = f"{name}-config"
+    build = _trainjob if request.kind == "trainjob" else _pytorchjob
+    documents = [_configmap(configmap, request, labels, bundle), build(request, name, labels, configmap)]
+    kind = "TrainJob" if request.kind == "trainjob" else "PyTorchJob"
+    summary = (f"{kind} {name}: {request.nodes} node(s) x {request.gpus_per_node} GPU(s), image {request.image}; "
+               f"ConfigMap {configmap}")
+    return documents, [*bundle.notes, summary]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the files in the ConfigMap) as readable literal blocks."""
+
+
+def _string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _string)
+
+
+def to_yaml(documents: list[dict[str, Any]]) -> str:
+    # The models list fields alphabetically; a reader expects apiVersion, kind and metadata first.
+    ordered = [{**{key: document[key] for key in ("apiVersion", "kind", "metadata")}, **document}
+               for document in documents]
+    return yaml.dump_all(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def render(request: JobRequest, output: str | None) -> None:
+    documents, notes = render_documents(request)
+    text = to_yaml(documents)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).write_text(text)
+        notes.append(f"written to {output}")
+    for note in notes:
+        print(f"sftkit: {note}", file=sys.stderr)
