@@ -1,0 +1,366 @@
+"""sftkit k8s render: a ConfigMap and a Kubeflow job that the API server and the operators' webhooks accept.
+
+The rendered TrainJob and PyTorchJob are validated against the structural schema of the CRDs
+(``spec.versions[].schema.openAPIV3Schema``), strictly: a field the schema does not define is an
+error, as ``kubectl apply``'s strict field validation makes it. The rules the schema does not hold
+(the CRDs' CEL rules and the operators' admission webhooks) are checked here as the operators
+document them. Then the render's own promises: the recipe checked for the job's processes, the model
+on a volume, names, images and quantities refused locally, the DeepSpeed JSON carried along, and the
+caller's environment left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from helpers import ROOT, TINY_MODEL, write_recipe
+
+from sftkit.cli import main
+from sftkit.errors import SftkitError
+from sftkit.k8s.validation import (
+    dns_1035_label,
+    dns_1123_subdomain,
+    image_reference,
+    positive_quantity,
+    volume_spec,
+)
+
+TORCHRUN_RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+IMAGE = "ghcr.io/acme/sftkit:0.1.0"
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    return write_recipe(tmp_path / "my_run.yaml", model_name_or_path=TINY_MODEL,
+                        dataset_name="embedded:infinity-instruct-sample", per_device_train_batch_size=4,
+                        global_batch_size=192, max_steps=10, output_dir="/data/runs/my-run")
+
+
+def render(recipe: Path, *options: str, nodes: int = 2, gpus: int = 8, volume: str | None = "sft-data:/data",
+           output: Path | None = None) -> list[dict]:
+    """Run sftkit k8s render; the documents it writes."""
+    output = output or recipe.parent / "rendered.yaml"
+    arguments = ["k8s", "render", "--config", str(recipe), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+                 "--image", IMAGE, "-o", str(output), *(("--volume", volume) if volume else ()), *options]
+    assert main(arguments) == 0
+    return list(yaml.safe_load_all(output.read_text()))
+
+
+def refused(recipe: Path, capsys, *options: str, volume: str | None = "sft-data:/data", nodes: int = 2) -> str:
+    """Render something wrong: exit status 2, one line on stderr, no traceback, nothing written."""
+    output = recipe.parent / "refused.yaml"
+    arguments = ["k8s", "render", "--config", str(recipe), "--nodes", str(nodes), "--gpus-per-node", "8",
+                 "--image", IMAGE, "-o", str(output), *(("--volume", volume) if volume else ()), *options]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sftkit: error: ") and "Traceback" not in error
+    assert not output.exists()
+    return error
+
+
+# ---------------------------------------------------------------- the CRDs' structural schema
+
+
+@pytest.fixture(scope="module")
+def crds() -> dict[str, dict]:
+    """The TrainJob (v2.3.0) and PyTorchJob (v1.9.4) CRDs' schemas, where a copy of Kubeflow's manifests exists."""
+    folder = ROOT.parent / "shared" / "k8s"
+    if not folder.is_dir():
+        pytest.skip("Kubeflow's CRD manifests are not available beside this checkout")
+    schemas = {}
+    for kind, file in (("TrainJob", "trainer.kubeflow.org_trainjobs.yaml"),
+                       ("PyTorchJob", "kubeflow.org_pytorchjobs.yaml")):
+        crd = yaml.load((folder / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        version = next(version for version in crd["spec"]["versions"] if version["served"] and version["storage"])
+        schemas[kind] = strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def strict(schema):
+    """No field beyond those the schema defines, as kubectl's strict field validation has it."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: strict(value) for key, value in schema.items()}
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        schema["additionalProperties"] = False
+    return schema
+
+
+def schema_errors(schemas: dict[str, dict], job: dict) -> list[str]:
+    validator = jsonschema.Draft7Validator(schemas[job["kind"]])
+    return [f"{'.'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(job)]
+
+
+VARIANTS = {
+    "default": (),
+    "deepspeed, secret, namespace": ("--accelerate-config", "configs/accelerate/deepspeed_zero3.yaml",
+                                     "--hf-token-secret", "hf-token", "--namespace", "ml-team", "--shm-size", "32Gi",
+                                     "--env", "NCCL_DEBUG=INFO", "--volume", "sft-cache:/cache"),
+}
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_rendered_job_passes_the_crds_structural_schema(crds, recipe, kind, variant, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    configmap, job = render(recipe, "--kind", kind, *VARIANTS[variant])
+    assert (configmap["kind"], job["kind"]) == ("ConfigMap", {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[kind])
+    assert schema_errors(crds, job) == []
+
+
+def test_the_schema_check_finds_what_the_api_server_refuses(crds, recipe):
+    """The check is not vacuous: a string numProcPerNode (rejected since Trainer v2.2), a field no version defines
+    and a malformed quantity are all reported."""
+    _, job = render(recipe)
+    job["spec"]["trainer"]["numProcPerNode"] = "auto"
+    job["spec"]["trainer"]["workingDir"] = "/workspace"
+    job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
+        "spec"]["template"]["spec"]["volumes"][1]["emptyDir"]["sizeLimit"] = "16 GB"
+    errors = schema_errors(crds, job)
+    assert any("numProcPerNode: 'auto' is not of type 'integer'" in error for error in errors)
+    assert any("'workingDir' was unexpected" in error for error in errors)
+    assert any("sizeLimit: '16 GB' does not match" in error for error in errors)
+
+
+# ---------------------------------------------------------------- the operators' own rules (CEL, webhooks)
+
+
+def test_trainjob_follows_the_trainer_webhook_and_cel_rules(recipe):
+    _, job = render(recipe, "--hf-token-secret", "hf-token", "--env", "NCCL_DEBUG=INFO", nodes=4, gpus=2)
+    name, trainer = job["metadata"]["name"], job["spec"]["trainer"]
+    # CEL on the TrainJob: metadata.name is an RFC 1035 label of at most 63 characters.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    # Torch plugin webhook: numProcPerNode an integer, no torchrun variable in the trainer's env.
+    assert isinstance(trainer["numProcPerNode"], int) and trainer["numProcPerNode"] == 2
+    assert not TORCHRUN_RESERVED & {variable["name"] for variable in trainer.get("env", [])}
+    assert trainer["numNodes"] == 4
+    # Runtime patches may not set the node container's env: only through the trainer.
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert [replicated["name"] for replicated in patch] == ["node"]
+    containers = patch[0]["template"]["spec"]["template"]["spec"]["containers"]
+    assert containers == [{"name": "node", "volumeMounts": containers[0]["volumeMounts"]}]
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "torch-distributed"}
+    # The hosts the pods are given (JobSet: <job>-node-0-<index>) and node 0's address are DNS labels.
+    assert all(len(f"{name}-node-0-{index}") <= 63 for index in range(4))
+
+
+def test_pytorchjob_follows_the_training_operator_webhook_rules(recipe):
+    _, job = render(recipe, "--kind", "pytorchjob", nodes=3)
+    name, specs = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(f"{name}-worker-1") <= 63
+    assert set(specs) == {"Master", "Worker"}
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "8"  # a string in v1's schema
+    for spec in specs.values():
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch" and container["image"] == IMAGE
+        assert {"name": "pytorchjob-port", "containerPort": 29500} in container["ports"]
+    single_node = render(recipe, "--kind", "pytorchjob", nodes=1)[1]["spec"]["pytorchReplicaSpecs"]
+    assert set(single_node) == {"Master"}
+
+
+# ---------------------------------------------------------------- what every pod gets
+
+
+def pod_of(job: dict) -> tuple[dict, dict]:
+    """The pod spec and the training container, for either kind."""
+    if job["kind"] == "TrainJob":
+        spec = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        trainer = job["spec"]["trainer"]
+        container = {**spec["containers"][0], "command": trainer["command"], "env": trainer.get("env", []),
+                     "resources": trainer["resourcesPerNode"]}
+        return spec, container
+    spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    return spec, spec["containers"][0]
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_every_pod_gets_the_recipe_shared_memory_gpus_the_volume_and_the_token(recipe, kind):
+    configmap, job = render(recipe, "--kind", kind, "--hf-token-secret", "hf-token", "--shm-size", "32Gi",
+                            "--env", "HF_HOME=/data/hf-cache")
+    spec, container = pod_of(job)
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert container["command"] == ["sftkit", "launch", "--config", "/etc/sftkit/recipe.yaml",
+                                    "--accelerate-config", "/etc/sftkit/accelerate.yaml"]
+    assert volumes[mounts["/etc/sftkit"]]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"] == {"claimName": "sft-data"}
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"nvidia.com/gpu": "8"}}
+    assert container["env"] == [{"name": "HF_HOME", "value": "/data/hf-cache"}, {"name": "HF_TOKEN", "valueFrom": {
+        "secretKeyRef": {"key": "HF_TOKEN", "name": "hf-token"}}}]
+    assert configmap["data"]["recipe.yaml"] == recipe.read_text()
+    accelerate = yaml.safe_load(configmap["data"]["accelerate.yaml"])
+    assert (accelerate["distributed_type"], accelerate["num_machines"], accelerate["num_processes"]) == (
+        "MULTI_GPU", 2, 16)
+
+
+def test_standard_output_is_the_yaml_for_kubectl_and_notes_go_to_stderr(recipe):
+    result = subprocess.run(
+        [sys.executable, "-m", "sftkit", "k8s", "render", "--config", str(recipe), "--nodes", "2", "--gpus-per-node",
+         "8", "--image", IMAGE, "--volume", "sft-data:/data"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [document["kind"] for document in yaml.safe_load_all(result.stdout)] == ["ConfigMap", "TrainJob"]
+    assert "global_batch_size 192 = 4 per device x 16 process(es) x 3 accumulation step(s)" in result.stderr
+    assert "output_dir /data/runs/my-run is on the volume claim sft-data" in result.stderr
+
+
+def test_the_job_is_named_after_the_recipe_unless_named(recipe):
+    configmap, job = render(recipe)
+    assert job["metadata"]["name"] == "sft-my-run" and configmap["metadata"]["name"] == "sft-my-run-config"
+    assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "sft-my-run"
+    assert render(recipe, "--name", "qwen-sft-7")[1]["metadata"]["name"] == "qwen-sft-7"
+
+
+# ---------------------------------------------------------------- DeepSpeed's files travel with the job
+
+
+def test_a_deepspeed_config_is_carried_in_the_configmap_and_launched_without_pdsh(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    configmap, _ = render(recipe, "--accelerate-config", "configs/accelerate/deepspeed_zero2.yaml")
+    accelerate = yaml.safe_load(configmap["data"]["accelerate.yaml"])
+    assert accelerate["deepspeed_config"]["deepspeed_config_file"] == "/etc/sftkit/deepspeed.json"
+    assert accelerate["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    assert (accelerate["num_machines"], accelerate["num_processes"], accelerate["machine_rank"]) == (2, 16, 0)
+    assert "main_process_ip" not in accelerate
+    assert json.loads(configmap["data"]["deepspeed.json"]) == json.loads(
+        (ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+
+
+def test_a_deepspeed_config_without_a_multinode_launcher_gets_the_standard_one(recipe, tmp_path, monkeypatch):
+    """accelerate's default, pdsh, would log into the other pods over ssh; a pod has neither pdsh nor keys."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    Path("zero2.yaml").write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 8,
+                                                  "deepspeed_config": {"deepspeed_config_file": "ds.json"}}))
+    configmap, _ = render(recipe, "--accelerate-config", "zero2.yaml")
+    deepspeed = yaml.safe_load(configmap["data"]["accelerate.yaml"])["deepspeed_config"]
+    assert deepspeed == {"deepspeed_config_file": "/etc/sftkit/deepspeed.json",
+                         "deepspeed_multinode_launcher": "standard"}
+    assert json.loads(configmap["data"]["deepspeed.json"]) == {"zero_optimization": {"stage": 2}}
+
+
+def test_the_recipes_own_deepspeed_file_is_carried_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path / "ds.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
+                        output_dir="/data/out", deepspeed="configs/deepspeed/zero3.json")
+    configmap, _ = render(path)
+    assert yaml.safe_load(configmap["data"]["recipe.yaml"])["deepspeed"] == "/etc/sftkit/deepspeed.json"
+    assert json.loads(configmap["data"]["deepspeed.json"])["zero_optimization"]["stage"] == 3
+
+
+# ---------------------------------------------------------------- refusals, each naming what to change
+
+
+def test_the_walkthrough_recipe_is_refused_because_its_model_would_vanish_with_the_pod(tmp_path, capsys):
+    walkthrough = tmp_path / "walkthrough.yaml"
+    walkthrough.write_text((ROOT / "configs" / "recipes" / "walkthrough.yaml").read_text())
+    error = refused(walkthrough, capsys, volume=None, nodes=1)
+    assert ("output_dir /tmp/my-first-sft-exp is on no mounted volume: the model would vanish with the pod. Mount a "
+            "persistent volume claim where it should land (--volume CLAIM:/tmp/my-first-sft-exp)") in error
+    assert "--allow-ephemeral-output" in error
+    assert "is on no mounted volume" in refused(walkthrough, capsys, volume="sft-data:/data", nodes=1)
+    assert "output_dir /tmp/my-first-sft-exp is on the volume claim sft-data" in (
+        render(walkthrough, nodes=1, volume="sft-data:/tmp/my-first-sft-exp") and capsys.readouterr().err)
+    render(walkthrough, "--allow-ephemeral-output", nodes=1, volume=None)
+    assert "the model vanishes with the pod (--allow-ephemeral-output)" in capsys.readouterr().err
+
+
+def test_a_relative_output_dir_is_refused(tmp_path, capsys):
+    path = write_recipe(tmp_path / "r.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
+                        output_dir="outputs/run")
+    assert "output_dir outputs/run is relative, so inside the container" in refused(path, capsys)
+
+
+def test_a_global_batch_that_does_not_divide_over_the_jobs_processes_is_refused(recipe, capsys):
+    error = refused(recipe, capsys, nodes=4)  # 192 rows over 4 x 8 processes of 4 rows each
+    assert "global_batch_size 192 is not a multiple of per_device_train_batch_size 4 x 32 process(es) = 128" in error
+
+
+def test_an_accelerate_config_that_starts_one_process_is_refused(recipe, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    error = refused(recipe, capsys, "--accelerate-config", "configs/accelerate/single_gpu.yaml")
+    assert "distributed_type: NO, which starts one process, but the job runs 16" in error
+
+
+def test_two_deepspeed_configs_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path / "ds.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
+                        output_dir="/data/out", deepspeed="configs/deepspeed/zero3.json")
+    error = refused(path, capsys, "--accelerate-config", "configs/accelerate/deepspeed_zero2.yaml")
+    assert "name a DeepSpeed config; keep one of them" in error
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (("--name", "My_Run"), "--name 'My_Run' is not a valid name"),
+    (("--name", "a" * 60), "the pods of this job are named like a{60}-node-0-1.*use at most 54 characters"),
+    (("--kind", "pytorchjob", "--name", "a" * 60), "use at most 54 characters"),
+    (("--image", "ghcr.io/acme/My Image:1"), "--image 'ghcr.io/acme/My Image:1' is not a container image reference"),
+    (("--shm-size", "16 GB"), "--shm-size '16 GB' is not a Kubernetes quantity"),
+    (("--shm-size", "0"), "--shm-size '0' is not a Kubernetes quantity"),
+    (("--namespace", "ML"), "--namespace 'ML' is not a valid name"),
+    (("--hf-token-secret", "hf_token"), "--hf-token-secret 'hf_token' is not a valid name"),
+    (("--accelerate-config", "missing.yaml"), "--accelerate-config missing.yaml: no such file"),
+    (("--env", "PET_MASTER_PORT=29600"), "the operator sets PET_MASTER_PORT in each pod"),
+    (("--env", "MASTER_ADDR=10.0.0.1"), "the operator sets MASTER_ADDR in each pod"),
+    (("--env", "NCCL_DEBUG"), "--env 'NCCL_DEBUG': write NAME=VALUE"),
+    (("--volume", "sft-cache:/dev"), "/dev/shm is where the job mounts its own files"),
+    (("--volume", "sft-cache:/etc/sftkit"), "/etc/sftkit is where the job mounts its own files"),
+    (("--volume", "sft-cache:/data"), "two claims are mounted at the same path"),
+    (("--env", "HF_TOKEN=hf_x", "--hf-token-secret", "hf-token"), "a variable is given twice"),
+])
+def test_names_images_and_quantities_are_refused_locally(recipe, capsys, options, message):
+    assert re.search(message, refused(recipe, capsys, *options))
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("sft-data", "write CLAIM:MOUNT"),
+    ("sft-data:data", "absolute directory"),
+    ("Sft:/data", "the claim 'Sft' is not a valid name"),
+])
+def test_volumes_are_checked(value, message):
+    with pytest.raises(SftkitError, match=message):
+        volume_spec(value)
+
+
+def test_the_validators_accept_what_kubernetes_accepts():
+    assert dns_1035_label("sft-qwen2-5", "--name") == "sft-qwen2-5"
+    assert dns_1123_subdomain("hf.token-1", "--hf-token-secret") == "hf.token-1"
+    for image in ("sftkit", "localhost:5000/sftkit:dev", "ghcr.io/acme/team/sftkit:0.1.0-cuda13",
+                  "nvcr.io/acme/sftkit@sha256:" + "a" * 64, "Registry.Example.com/acme/sftkit"):
+        assert image_reference(image) == image
+    for quantity in ("16Gi", "512Mi", "64G", "1.5Gi", "1e9"):
+        assert positive_quantity(quantity, "--shm-size") == quantity
+
+
+def test_rendering_leaves_the_environment_as_it_was(tmp_path):
+    path = write_recipe(tmp_path / "env.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
+                        output_dir="/data/out", env={"SFTKIT_RENDER_PROBE": "1"})
+    before = dict(os.environ)
+    render(path)
+    assert dict(os.environ) == before
+
+
+def test_help_prints_the_usage_of_each_command(capsys):
+    for command, usage in ((["k8s", "render", "--help"], "usage: sftkit k8s render"),
+                           (["launch", "--help"], "usage: sftkit launch --config RECIPE.yaml")):
+        with pytest.raises(SystemExit) as exit_status:
+            main(command)
+        assert exit_status.value.code == 0 and capsys.readouterr().out.startswith(usage)
+    assert main(["k8s"]) == 0 and capsys.readouterr().out.startswith("usage: sftkit k8s render")
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert "sftkit k8s render --config" in listed and "sftkit launch --config" in listed
