@@ -30,6 +30,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "sftkit" / "embedded"
 DATASET_DIR = "infinity-instruct-sample"
+FORMATS_DIR = "format-samples"  # one small file per built-in format, for the recipes in configs/recipes/formats
 MODEL_DIR = "tiny-qwen2"
 
 DATA_SEED = 1234
@@ -186,6 +187,45 @@ def make_rows(seed: int = DATA_SEED, num_rows: int = NUM_ROWS) -> list[dict[str,
     return rows
 
 
+FORMAT_SEED = 4321
+FORMAT_ROWS = 60
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city of the invented map",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
+                               "required": ["city"]}}
+
+
+def format_samples(seed: int = FORMAT_SEED, num_rows: int = FORMAT_ROWS) -> dict[str, list[dict[str, Any]]]:
+    """The same kinds of questions in each built-in format's shape (as LLaMA-Factory and TRL lay them out), with a
+    few rows that are not usable, as real files have (an unknown speaker, an empty answer)."""
+    rng = random.Random(seed)
+    qas = [rng.choice(GENERATORS)(rng) for _ in range(num_rows)]
+    cities = sorted(CAPITALS.values())
+    alpaca, sharegpt_tools, messages, prompt_completion, text = [], [], [], [], []
+    for index, (_, question, answer) in enumerate(qas):
+        alpaca.append({"instruction": question, "input": "", "output": answer}
+                      if index % 4 else {"instruction": "Answer in one sentence.", "input": question, "output": answer})
+        city = cities[index % len(cities)]
+        degrees = rng.randint(-5, 30)
+        sharegpt_tools.append({
+            "conversations": [
+                {"from": "human", "value": f"What is the weather in {city}?"},
+                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": city}})},
+                {"from": "observation", "value": json.dumps({"city": city, "degrees": degrees})},
+                {"from": "gpt", "value": f"It is {degrees} degrees in {city}."},
+            ] if index % 3 else [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+            "tools": json.dumps([WEATHER_TOOL]) if index % 3 else "",
+        })
+        messages.append({"messages": [*([{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if index % 5 == 0
+                                        else []),
+                                      {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+        prompt_completion.append({"prompt": f"Question: {question}\nAnswer: ", "completion": answer})
+        text.append({"text": f"{question} {answer} " * (1 + index % 3)})
+    messages[13]["messages"][-1]["role"] = "narrator"  # not a role any template renders: an invalid row
+    alpaca[29]["output"] = "   "  # an empty answer: an invalid row
+    return {"alpaca.jsonl": alpaca, "sharegpt-tools.jsonl": sharegpt_tools, "messages.jsonl": messages,
+            "prompt-completion.jsonl": prompt_completion, "text.jsonl": text}
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -296,6 +336,8 @@ def main() -> None:
 
     rows = make_rows()
     write_jsonl(rows, args.out / DATASET_DIR / "train.jsonl")
+    for name, samples in format_samples().items():
+        write_jsonl(samples, args.out / FORMATS_DIR / name)
 
     template = chat_template()
     tokenizer = build_tokenizer(rows, template)

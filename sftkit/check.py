@@ -79,9 +79,9 @@ def _same_as_inference(example: dict[str, Any], record: dict[str, Any],
             f"inference (apply_chat_template with add_generation_prompt) sends:\n{tokenizer.decode(sent)!r}")
 
 
-def _stops(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
+def _stops(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, conversational: bool) -> str:
     """What generation stops at once the run has saved its generation config, against what was trained."""
-    trained, appended, _ = reply_end(tokenizer)
+    trained, appended, _ = reply_end(tokenizer) if conversational else (None, False, None)
     try:
         config = GenerationConfig.from_pretrained(model_path(recipe))
     except OSError:  # a model without a generation config: transformers derives it from the model config
@@ -122,7 +122,8 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
                 -1: "checked when these rows were prepared (loaded from the cache)"}.get(
         data.rows_checked, f"{data.rows_checked} sampled conversations render every turn")
     lines.append(f"render guard   {rendered}")
-    lines.append(f"stop           {_stops(recipe, tokenizer)}")
+    conversational = data.rows_checked != 0  # the render guard rendered conversations (or did, for cached rows)
+    lines.append(f"stop           {_stops(recipe, tokenizer, conversational)}")
     lines += _shown_rows(data, tokenizer, shown_rows, colour)
     print("\n".join(lines), flush=True)
     for split in splits:

@@ -103,5 +103,7 @@ def test_builder_is_deterministic(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    for rel in ("infinity-instruct-sample/train.jsonl", "tiny-qwen2/tokenizer.json"):
+    formats = [f"format-samples/{path.name}" for path in (EMBEDDED / "format-samples").glob("*.jsonl")]
+    assert len(formats) == 5
+    for rel in ("infinity-instruct-sample/train.jsonl", "tiny-qwen2/tokenizer.json", *formats):
         assert (tmp_path / rel).read_bytes() == (EMBEDDED / rel).read_bytes(), rel
