@@ -127,3 +127,25 @@ def test_adapters_are_credited_to_their_distribution():
 
 def test_row_error_is_a_value_error():
     assert issubclass(RowError, ValueError)
+
+
+class Crashes(Adapter):
+    """A plugin with a bug: a row without the 'context' column raises KeyError."""
+
+    name = "crashes"
+
+    def columns(self, options):
+        return ["instruction", "context"]
+
+    def convert(self, row, options):
+        return {"messages": [{"role": "user", "content": row["instruction"] + row["context"]},
+                             {"role": "assistant", "content": "ok"}]}
+
+
+def test_an_adapters_own_exception_is_that_rows_error_not_the_runs(tokenizer):
+    rows = [{"instruction": "a", "context": "b"}, {"instruction": "a", "context": None}]
+    prepared = prepare_rows(datasets.Dataset.from_list(rows), chain(tokenizer, Crashes()), "train", "crash")
+    assert prepared["invalid"] == [None, "rejected by adapter"]
+    assert "adapter 'crashes' failed on this row: TypeError" in prepared["problem"][1]
+    with pytest.raises(RowError, match="failed on this row"):
+        convert_rows(Crashes(), rows[1:])
