@@ -271,7 +271,7 @@ def run_one(name: str, work: Path, tiny: bool) -> dict:
         levers: list[str] = []
     else:
         from sftkit.recipe import load_recipe, read_recipe_file
-        from sftkit.train import train
+        from sftkit.train.job import train
 
         recipe = read_recipe_file(str(RECIPE))
         recipe.pop("dataset_config")  # the data here is a local text file

@@ -38,7 +38,7 @@ class FirstStep(TrainerCallback):
 """
 SFTKIT_SCRIPT = FIRST_STEP + """
 from sftkit.recipe import load_recipe, parse_overrides
-from sftkit.train import train
+from sftkit.train.job import train
 config, overrides = parse_overrides(sys.argv[1:])
 train(load_recipe(config, overrides), callbacks=[FirstStep()])
 """
@@ -150,9 +150,9 @@ def raw_tokenizer_rate(data: Path, tokenizer_dir: Path, rows: int) -> float:
 
 def sftkit_epoch_rate(data: Path, tokenizer_dir: Path, rows: int, output: Path) -> float:
     """Rows/s of sftkit's full eager preparation (adapt, render, tokenize, mask, policy), cold cache."""
-    from sftkit.data import prepare_data
-    from sftkit.model import load_tokenizer
+    from sftkit.data.preparation import prepare_data
     from sftkit.recipe import load_recipe
+    from sftkit.train.model import load_tokenizer
 
     recipe_path = output.with_suffix(".yaml")
     recipe_path.write_text(json.dumps({

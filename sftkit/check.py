@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from sftkit.bad_rows import enforce
-from sftkit.data import PreparedData, PreparedSplit, prepare_data
+from sftkit.data.bad_rows import enforce
+from sftkit.data.preparation import PreparedData, PreparedSplit, prepare_data
+from sftkit.data.templates import reply_end, tools_of
+from sftkit.data.tokenization import IGNORE
 from sftkit.hookspecs import RowError
-from sftkit.model import load_tokenizer, model_path, stop_on_end_of_turn
 from sftkit.recipe import Recipe
-from sftkit.templates import reply_end, tools_of
-from sftkit.tokenization import IGNORE
+from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
 PLAIN_MARKS = ("[[", "]]")

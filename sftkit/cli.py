@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check(recipe, rows, colour)
             return 0
-        from sftkit.train import train
+        from sftkit.train.job import train
 
         train(recipe)
         return 0

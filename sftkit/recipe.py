@@ -26,8 +26,8 @@ from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
 from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerator
-from sftkit.launcher import reconcile_launcher
-from sftkit.speed import resolve_speed
+from sftkit.train.launcher import reconcile_launcher
+from sftkit.train.speed import resolve_speed
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sftkit.adapt import resolve_options
+from sftkit.data.adapt import resolve_options
+from sftkit.data.rows import to_record
 from sftkit.hookspecs import Adapter, Detection
-from sftkit.rows import to_record
 
 
 def convert_rows(

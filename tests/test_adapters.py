@@ -8,14 +8,14 @@ import pytest
 from helpers import sharegpt_row
 
 from sftkit import hookspecs, plugins
-from sftkit.adapt import choose_adapter, resolve_options
 from sftkit.adapters.sharegpt import ShareGPTAdapter
+from sftkit.data.adapt import choose_adapter, resolve_options
+from sftkit.data.rows import PREPARED, RowChain, prepare_rows
+from sftkit.data.templates import reply_end
+from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import Adapter, RowError, hookimpl
-from sftkit.rows import PREPARED, RowChain, prepare_rows
-from sftkit.templates import reply_end
 from sftkit.testing import convert_rows, detects
-from sftkit.tokenization import TokenizeSettings
 
 
 def chain(tokenizer, adapter: Adapter, options: dict | None = None) -> RowChain:

@@ -7,8 +7,8 @@ import torch
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 from transformers.integrations.flex_attention import flex_attention_forward
 
-import sftkit.attention
-from sftkit.attention import use_flex_attention_in_autocast_dtype
+import sftkit.train.attention
+from sftkit.train.attention import use_flex_attention_in_autocast_dtype
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def seen_dtypes(monkeypatch):
         seen.append((query.dtype, key.dtype, value.dtype))
         return flex_attention_forward(module, query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(sftkit.attention, "flex_attention_forward", spy)
+    monkeypatch.setattr(sftkit.train.attention, "flex_attention_forward", spy)
     use_flex_attention_in_autocast_dtype()
     yield seen
     AttentionInterface.register("flex_attention", flex_attention_forward)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from helpers import ROOT, TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 
-from sftkit.data import prepare_data
+from sftkit.data.preparation import prepare_data
 from sftkit.errors import SftkitError
-from sftkit.model import load_tokenizer
 from sftkit.recipe import load_recipe
+from sftkit.train.model import load_tokenizer
 
 GOOD = [("human", "What is 2 + 3?"), ("gpt", "2 + 3 = 5.")]
 BAD = {  # reason -> the turns of a row that has exactly that problem
@@ -110,8 +110,8 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
 def _lazy_run(tmp_path, *overrides: str, bad: list | None = None,
               launcher: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
     """600 rows; those that a lazy run's pre-flight sample leaves out are bad, so only training meets them."""
-    from sftkit.data import PREFLIGHT_ROWS
-    from sftkit.render_guard import sample_indices
+    from sftkit.data.preparation import PREFLIGHT_ROWS
+    from sftkit.data.render_guard import sample_indices
 
     sampled = set(sample_indices(600, PREFLIGHT_ROWS))
     rows = [sharegpt_row(index, *(GOOD if index in sampled else bad or BAD["unknown role"])) for index in range(600)]

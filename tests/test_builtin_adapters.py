@@ -14,12 +14,12 @@ import pytest
 from helpers import sharegpt_row
 
 from sftkit import plugins
-from sftkit.adapt import choose_adapter
 from sftkit.adapters.alpaca import AlpacaAdapter
 from sftkit.adapters.messages import MessagesAdapter
 from sftkit.adapters.prompt_completion import PromptCompletionAdapter
 from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.adapters.text import TextAdapter
+from sftkit.data.adapt import choose_adapter
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import RowError
 from sftkit.testing import convert_rows, detects

@@ -11,10 +11,10 @@ import pytest
 from helpers import ROOT
 
 from sftkit.check import check, mark_trained
-from sftkit.data import prepare_data
-from sftkit.lazy import INVALID_KEY
-from sftkit.model import load_tokenizer
+from sftkit.data.on_demand import INVALID_KEY
+from sftkit.data.preparation import prepare_data
 from sftkit.recipe import load_recipe
+from sftkit.train.model import load_tokenizer
 
 RECIPES = sorted((ROOT / "configs" / "recipes" / "formats").glob("*.yaml"))
 

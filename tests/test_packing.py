@@ -10,7 +10,7 @@ from trl import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftkit import embedded
-from sftkit.tokenization import TokenizeSettings, tokenize_record
+from sftkit.data.tokenization import TokenizeSettings, tokenize_record
 
 TOLERANCE = 1e-4
 

@@ -8,9 +8,9 @@ import pytest
 from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 from trl import pack_dataset
 
-from sftkit.data import prepare_data
-from sftkit.model import load_tokenizer
+from sftkit.data.preparation import prepare_data
 from sftkit.recipe import load_recipe
+from sftkit.train.model import load_tokenizer
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_changed_content_with_the_same_modification_time_is_new_data(tmp_path, c
 
 
 def test_eval_rows_are_cut_to_max_length_and_packed_like_train_rows(tmp_path, cache):
-    from sftkit.train import trainer_rows
+    from sftkit.train.job import trainer_rows
 
     rows = [sharegpt_row(index, ("human", "word " * (5 + index)), ("gpt", "ok " * (5 + index))) for index in range(40)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -170,7 +170,7 @@ def test_eval_rows_are_cut_to_max_length_and_packed_like_train_rows(tmp_path, ca
 
 
 def test_shuffle_dataset_changes_which_rows_share_a_packed_sequence(tmp_path, cache):
-    from sftkit.train import trainer_rows
+    from sftkit.train.job import trainer_rows
 
     rows = [sharegpt_row(index, ("human", f"What is {index}?"), ("gpt", f"{index}.")) for index in range(60)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from sftkit.data.render_guard import check_rendering, missing_turns
+from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
-from sftkit.render_guard import check_rendering, missing_turns
-from sftkit.tokenization import TokenizeSettings
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -101,6 +101,6 @@ def test_tool_calls_count_as_content():
 
 
 def test_render_check_rows_zero_checks_nothing():
-    from sftkit.render_guard import sample_indices
+    from sftkit.data.render_guard import sample_indices
 
     assert sample_indices(10, 0) == [] and sample_indices(10, 3) == [0, 3, 6]

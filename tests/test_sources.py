@@ -8,10 +8,10 @@ import datasets
 import pytest
 from helpers import TINY_MODEL, write_jsonl, write_recipe
 
-from sftkit.data import split_held_out
+from sftkit.data.preparation import split_held_out
+from sftkit.data.sources import load_raw, load_sources
 from sftkit.errors import SftkitError
 from sftkit.recipe import load_recipe
-from sftkit.sources import load_raw, load_sources
 
 
 def test_json_jsonl_parquet_csv_and_globs(tmp_path, sharegpt_rows):
@@ -87,8 +87,8 @@ def test_unreachable_hub_dataset_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_mixture_entries_have_their_own_format_and_options(tmp_path, sharegpt_rows):
-    from sftkit.data import prepare_data
-    from sftkit.model import load_tokenizer
+    from sftkit.data.preparation import prepare_data
+    from sftkit.train.model import load_tokenizer
 
     chat = write_jsonl(tmp_path / "chat.jsonl", [
         {"conversations": [{"speaker": "me", "text": f"q{index}"}, {"speaker": "bot", "text": f"a{index}"}]}

@@ -15,10 +15,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
-from sftkit.compilation import FixedShapeCollator
-from sftkit.counting import TOKENS_FED, CountingCollator
 from sftkit.errors import SftkitError
-from sftkit.speed import resolve_speed, training_memory_estimate
+from sftkit.train.compilation import FixedShapeCollator
+from sftkit.train.counting import TOKENS_FED, CountingCollator
+from sftkit.train.speed import resolve_speed, training_memory_estimate
 
 GIB = 2**30
 
@@ -128,7 +128,7 @@ def test_packed_rows_get_variable_length_attention_on_a_gpu_only():
 
 
 def test_attention_is_chosen_by_what_the_model_supports(monkeypatch):
-    from sftkit import speed
+    from sftkit.train import speed
 
     class NoVarlenNoFlex:  # a model class whose attention layers take neither
         _supports_flash_attn = False

@@ -13,11 +13,11 @@ from helpers import ROOT
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-import sftkit.attention
-from sftkit.attention import VARLEN, use_varlen_attention
-from sftkit.counting import TOKENS_FED, TOKENS_TRAINED, CountingCollator
+import sftkit.train.attention
 from sftkit.errors import SftkitError
-from sftkit.head_loss import LABEL_POSITIONS, add_head_loss
+from sftkit.train.attention import VARLEN, use_varlen_attention
+from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED, CountingCollator
+from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
 
 TOLERANCE = 1e-5
 
@@ -91,7 +91,7 @@ def _reference_varlen_kernel(query, key, value, boundaries, longest, scale):
 @pytest.fixture
 def varlen_on_cpu(monkeypatch):
     """torch's varlen kernel runs on CUDA only: on the CPU the attention function gets a reference kernel."""
-    monkeypatch.setattr(sftkit.attention, "_torch_varlen_kernel", lambda: _reference_varlen_kernel)
+    monkeypatch.setattr(sftkit.train.attention, "_torch_varlen_kernel", lambda: _reference_varlen_kernel)
     use_varlen_attention()
 
 
@@ -118,7 +118,7 @@ def test_varlen_attention_refuses_batches_that_are_not_packed(varlen_on_cpu):
 
 def test_the_torch_kernel_reports_the_loss_of_bf16_inputs_in_fp32():
     """torch's own sum of bf16 per-token losses comes back in bf16, about 1% off: the logged loss must not be."""
-    from sftkit.head_loss import sum_of_losses
+    from sftkit.train.head_loss import sum_of_losses
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(300, 64, dtype=torch.bfloat16), torch.randn(1000, 64, dtype=torch.bfloat16)
@@ -147,8 +147,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     """With a GPU's levers (variable-length attention, a head-loss kernel), a training step and the row policy
     read no value back from the device; TRL's head path does (its metrics), which shows the count sees one."""
     from sftkit.recipe import load_recipe
-    from sftkit.train import train
-    from sftkit.trainer import RowPolicy, SftkitTrainer
+    from sftkit.train.job import train
+    from sftkit.train.trainer import RowPolicy, SftkitTrainer
 
     mode = _HostReads()
 

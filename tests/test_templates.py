@@ -7,9 +7,9 @@ import pytest
 from chat_templates import FAMILIES, family_tokenizer
 
 from sftkit.check import inference_prompt
+from sftkit.data.templates import end_of_turn_token_id, reply_end
+from sftkit.data.tokenization import IGNORE, TokenizeSettings, tokenize_record
 from sftkit.errors import SftkitError
-from sftkit.templates import end_of_turn_token_id, reply_end
-from sftkit.tokenization import IGNORE, TokenizeSettings, tokenize_record
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 FIRST = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]

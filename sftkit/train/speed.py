@@ -14,10 +14,10 @@ from typing import Any
 from trl import SFTConfig
 
 from sftkit import embedded
-from sftkit.attention import VARLEN, varlen_available
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
-from sftkit.head_loss import KERNELS, kernel_available
+from sftkit.train.attention import VARLEN, varlen_available
+from sftkit.train.head_loss import KERNELS, kernel_available
 
 # The estimate below errs high (by about 1.4x against TRL's peaks measured on an H200): what it leaves
 # free covers allocator fragmentation and kernels' workspaces.

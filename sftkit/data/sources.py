@@ -13,7 +13,7 @@ import datasets
 import xxhash
 
 from sftkit import embedded
-from sftkit.cache import cache_root
+from sftkit.data.cache import cache_root
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
 

@@ -1,4 +1,4 @@
-"""The data of a run: load -> the row chain (adapt, check, render, tokenize, mask; ``sftkit.rows``) -> the
+"""The data of a run: load -> the row chain (adapt, check, render, tokenize, mask; ``sftkit.data.rows``) -> the
 bad-row policy, with the render guard on a sample before anything is prepared.
 
 Three ways through it, all through the same row chain. Eager: every row, in batched passes over all
@@ -23,20 +23,20 @@ from transformers import PreTrainedTokenizerBase
 from trl import pack_dataset
 
 from sftkit import plugins
-from sftkit.adapt import check_columns, choose_adapter, resolve_options
-from sftkit.bad_rows import RowReport, enforce, report_rows, write_skipped
-from sftkit.cache import cached, code_digest, preparation_key
+from sftkit.data.adapt import check_columns, choose_adapter, resolve_options
+from sftkit.data.bad_rows import RowReport, enforce, report_rows, write_skipped
+from sftkit.data.cache import cached, code_digest, preparation_key
+from sftkit.data.on_demand import LazySource, lazy_rows
+from sftkit.data.render_guard import check_rendering, sample_indices
+from sftkit.data.rows import RowChain, prepare_rows
+from sftkit.data.sources import Source, load_sources
+from sftkit.data.templates import rendering_tokenizer, reply_end
+from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
 from sftkit.hookspecs import RowError
-from sftkit.lazy import LazySource, lazy_rows
 from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe, number_of_processes
-from sftkit.render_guard import check_rendering, sample_indices
-from sftkit.rows import RowChain, prepare_rows
-from sftkit.sources import Source, load_sources
-from sftkit.templates import rendering_tokenizer, reply_end
-from sftkit.tokenization import TokenizeSettings
 
 logger = logging.getLogger(__name__)
 

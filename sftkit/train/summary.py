@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftkit.trainer import SftkitTrainer
+from sftkit.train.trainer import SftkitTrainer
 
 
 def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, float | None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sftkit.head_loss import LABEL_POSITIONS, label_positions
+from sftkit.train.head_loss import LABEL_POSITIONS, label_positions
 
 TOKENS_FED = "sftkit_tokens_fed"  # tokens the model reads (padding left out)
 TOKENS_TRAINED = "sftkit_tokens_trained"  # tokens whose next-token label is trained

@@ -8,9 +8,9 @@ from typing import Any
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit import embedded
+from sftkit.data.templates import end_of_turn_token_id
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
-from sftkit.templates import end_of_turn_token_id
 
 
 def model_path(recipe: Recipe) -> str:

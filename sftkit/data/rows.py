@@ -22,10 +22,10 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from sftkit.adapt import check_record
+from sftkit.data.adapt import check_record
+from sftkit.data.tokenization import TokenizeSettings, tokenize_records
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import Adapter, RowError
-from sftkit.tokenization import TokenizeSettings, tokenize_records
 
 ADAPTER_FAILED = "rejected by adapter"
 PREPARED = datasets.Features(

@@ -14,18 +14,18 @@ from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
-from sftkit.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
-from sftkit.compilation import FixedShapeCollator, compile_decoder_layers
-from sftkit.counting import CountingCollator
-from sftkit.data import PreparedData, prepare_data
+from sftkit.data.on_demand import SkippingCollator
+from sftkit.data.preparation import PreparedData, prepare_data
 from sftkit.errors import SftkitError
-from sftkit.launcher import partial_batch_note
-from sftkit.lazy import SkippingCollator
-from sftkit.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
 from sftkit.recipe import Recipe, number_of_processes
-from sftkit.run_record import add_to_run_record, write_run_record
-from sftkit.summary import summarise
-from sftkit.trainer import SftkitTrainer
+from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
+from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
+from sftkit.train.counting import CountingCollator
+from sftkit.train.launcher import partial_batch_note
+from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
+from sftkit.train.run_record import add_to_run_record, write_run_record
+from sftkit.train.summary import summarise
+from sftkit.train.trainer import SftkitTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """TRL's SFTTrainer, counting what it trains on, computing the loss without logits, and applying the bad-row
-policy (``sftkit.bad_rows``) to rows met mid-run.
+policy (``sftkit.data.bad_rows``) to rows met mid-run.
 
 Nothing here waits for the GPU between steps: token counts arrive with each batch as integers
-(``sftkit.counting``), and the counters of several processes are summed only when they are logged.
+(``sftkit.train.counting``), and the counters of several processes are summed only when they are logged.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
-from sftkit.bad_rows import MidRunRows, RowPolicy, summed
-from sftkit.counting import TOKENS_FED, TOKENS_TRAINED
-from sftkit.head_loss import LABEL_POSITIONS, add_head_loss
-from sftkit.lazy import INVALID_KEY, ROWS_KEY
+from sftkit.data.bad_rows import MidRunRows, RowPolicy, summed
+from sftkit.data.on_demand import INVALID_KEY, ROWS_KEY
+from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
+from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
 
 
 class SftkitTrainer(SFTTrainer):
     """SFTTrainer that counts the training tokens fed and trained, and the rows drawn and found invalid.
 
-    ``head_loss``: a kernel of ``sftkit.head_loss`` that computes the training loss from the hidden states,
+    ``head_loss``: a kernel of ``sftkit.train.head_loss`` that computes the training loss from the hidden states,
     or None for TRL's own fused head (which also logs entropy and token accuracy).
     """
 

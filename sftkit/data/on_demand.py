@@ -16,10 +16,10 @@ from typing import Any
 
 import datasets
 
-from sftkit.bad_rows import skipped_entry
+from sftkit.data.bad_rows import skipped_entry
+from sftkit.data.rows import RowChain
+from sftkit.data.tokenization import IGNORE
 from sftkit.hookspecs import RowError
-from sftkit.rows import RowChain
-from sftkit.tokenization import IGNORE
 
 INVALID_KEY = "sftkit_invalid"  # the skipped-rows entry of each invalid row in a batch (``bad_rows.skipped_entry``)
 ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not

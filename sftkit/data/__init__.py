@@ -1,0 +1,1 @@
+"""The data of a run: sources, adapters, the row chain, the bad-row policy and preparation."""
