@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from sftkit import __version__, hookspecs
+from sftkit.contract import CONTRACT, Adapter, compatible, option_help
 from sftkit.errors import SftkitError
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ LOAD_PLUGINS_ENV = "SFTKIT_LOAD_PLUGINS"
 
 @dataclass(frozen=True)
 class InstalledAdapter:
-    adapter: hookspecs.Adapter
+    adapter: Adapter
     distribution: str
     version: str
 
@@ -96,9 +97,17 @@ def collect_adapters(manager: pluggy.PluginManager, broken: dict[str, str]) -> R
     for impl in manager.hook.register_adapters.get_hookimpls():
         distribution, version = _distribution_of(impl.plugin_name)
 
-        def register(adapter: hookspecs.Adapter, distribution: str = distribution, version: str = version) -> None:
+        def register(adapter: Adapter, distribution: str = distribution, version: str = version) -> None:
             if not adapter.name:
                 raise SftkitError(f"plugin {distribution} registered an adapter without a name: {adapter!r}")
+            if not compatible(adapter.contract):  # reported like a plugin that fails to import; the others still load
+                found.broken[distribution] = (
+                    f"adapter {adapter.name!r} is written for sftkit's adapter contract {adapter.contract}, and this "
+                    f"sftkit ({__version__}) speaks contract {CONTRACT} (a plugin needs the same major version and a "
+                    f"minor one no newer): install a version of {distribution} for contract "
+                    f"{CONTRACT.split('.')[0]}.x, or a sftkit that speaks {adapter.contract}"
+                )
+                return
             if adapter.name in found.adapters:
                 other = found.adapters[adapter.name].distribution
                 raise SftkitError(
@@ -114,3 +123,20 @@ def collect_adapters(manager: pluggy.PluginManager, broken: dict[str, str]) -> R
         except Exception as error:
             raise SftkitError(f"plugin {distribution} failed while registering adapters: {error!r}") from error
     return found
+
+
+def describe_adapters() -> str:
+    """What ``sftkit adapters`` prints: each adapter with its distribution, version, contract and options."""
+    import json
+
+    found = registry()
+    lines = []
+    for name, installed in sorted(found.adapters.items()):
+        adapter = installed.adapter
+        lines.append(f"{name:<20} {installed.distribution} {installed.version}, contract {adapter.contract}  "
+                     f"{adapter.description}")
+        for key, default, kind, text in option_help(adapter.Options):
+            lines.append(f"{'':<22}{key}: {kind}, default {json.dumps(default)}: {text}")
+    for distribution, error in found.broken.items():
+        lines.append(f"{'(failed to load)':<20} {distribution}: {error}")
+    return "\n".join(lines)

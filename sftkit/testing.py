@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sftkit.data.adapt import resolve_options
+from sftkit.contract import Adapter, Detection
+from sftkit.data.adapt import declared_columns, resolve_options
 from sftkit.data.rows import to_record
-from sftkit.hookspecs import Adapter, Detection
+from sftkit.errors import SftkitError
 
 
 def convert_rows(
@@ -16,11 +17,20 @@ def convert_rows(
     """Convert raw rows as sftkit does (the first steps of its row chain): options checked and defaulted, then every
     record checked as canonical.
 
-    Raises ``SftkitError`` for an unknown option and ``RowError`` for a row the adapter or the check rejects
-    (an adapter's own exception becomes a RowError with reason ``rejected by adapter``, as in training).
+    Raises ``SftkitError`` for an unknown or bad option and a missing required column, and ``RowError`` for a row
+    the adapter or the check rejects (an adapter's own exception becomes a RowError with reason ``rejected by
+    adapter``, as in training).
     """
     resolved = resolve_options(adapter, options or {})
-    return [to_record(adapter, resolved, row) for row in rows]
+    declared = declared_columns(adapter, resolved)
+    records = []
+    for index, row in enumerate(rows):
+        if missing := [column for column in declared.required if column not in row]:
+            raise SftkitError(f"row {index}: adapter {adapter.name!r} needs column(s) {', '.join(map(repr, missing))}, "
+                              f"which the row lacks (it has {', '.join(row) or 'none'})")
+        # what a run hands convert: the declared columns, a missing optional one as None
+        records.append(to_record(adapter, resolved, {column: row.get(column) for column in declared.all}))
+    return records
 
 
 def detects(adapter: Adapter, rows: list[Mapping[str, Any]]) -> str | None:

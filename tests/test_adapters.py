@@ -7,14 +7,13 @@ import pluggy
 import pytest
 from helpers import sharegpt_row
 
-from sftkit import hookspecs, plugins
+from sftkit import Adapter, Columns, RowError, hookimpl, hookspecs, plugins
 from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.data.adapt import choose_adapter, resolve_options
 from sftkit.data.rows import PREPARED, RowChain, prepare_rows
 from sftkit.data.templates import reply_end
 from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import Adapter, RowError, hookimpl
 from sftkit.testing import convert_rows, detects
 
 
@@ -130,12 +129,12 @@ def test_row_error_is_a_value_error():
 
 
 class Crashes(Adapter):
-    """A plugin with a bug: a row without the 'context' column raises KeyError."""
+    """A plugin with a bug: a null context fails a concatenation."""
 
     name = "crashes"
 
     def columns(self, options):
-        return ["instruction", "context"]
+        return Columns(required=("instruction", "context"))
 
     def convert(self, row, options):
         return {"messages": [{"role": "user", "content": row["instruction"] + row["context"]},
@@ -149,3 +148,69 @@ def test_an_adapters_own_exception_is_that_rows_error_not_the_runs(tokenizer):
     assert "adapter 'crashes' failed on this row: TypeError" in prepared["problem"][1]
     with pytest.raises(RowError, match="failed on this row"):
         convert_rows(Crashes(), rows[1:])
+
+
+class FromTheFuture(Adapter):
+    name = "future"
+    contract = "2.0"
+
+    def columns(self, options):
+        return Columns(required=("text",))
+
+
+class FuturePlugin:
+    @hookimpl
+    def register_adapters(self, register):
+        register(FromTheFuture())
+
+
+def test_a_plugin_for_an_incompatible_contract_is_reported_and_the_others_load():
+    registry = _registry(FuturePlugin())
+    assert "future" not in registry.adapters and "sharegpt" in registry.adapters
+    assert "written for sftkit's adapter contract 2.0" in registry.broken["thirdparty-0"]
+    with pytest.raises(SftkitError, match="(?s)no adapter named 'future'.*contract 2.0"):
+        registry.get("future")
+
+
+class OldColumns(Adapter):
+    """Declares its columns as a bare list, as no version of the contract does."""
+
+    name = "old"
+
+    def columns(self, options):
+        return ["text"]
+
+    def convert(self, row, options):
+        return {"text": row["text"]}
+
+
+def test_columns_that_are_not_declared_with_columns_are_a_clear_error():
+    with pytest.raises(SftkitError, match="adapter 'old': columns\\(\\) returned list; .* asks for sftkit.Columns"):
+        convert_rows(OldColumns(), [{"text": "hi"}])
+
+
+def test_built_in_adapters_and_the_plugin_template_use_only_the_public_api():
+    """What sftkit's own adapters import, a third-party one can: ``sftkit`` itself, nothing private."""
+    import ast
+
+    from helpers import ROOT
+
+    files = [*(ROOT / "sftkit" / "adapters").glob("*.py"), ROOT / "plugins" / "sftkit-dolly" / "sftkit_dolly" / "__init__.py"]
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            modules = [node.module] if isinstance(node, ast.ImportFrom) else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            private = [module for module in modules if module and module.startswith("sftkit.")]
+            assert not private, f"{file.name} imports {private}; adapters use `import sftkit` only"
+
+
+def test_an_options_default_mapping_is_its_own_in_every_run():
+    from sftkit.adapters.sharegpt import ShareGPTOptions
+
+    first, second = ShareGPTOptions(), ShareGPTOptions()
+    assert first.role_map == second.role_map and first.role_map is not second.role_map
+
+
+def test_option_values_are_checked_inside_mappings():
+    with pytest.raises(SftkitError, match="role_map of adapter 'sharegpt' must be mapping of string to string, got"):
+        resolve_options(ShareGPTAdapter(), {"role_map": {"bot": 3}})

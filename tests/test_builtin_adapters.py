@@ -1,17 +1,19 @@
 """The built-in adapters: messages, sharegpt (LLaMA-Factory style), alpaca, prompt_completion, text.
 
 Fixtures are written here; the last tests also run every adapter over LLaMA-Factory's real demo files
-when they are on this machine (/work/shared/data/llamafactory).
+(https://github.com/hiyouga/LLaMA-Factory/tree/main/data) where a copy sits beside the checkout, in
+shared/data/llamafactory, and say so when they skip.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import datasets
 import pytest
-from helpers import sharegpt_row
+from helpers import ROOT, sharegpt_row
 
 from sftkit import plugins
 from sftkit.adapters.alpaca import AlpacaAdapter
@@ -19,12 +21,10 @@ from sftkit.adapters.messages import MessagesAdapter
 from sftkit.adapters.prompt_completion import PromptCompletionAdapter
 from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.adapters.text import TextAdapter
-from sftkit.data.adapt import choose_adapter
+from sftkit.contract import RowError
+from sftkit.data.adapt import choose_adapter, resolve_options
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import RowError
 from sftkit.testing import convert_rows, detects
-
-LLAMAFACTORY = Path("/work/shared/data/llamafactory")
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -128,14 +128,16 @@ def test_messages_options_column_names_and_role_map():
     record = convert_one(MessagesAdapter(), row, options)
     assert [message["role"] for message in record["messages"]] == ["user", "assistant"]
     assert record["tools"] == [wrapped(TIME_TOOL)]
-    assert MessagesAdapter().columns({**options}) == ["conversations", "functions"]
+    columns = MessagesAdapter().columns(resolve_options(MessagesAdapter(), {**options}))
+    assert columns.all == ("conversations", "functions")
 
 
 def test_messages_tools_column_null_reads_no_tools():
     row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": "{bad"}
     options = {"tools_column": None}
     assert "tools" not in convert_one(MessagesAdapter(), row, options)
-    assert MessagesAdapter().columns({"messages_column": "messages", "tools_column": None}) == ["messages"]
+    columns = MessagesAdapter().columns(resolve_options(MessagesAdapter(), {"tools_column": None}))
+    assert columns.all == ("messages",)
 
 
 def test_messages_unknown_role_names_turn_role_and_option():
@@ -265,7 +267,7 @@ def test_sharegpt_llamafactory_tags_as_options():
         ],
         "tools": [wrapped(TIME_TOOL)],
     }
-    assert ShareGPTAdapter().columns(options) == ["dialog", "sys", "functions"]
+    assert ShareGPTAdapter().columns(resolve_options(ShareGPTAdapter(), options)).all == ("dialog", "sys", "functions")
 
 
 def test_sharegpt_role_map_can_name_a_function_call_speaker():
@@ -283,7 +285,7 @@ def test_sharegpt_role_map_can_name_a_function_call_speaker():
 
 
 def test_sharegpt_defaults_stay_compatible():
-    options = {key: option.default for key, option in ShareGPTAdapter.options.items()}
+    options = dataclasses.asdict(resolve_options(ShareGPTAdapter(), {}))
     assert (options["messages_column"], options["role_key"], options["content_key"]) == (
         "conversations",
         "from",
@@ -352,9 +354,9 @@ def test_alpaca_column_options():
     messages = convert_one(AlpacaAdapter(), row, options)["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[3]["content"] == "Capital of Peru?\none word" and messages[4]["content"] == "Lima"
-    assert AlpacaAdapter().columns(options) == ["q", "a", "ctx", "sys", "past"]
+    assert AlpacaAdapter().columns(resolve_options(AlpacaAdapter(), options)).all == ("q", "a", "ctx", "sys", "past")
     no_optional = {**options, "input_column": None, "system_column": None, "history_column": None}
-    assert AlpacaAdapter().columns(no_optional) == ["q", "a"]
+    assert AlpacaAdapter().columns(resolve_options(AlpacaAdapter(), no_optional)).all == ("q", "a")
     assert len(convert_one(AlpacaAdapter(), row, no_optional)["messages"]) == 2
 
 
@@ -401,7 +403,8 @@ def test_prompt_completion_column_options_and_role_map():
         "prompt": [{"role": "user", "content": "hi"}],
         "completion": [{"role": "assistant", "content": "hello"}],
     }
-    assert PromptCompletionAdapter().columns(options) == ["question", "answer"]
+    columns = PromptCompletionAdapter().columns(resolve_options(PromptCompletionAdapter(), options))
+    assert columns.all == ("question", "answer")
 
 
 def test_prompt_completion_unknown_role_in_message_list():
@@ -422,7 +425,7 @@ def test_prompt_completion_mixed_text_and_messages_is_rejected():
 def test_text_and_text_column_option():
     assert convert_one(TextAdapter(), {"text": "Once upon a time.", "url": "x"}) == {"text": "Once upon a time."}
     assert convert_one(TextAdapter(), {"body": "B"}, {"text_column": "body"}) == {"text": "B"}
-    assert TextAdapter().columns({"text_column": "body"}) == ["body"]
+    assert TextAdapter().columns(resolve_options(TextAdapter(), {"text_column": "body"})).all == ("body",)
 
 
 # ----------------------------------------------------------------------------------------------- every RowError reason
@@ -443,14 +446,6 @@ REJECTIONS = [
         None,
         "unknown role",
         "role_map",
-    ),
-    (
-        "messages-bad-role-map",
-        MessagesAdapter(),
-        {"messages": MESSAGES_OK},
-        {"role_map": {"a": "robot"}},
-        "unknown role",
-        "'robot'",
     ),
     (
         "messages-tools-json",
@@ -526,24 +521,8 @@ REJECTIONS = [
         "text 'content'",
     ),
     ("messages-turn-type", MessagesAdapter(), {"messages": ["hi"]}, None, "rejected by adapter", "turn 0"),
-    (
-        "messages-missing-column",
-        MessagesAdapter(),
-        {"conversations": MESSAGES_OK},
-        None,
-        "rejected by adapter",
-        "messages_column",
-    ),
     # sharegpt
     ("sharegpt-role", ShareGPTAdapter(), glaive_row(("human", "a"), ("bot", "b")), None, "unknown role", "role_map"),
-    (
-        "sharegpt-bad-role-map",
-        ShareGPTAdapter(),
-        glaive_row(("human", "a")),
-        {"role_map": {"bot": "robot"}},
-        "unknown role",
-        "function_call",
-    ),
     (
         "sharegpt-call-json",
         ShareGPTAdapter(),
@@ -658,14 +637,6 @@ REJECTIONS = [
         "rejected by adapter",
         "history entry 0",
     ),
-    (
-        "alpaca-missing-column",
-        AlpacaAdapter(),
-        {"instruction": "a", "response": "b"},
-        None,
-        "rejected by adapter",
-        "output_column",
-    ),
     # prompt_completion
     (
         "pc-role",
@@ -718,11 +689,9 @@ REJECTIONS = [
         "rejected by adapter",
         "both",
     ),
-    ("pc-missing", PromptCompletionAdapter(), {"prompt": "a"}, None, "rejected by adapter", "completion_column"),
     # text
     ("text-empty", TextAdapter(), {"text": "  "}, None, "empty content", "'text'"),
-    ("text-type", TextAdapter(), {"text": None}, None, "rejected by adapter", "must be text"),
-    ("text-missing", TextAdapter(), {"body": "x"}, None, "rejected by adapter", "text_column"),
+    ("text-type", TextAdapter(), {"text": 5}, None, "rejected by adapter", "must be text"),
 ]
 
 
@@ -737,12 +706,34 @@ def test_row_errors_have_their_reason_and_say_where(adapter, row, options, reaso
     assert fragment in str(error)
 
 
+@pytest.mark.parametrize(("adapter", "row", "missing"), [
+    (MessagesAdapter(), {"conversations": MESSAGES_OK}, "'messages'"),
+    (AlpacaAdapter(), {"instruction": "a", "response": "b"}, "'output'"),
+    (PromptCompletionAdapter(), {"prompt": "a"}, "'completion'"),
+    (TextAdapter(), {"body": "x"}, "'text'"),
+])
+def test_a_missing_required_column_is_an_error_not_a_bad_row(adapter, row, missing):
+    with pytest.raises(SftkitError, match=f"adapter {adapter.name!r} needs column\\(s\\) {missing}, which the row lacks"):
+        convert_rows(adapter, [row])
+
+
 @pytest.mark.parametrize(
     "adapter", [AlpacaAdapter(), MessagesAdapter(), PromptCompletionAdapter(), ShareGPTAdapter(), TextAdapter()]
 )
 def test_unknown_option_is_an_error_for_every_adapter(adapter):
+    """And a value of the wrong type is one too, before any row."""
+    key = next(iter(resolve_options(adapter, {}).__dataclass_fields__))
+    with pytest.raises(SftkitError, match=f"dataset_options: {key} of adapter {adapter.name!r} must be"):
+        convert_rows(adapter, [], {key: 12})
     with pytest.raises(SftkitError, match=f"adapter {adapter.name!r} has no option 'nope' \\(accepted: "):
         convert_rows(adapter, [], {"nope": 1})
+
+
+@pytest.mark.parametrize("adapter, role_map", [(MessagesAdapter(), {"a": "robot"}), (ShareGPTAdapter(), {"bot": "robot"}),
+                                               (PromptCompletionAdapter(), {"a": "robot"})])
+def test_a_bad_role_map_is_one_configuration_error_before_any_row(adapter, role_map):
+    with pytest.raises(SftkitError, match=f"dataset_options of adapter {adapter.name!r}: role_map maps .* to 'robot'"):
+        convert_rows(adapter, [], {"role_map": role_map})
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -853,10 +844,18 @@ def _read(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-@pytest.mark.skipif(not LLAMAFACTORY.is_dir(), reason=f"{LLAMAFACTORY} is not on this machine")
+@pytest.fixture
+def llamafactory_data() -> Path:
+    """LLaMA-Factory's demo datasets, where a copy sits beside the checkout; the test skips, saying so, elsewhere."""
+    folder = ROOT.parent / "shared" / "data" / "llamafactory"
+    if not folder.is_dir():
+        pytest.skip(f"LLaMA-Factory's demo datasets are not at {folder} (copy its data/ folder there to run this)")
+    return folder
+
+
 @pytest.mark.parametrize("file_name", sorted(REAL_FILES))
-def test_llamafactory_demo_files_convert_with_the_auto_chosen_adapter(file_name):
-    rows = _read(LLAMAFACTORY / file_name)
+def test_llamafactory_demo_files_convert_with_the_auto_chosen_adapter(file_name, llamafactory_data):
+    rows = _read(llamafactory_data / file_name)
     assert rows
     installed, _, _ = choose_adapter("auto", datasets.Dataset.from_list(rows), plugins.registry())
     assert installed.adapter.name == REAL_FILES[file_name]

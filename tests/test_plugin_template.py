@@ -66,8 +66,8 @@ def test_adapters_lists_dolly_with_its_distribution(dolly_site: Path, tmp_path: 
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("dolly ")]
     (installed,) = importlib.metadata.distributions(name="sftkit-dolly", path=[str(dolly_site)])
-    assert line.split()[1:3] == ["sftkit-dolly", installed.version]
-    assert 'context_position (default "after"; one of ["after", "before"])' in result.stdout
+    assert line.split()[1:5] == ["sftkit-dolly", f"{installed.version},", "contract", "1.0"]
+    assert "context_position: one of 'after', 'before', default \"after\": where a non-empty context goes" in result.stdout
 
 
 def test_trains_on_auto_detected_dolly_data(dolly_site: Path, tmp_path: Path) -> None:
@@ -92,6 +92,23 @@ def test_trains_on_auto_detected_dolly_data(dolly_site: Path, tmp_path: Path) ->
     assert record["adapter"]["chosen"].startswith("dataset_format auto: dolly")
     assert record["data"]["train_rows"] == 40
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_data_without_the_optional_column_trains_and_without_a_required_one_is_one_clear_error(
+        dolly_site: Path, tmp_path: Path) -> None:
+    rows = [{key: value for key, value in row.items() if key != "context"} for row in dolly_rows(20)]
+    data = tmp_path / "no-context.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = ["-m", "sftkit", "check", "--config", str(TEMPLATE.parent.parent / "configs/recipes/quickstart.yaml"),
+            "--dataset_name", str(data), "--dataset_format", "dolly", "--output_dir", str(tmp_path / "out")]
+    result = run(base, [dolly_site], "sftkit-dolly", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data.write_text("".join(json.dumps({"instruction": row["instruction"], "answer": row["response"]}) + "\n"
+                            for row in rows))
+    result = run(base, [dolly_site], "sftkit-dolly", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("adapter 'dolly' (from sftkit-dolly 0.1.0) needs column 'response', which the data lacks (it has "
+            "instruction, answer)") in result.stderr
 
 
 def test_template_tests_pass_against_the_installed_distribution(dolly_site: Path, tmp_path: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from sftkit.contract import RowError
 from sftkit.data.templates import rendering_tokenizer
 from sftkit.data.tokenization import IGNORE, TokenizeSettings, tokenize_record
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import RowError
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

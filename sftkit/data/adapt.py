@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import datasets
 
+from sftkit.contract import CONTRACT, Adapter, Columns, Detection, RowError
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import Adapter, Detection, RowError
 from sftkit.plugins import InstalledAdapter, Registry
+from sftkit.records import ROLES
+from sftkit.values import Mismatch, coerce, type_name
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
 DETECTION_ROWS = 16
 
 
@@ -47,23 +50,33 @@ def choose_adapter(dataset_format: str, dataset: datasets.Dataset,
     )
 
 
-def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The adapter's options with defaults filled in; an option it does not know is an error."""
-    known = adapter.options
+def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> Any:
+    """The adapter's Options for a run, checked once before any row: each key known, each value of its declared
+    type, then the adapter's own ``check``. Any failure is one configuration error naming the adapter."""
+    hints = typing.get_type_hints(adapter.Options)
+    known = {spec.name for spec in dataclasses.fields(adapter.Options)}
     for key in given:
         if key not in known:
             accepted = ", ".join(sorted(known)) or "none"
-            raise SftkitError(
-                f"dataset_options: adapter {adapter.name!r} has no option {key!r} (accepted: {accepted})"
-            )
-    resolved = {key: given.get(key, option.default) for key, option in known.items()}
-    for key, value in resolved.items():
-        choices = known[key].choices
-        if choices is not None and value not in choices:
-            raise SftkitError(
-                f"dataset_options: {key} of adapter {adapter.name!r} must be one of {list(choices)}, got {value!r}"
-            )
-    return resolved
+            raise SftkitError(f"dataset_options: adapter {adapter.name!r} has no option {key!r} (accepted: {accepted})")
+    typed = {}
+    for key, value in given.items():
+        try:
+            typed[key] = coerce(value, hints[key])
+        except Mismatch:
+            raise SftkitError(f"dataset_options: {key} of adapter {adapter.name!r} must be {type_name(hints[key])}, "
+                              f"got {value!r}") from None
+    options = adapter.Options(**typed)
+    try:
+        adapter.check(options)
+    except (ValueError, TypeError) as error:
+        raise SftkitError(f"dataset_options of adapter {adapter.name!r}: {error}") from None
+    return options
+
+
+def options_record(options: Any) -> dict[str, Any]:
+    """The options as plain values, for the run record and the cache key."""
+    return dataclasses.asdict(options)
 
 
 def _check_tool_calls(position: int, calls: Any) -> None:
@@ -124,13 +137,22 @@ def check_record(record: Mapping[str, Any]) -> None:
         raise RowError(f"the adapter produced {sorted(record)}; expected messages, prompt/completion or text")
 
 
-def check_columns(installed: InstalledAdapter, options: Mapping[str, Any], dataset: datasets.Dataset,
-                  source: str) -> None:
-    """The adapter reads at least one of the data's columns; none means the wrong format or column names."""
+def declared_columns(adapter: Adapter, options: Any) -> Columns:
+    """The columns the adapter reads with these options, as the contract asks it to declare them."""
+    columns = adapter.columns(options)
+    if not isinstance(columns, Columns):
+        raise SftkitError(f"adapter {adapter.name!r}: columns() returned {type(columns).__name__}; the adapter contract "
+                          f"{CONTRACT} asks for sftkit.Columns(required=(...), optional=(...))")
+    return columns
+
+
+def check_columns(installed: InstalledAdapter, options: Any, dataset: datasets.Dataset, source: str) -> None:
+    """Every column the adapter requires is in the data: one error naming the plugin, the column and what is there."""
     adapter = installed.adapter
-    wanted = adapter.columns(options)
-    if not set(wanted) & set(dataset.column_names):
+    missing = [column for column in declared_columns(adapter, options).required if column not in dataset.column_names]
+    if missing:
         raise SftkitError(
-            f"dataset {source}: adapter {adapter.name!r} reads columns {wanted}, and the data has none of them (it has "
-            f"{dataset.column_names}); name the right ones in dataset_options or choose another format"
+            f"dataset {source}: adapter {adapter.name!r} (from {installed.distribution} {installed.version}) needs "
+            f"column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, which the data lacks (it has "
+            f"{', '.join(dataset.column_names)}); name the right ones in dataset_options or choose another format"
         )

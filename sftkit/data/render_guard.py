@@ -14,10 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.contract import RowError
 from sftkit.data.templates import render, tools_of
 from sftkit.data.tokenization import TokenizeSettings, training_messages
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import RowError
 
 REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
 WHITESPACE = re.compile(r"\s+")

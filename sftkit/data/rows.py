@@ -22,10 +22,10 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.contract import Adapter, RowError
 from sftkit.data.adapt import check_record
 from sftkit.data.tokenization import TokenizeSettings, tokenize_records
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import Adapter, RowError
 
 ADAPTER_FAILED = "rejected by adapter"
 PREPARED = datasets.Features(
@@ -62,8 +62,9 @@ class RowChain:
     settings: TokenizeSettings
 
     def record(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Steps 1 and 2 (``to_record``) with this source's adapter and options."""
-        return to_record(self.adapter, self.options, row)
+        """Steps 1 and 2 (``to_record``) with this source's adapter and options, on the declared columns."""
+        declared = self.adapter.columns(self.options).all
+        return to_record(self.adapter, self.options, {column: row.get(column) for column in declared})
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | RowError]:
         """Every step for each of ``rows``: ``{input_ids, labels, length}``, or the RowError saying why not."""
@@ -97,13 +98,16 @@ def prepare_rows(rows: datasets.Dataset, chain: RowChain, split: str, fingerprin
     again, so ``datasets`` never hands back a result of other code (it fingerprints a function by its closure,
     not by the code it calls).
     """
-    columns = [column for column in chain.adapter.columns(chain.options) if column in rows.column_names]
-    rows = rows.select_columns(columns)  # never carry unread columns through an expensive pass
+    declared = chain.adapter.columns(chain.options).all
+    present = [column for column in declared if column in rows.column_names]
+    rows = rows.select_columns(present)  # never carry unread columns through an expensive pass
 
     def prepare(batch: dict[str, list]) -> dict[str, list]:
-        count = len(next(iter(batch.values()))) if batch else 0
-        return as_columns(chain([{column: batch[column][i] for column in columns} for i in range(count)]))
+        count = len(batch[present[0]])
+        # Every declared column, a missing optional one as None: the adapter reads what it declared, nothing else.
+        return as_columns(chain([{column: batch[column][i] if column in batch else None for column in declared}
+                                 for i in range(count)]))
 
-    return rows.map(prepare, batched=True, remove_columns=columns, features=PREPARED, num_proc=num_proc,
+    return rows.map(prepare, batched=True, remove_columns=present, features=PREPARED, num_proc=num_proc,
                     load_from_cache_file=False, new_fingerprint=fingerprint,
                     desc=f"Preparing {split} rows ({chain.adapter.name})")

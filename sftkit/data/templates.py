@@ -16,8 +16,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template
 
+from sftkit.contract import RowError
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import RowError
 
 REJECTED_BY_TEMPLATE = "rejected by chat template"
 

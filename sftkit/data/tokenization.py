@@ -20,8 +20,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.contract import RowError
 from sftkit.data.templates import prefix_length, render, reply_end, tools_of
-from sftkit.hookspecs import RowError
 
 IGNORE = -100
 TOKENIZER_FAILED = "tokenizer error"

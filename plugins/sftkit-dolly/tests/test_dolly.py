@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sftkit_dolly import DollyAdapter, register_adapters
 
+import sftkit
 from sftkit.errors import SftkitError
-from sftkit.hookspecs import RowError
 from sftkit.testing import convert_rows, detects
 
 
@@ -46,9 +46,10 @@ def test_context_before_and_system_prompt(rows: list[dict]) -> None:
     assert second["messages"][1] == {"role": "user", "content": "Name a primary colour."}
 
 
-def test_null_context_counts_as_empty(rows: list[dict]) -> None:
-    (record,) = convert_rows(DollyAdapter(), [{**rows[1], "context": None}])
-    assert record["messages"][0]["content"] == "Name a primary colour."
+def test_a_null_or_missing_context_is_no_context(rows: list[dict]) -> None:
+    null, missing = convert_rows(DollyAdapter(), [{**rows[1], "context": None},
+                                                  {"instruction": "Name a primary colour.", "response": "Red."}])
+    assert null == missing and null["messages"][0]["content"] == "Name a primary colour."
 
 
 def test_detects_dolly_columns_only(rows: list[dict]) -> None:
@@ -59,18 +60,22 @@ def test_detects_dolly_columns_only(rows: list[dict]) -> None:
 
 @pytest.mark.parametrize("column", ["instruction", "response"])
 def test_empty_instruction_or_response_is_a_row_error(rows: list[dict], column: str) -> None:
-    with pytest.raises(RowError, match=f"column '{column}' must be non-empty text"):
+    with pytest.raises(sftkit.RowError, match=f"column '{column}' is empty") as error:
         convert_rows(DollyAdapter(), [{**rows[0], column: "  "}])
+    assert error.value.reason == "empty content"
 
 
-def test_unknown_option_and_bad_position_are_errors(rows: list[dict]) -> None:
+def test_unknown_option_a_bad_position_and_an_empty_system_prompt_are_errors(rows: list[dict]) -> None:
     with pytest.raises(SftkitError, match="no option 'context_place'"):
         convert_rows(DollyAdapter(), rows, {"context_place": "before"})
-    with pytest.raises(SftkitError, match=r"context_position of adapter 'dolly' must be one of \['after', 'before'\]"):
+    with pytest.raises(SftkitError, match="context_position of adapter 'dolly' must be one of 'after', 'before'"):
         convert_rows(DollyAdapter(), rows, {"context_position": "middle"})
+    with pytest.raises(SftkitError, match="system_prompt is empty"):
+        convert_rows(DollyAdapter(), rows, {"system_prompt": " "})
 
 
-def test_registers_one_adapter_named_dolly() -> None:
+def test_registers_one_adapter_named_dolly_for_this_contract() -> None:
     registered = []
     register_adapters(register=registered.append)
     assert [adapter.name for adapter in registered] == ["dolly"]
+    assert registered[0].contract == sftkit.CONTRACT

@@ -1,0 +1,129 @@
+"""The adapter contract, version 1.0: what a dataset-format plugin implements and what sftkit promises it.
+
+An adapter declares its name, its options (a frozen dataclass whose fields are the ``dataset_options``
+keys, each declared with ``Option(default, help)``), the columns it reads, and how it converts one raw
+row into a canonical record. sftkit checks the options once before any row, checks that the data has
+the required columns, hands ``convert`` each row with exactly the declared columns, and renders,
+tokenizes and masks the records itself.
+
+Versions: a plugin states the contract it was written for (``Adapter.contract``). sftkit loads a plugin
+written for the same major version and a minor version no newer than its own; a minor version only
+adds (an optional method, a hook parameter: pluggy passes a hook implementation only the parameters
+it names, so an older plugin keeps working). A new major version breaks, and says so by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+CONTRACT = "1.0"
+
+
+class RowError(ValueError):
+    """Raised by an adapter for a row it cannot convert; sftkit adds the row index and source.
+
+    ``reason`` is the short category the bad-row report counts rows by (``unknown role``,
+    ``empty content``, ``malformed tool call``, ...); the message says what exactly is wrong.
+    """
+
+    def __init__(self, message: str, reason: str = "rejected by adapter") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What ``Adapter.detect`` returns when the adapter fits data whose column names differ from its defaults: why,
+    and the ``dataset_options`` that read this data (the recipe's own options win over them)."""
+
+    reason: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The raw columns ``convert`` reads. A missing required column is one error before any row is read; a missing
+    optional one reaches ``convert`` as None."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.required, *self.optional)
+
+
+def Option(default: Any = None, help: str = "") -> Any:
+    """One ``dataset_options`` key of an adapter's Options dataclass: ``key: type = sftkit.Option(default, "help")``.
+
+    A list or dict default is copied for each run (no mutable class attribute to share); the help is the line
+    ``sftkit adapters`` shows beside the key. The field's type is what sftkit checks the recipe's value against.
+    """
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The Options of an adapter that takes none."""
+
+
+class Adapter:
+    """Turns one raw dataset row into a canonical record (``sftkit.records``).
+
+    Class attributes: ``name`` (the value of ``dataset_format`` that picks it), ``description`` (one line for
+    ``sftkit adapters``), ``contract`` (the contract version it was written for) and ``Options`` (a frozen
+    dataclass whose fields are the ``dataset_options`` keys: ``key: type = Option(default, "help")``, allowed
+    values with ``Literal[...]``). Tokenisation, chat templates, loss masking and packing are sftkit's job, not
+    the adapter's.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    contract: ClassVar[str] = CONTRACT
+    Options: ClassVar[type] = NoOptions
+
+    def detect(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str | Detection | None:
+        """With ``dataset_format: auto``: why this adapter fits data with these columns and first rows (a Detection
+        when reading them needs options), or None when it does not."""
+        return None
+
+    def columns(self, options: Any) -> Columns:
+        """The raw columns ``convert`` reads, required and optional; the others are dropped before any pass."""
+        raise NotImplementedError
+
+    def check(self, options: Any) -> None:
+        """Once per run, before any row: raise ``ValueError`` with what is wrong with an option's value."""
+
+    def convert(self, row: Mapping[str, Any], options: Any) -> dict[str, Any]:
+        """One raw row (the declared columns, missing optional ones as None) -> a canonical record, or ``RowError``."""
+        raise NotImplementedError
+
+
+def option_help(options_type: type) -> list[tuple[str, Any, str, str]]:
+    """(key, default, type, help) of every option, for ``sftkit adapters``."""
+    from sftkit.values import type_name
+
+    hints = typing.get_type_hints(options_type)
+    return [(spec.name, option_default(spec), type_name(hints[spec.name]), spec.metadata.get("help", ""))
+            for spec in dataclasses.fields(options_type)]
+
+
+def option_default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def compatible(contract: str) -> bool:
+    """Whether a plugin written for ``contract`` runs on this sftkit: the same major version, a minor one no newer."""
+    try:
+        major, minor = (int(part) for part in str(contract).split("."))
+    except ValueError:
+        return False
+    ours_major, ours_minor = (int(part) for part in CONTRACT.split("."))
+    return major == ours_major and minor <= ours_minor

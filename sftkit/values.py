@@ -1,0 +1,119 @@
+"""Values checked against the type their key declares: recipe keys and adapters' options alike.
+
+A value is taken as the type wants it or refused, never guessed across kinds: ``0625`` is a number in
+YAML and not a string, ``true`` is not ``"true"``. Values typed on the command line are text, parsed as
+YAML for keys that are not text.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from trl.scripts.utils import DatasetConfig
+
+
+class CommandLineValue(str):
+    """A value typed on the command line: kept as text for text fields, parsed as YAML for the others."""
+
+
+def type_name(annotation: Any) -> str:
+    """How a type reads in an error message: "true/false", "one of 'a', 'b'", "integer or null"."""
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
+    names = {bool: "true/false", int: "integer", float: "number", str: "string", dict: "mapping", Mapping: "mapping",
+             list: "list"}
+    origin = typing.get_origin(annotation) or annotation
+    if origin is list and typing.get_args(annotation):
+        return f"list of {type_name(typing.get_args(annotation)[0])}"
+    if origin in (dict, Mapping) and typing.get_args(annotation):
+        key, value = typing.get_args(annotation)
+        return f"mapping of {type_name(key)} to {type_name(value)}"
+    return names.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+class Mismatch(Exception):
+    """A value that is not of the type its key (or option) declares."""
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Return ``value`` as ``annotation`` wants it, or raise Mismatch. Never guesses across kinds."""
+    if isinstance(value, CommandLineValue):
+        if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+            return coerce(str(value), annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            for arg in typing.get_args(annotation):
+                try:
+                    return coerce(value, arg)
+                except Mismatch:
+                    continue
+            raise Mismatch
+        return coerce(yaml.safe_load(value), annotation)
+    if annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return coerce(value, arg)
+            except Mismatch:
+                continue
+        raise Mismatch
+    if origin is typing.Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise Mismatch
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise Mismatch
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise Mismatch
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise Mismatch
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                raise Mismatch from None
+        raise Mismatch
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise Mismatch
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if value in {member.value for member in annotation}:
+            return value
+        raise Mismatch
+    if origin is list or annotation is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, list):
+            return [coerce(item, item_type) for item in value]
+        raise Mismatch
+    if origin in (dict, Mapping) or annotation in (dict, Mapping):
+        key_type, value_type = typing.get_args(annotation) or (Any, Any)
+        if isinstance(value, dict):
+            return {coerce(key, key_type): coerce(item, value_type) for key, item in value.items()}
+        raise Mismatch
+    if annotation is DatasetConfig:
+        if not isinstance(value, dict):
+            raise Mismatch
+        return value  # checked key by key in _check_mixture
+    return value  # library objects (e.g. ParallelismConfig): let their own constructors judge
