@@ -37,10 +37,11 @@ class FirstStep(TrainerCallback):
         print(f"FIRST_STEP {time.time()}", flush=True); control.should_training_stop = True
 """
 SFTKIT_SCRIPT = FIRST_STEP + """
-from sftkit.recipe import load_recipe, parse_overrides
+from sftkit.cli import build_parser, parse_overrides
+from sftkit.recipe import load_recipe
 from sftkit.train.job import train
-config, overrides = parse_overrides(sys.argv[1:])
-train(load_recipe(config, overrides), callbacks=[FirstStep()])
+options, rest = build_parser().parse_known_args(["train", *sys.argv[1:]])
+train(load_recipe(options.config, parse_overrides(rest)), callbacks=[FirstStep()])
 """
 TRL_SCRIPT = FIRST_STEP + """
 import datasets

@@ -1,30 +1,43 @@
-"""The ``sftkit`` command: ``train`` (the default), ``check``, ``adapters``, ``k8s render`` and ``launch``."""
+"""The ``sftkit`` command: one subcommand a job, each with its own ``--help``; recipe keys as ``--key value``.
+
+Commands that read a recipe take ``--config FILE`` and any recipe key as ``--key value`` (or
+``--key=value``; a bare ``--flag`` means true), which overrides the file. ``sftkit --config FILE``
+without a command trains, as ``python -m sftkit`` and ``accelerate launch -m sftkit`` do.
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any
 
+from sftkit import __version__
 from sftkit.errors import SftkitError
+from sftkit.values import CommandLineValue
 
-USAGE = """\
-usage: sftkit [train] --config RECIPE.yaml [--key value ...]
-       sftkit check --config RECIPE.yaml [--rows N] [--no-color] [--key value ...]
-       sftkit adapters
-       sftkit k8s render --config RECIPE.yaml --nodes N --gpus-per-node G --image IMAGE [options]
-       sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--key value ...]
+RECIPE_KEYS = "Any recipe key can follow as --key value (or --key=value; a bare --flag means true): it overrides the file."
 
-  train       fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m sftkit)
-  check       validate the recipe and data and show what would train, without training
-  adapters    list the installed dataset adapters and their options
-  k8s render  the Kubeflow job (TrainJob or PyTorchJob) and ConfigMap that train the recipe on a cluster
-  launch      start this machine's share of a job (Kubernetes pod, SLURM node or one machine) with accelerate
 
-Any recipe key can be given as --key value; it overrides the file.
-"""
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """``--key value`` recipe overrides (``--flag`` alone means true), kept as text until the key's type is known."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(arguments):
+        token = arguments[index]
+        if not token.startswith("--") or token == "--":
+            raise SftkitError(f"unexpected argument {token!r}: recipe keys are written --key value or --key=value")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            next_is_value = index + 1 < len(arguments) and not arguments[index + 1].startswith("--")
+            value = arguments[index + 1] if next_is_value else "true"
+            index += 1 if next_is_value else 0
+        index += 1
+        overrides[key.replace("-", "_")] = CommandLineValue(value)
+    return overrides
 
 
 def _setup_logging() -> None:
@@ -37,44 +50,9 @@ def _setup_logging() -> None:
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
-def _adapters() -> str:
-    from sftkit import plugins
-
-    registry = plugins.registry()
-    lines = []
-    for name, installed in sorted(registry.adapters.items()):
-        adapter = installed.adapter
-        lines.append(f"{name:<20} {installed.distribution} {installed.version}  {adapter.description}")
-        for option, spec in adapter.options.items():
-            choices = f"; one of {json.dumps(list(spec.choices))}" if spec.choices else ""
-            lines.append(f"{'':<22}{option} (default {json.dumps(spec.default)}{choices}): {spec.help}")
-    for distribution, error in registry.broken.items():
-        lines.append(f"{'(failed to load)':<20} {distribution}: {error}")
-    return "\n".join(lines)
-
-
-def _check_options(arguments: list[str], rows: int, colour: bool) -> tuple[int, bool, list[str]]:
-    """Take check's own --rows N and --no-color out of the recipe overrides."""
-    remaining = []
-    iterator = iter(arguments)
-    for token in iterator:
-        if token == "--no-color":
-            colour = False
-        elif token == "--rows" or token.startswith("--rows="):
-            value = token.partition("=")[2] or next(iterator, "")
-            if not value.isdigit():
-                raise SftkitError(f"--rows takes a whole number, got {value!r}")
-            rows = int(value)
-        else:
-            remaining.append(token)
-    return rows, colour, remaining
-
-
-def _environment_first(arguments: list[str]) -> None:
+def _environment_first(config: str | None) -> None:
     """Set the recipe's env: variables before transformers, datasets and the Hub client are imported, since some
-    (HF_HOME, HF_HUB_OFFLINE, ...) are read at import. The recipe loader checks them again with the rest."""
-    config = next((token.partition("=")[2] or (arguments[i + 1] if i + 1 < len(arguments) else "")
-                   for i, token in enumerate(arguments) if token == "--config" or token.startswith("--config=")), None)
+    (HF_HOME, HF_HUB_OFFLINE, ...) are read at import. Resolving the recipe checks them again with the rest."""
     if not config or not os.path.isfile(config):
         return
     import yaml
@@ -83,54 +61,98 @@ def _environment_first(arguments: list[str]) -> None:
         with open(config, encoding="utf-8") as file:
             values = yaml.safe_load(file)
     except yaml.YAMLError:
-        return  # the recipe loader reports it, with the file's name
+        return  # the recipe reader reports it, with the file's name
     environment = values.get("env") if isinstance(values, dict) else None
     if isinstance(environment, dict):
         for name, value in environment.items():
             os.environ[str(name)] = str(value)
 
 
+def _recipe(options: argparse.Namespace) -> Any:
+    from sftkit.recipe import load_recipe
+
+    return load_recipe(options.config, parse_overrides(options.overrides))
+
+
+def _train(options: argparse.Namespace) -> None:
+    from sftkit.train.job import train
+
+    train(_recipe(options))
+
+
+def _check(options: argparse.Namespace) -> None:
+    from sftkit.check import check
+
+    colour = not options.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    check(_recipe(options), options.rows, colour)
+
+
+def _adapters(options: argparse.Namespace) -> None:
+    from sftkit.plugins import describe_adapters
+
+    print(describe_adapters())
+
+
+def _recipe_command(commands: Any, name: str, help: str, run: Callable) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=help, epilog=RECIPE_KEYS)
+    parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe (configs/recipes/ has examples)")
+    parser.set_defaults(run=run, takes_recipe_keys=True, sets_environment=True)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sftkit.k8s import commands as cluster
+
+    parser = argparse.ArgumentParser(
+        prog="sftkit", allow_abbrev=False,
+        description="Supervised fine-tuning of causal language models from one recipe file.",
+        epilog="sftkit --config RECIPE.yaml (no command) trains. sftkit COMMAND --help says more.")
+    parser.add_argument("--version", action="version", version=f"sftkit {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _recipe_command(commands, "train", "fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m "
+                    "sftkit)", _train)
+    check = _recipe_command(commands, "check", "show what would train (adapter, rows by outcome, lengths, marked "
+                            "examples) without training; exit 1 if it would not start", _check)
+    check.add_argument("--rows", type=int, default=2, metavar="N", help="examples to show (default 2)")
+    check.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]] instead of green")
+    adapters = commands.add_parser("adapters", help="list the installed dataset adapters, their contract and options",
+                                   description="List the installed dataset adapters: name, distribution, version, "
+                                               "contract, and options.")
+    adapters.set_defaults(run=_adapters)
+    k8s = commands.add_parser("k8s", help="Kubernetes: render the Kubeflow job that trains a recipe",
+                              description="Kubernetes through Kubeflow Trainer (TrainJob) or the training operator "
+                                          "(PyTorchJob). See docs/kubernetes.md.")
+    k8s.set_defaults(run=lambda options: k8s.print_help())
+    render = k8s.add_subparsers(title="commands", metavar="COMMAND").add_parser(
+        "render", help="the ConfigMap and the job, as YAML for kubectl apply -f -", **cluster.RENDER)
+    cluster.add_render_arguments(render)
+    render.set_defaults(run=cluster.run_render)
+    launch = commands.add_parser("launch", help="start this machine's share of a job (a pod, a SLURM node, one "
+                                 "machine) with accelerate", **cluster.LAUNCH)
+    cluster.add_launch_arguments(launch)
+    launch.set_defaults(run=cluster.run_launch, takes_recipe_keys=True)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    command = "train"
-    if arguments and not arguments[0].startswith("-"):
-        command = arguments.pop(0)
-    if command in ("k8s", "launch"):  # their own options, help and errors
-        _setup_logging()
-        from sftkit.k8s.commands import main as cluster_main
-
-        return cluster_main(command, arguments)
-    if command in ("help", "-h", "--help") or arguments[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
+    if arguments and arguments[0].startswith("--") and arguments[0] not in ("--help", "--version"):
+        arguments.insert(0, "train")  # sftkit --config RECIPE.yaml, python -m sftkit, accelerate launch -m sftkit
+    parser = build_parser()
+    options, rest = parser.parse_known_args(arguments)
+    if not hasattr(options, "run"):
+        parser.print_help()
+        return 0 if not arguments else 2
+    if rest and not getattr(options, "takes_recipe_keys", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    options.overrides = rest
     _setup_logging()
-    _environment_first(arguments)
+    if getattr(options, "sets_environment", False):
+        _environment_first(options.config)
     try:
-        if command == "adapters":
-            print(_adapters())
-            return 0
-        if command not in ("train", "check"):
-            raise SftkitError(f"unknown command {command!r}; commands are train, check, adapters, k8s and launch")
-
-        from sftkit.recipe import load_recipe, parse_overrides
-
-        rows, colour = 2, sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        if command == "check":
-            rows, colour, arguments = _check_options(arguments, rows, colour)
-        config, overrides = parse_overrides(arguments)
-        if config is None:
-            raise SftkitError("no recipe: give --config RECIPE.yaml (see configs/recipes/ for examples)")
-        recipe = load_recipe(config, overrides)
-        if command == "check":
-            from sftkit.check import check
-
-            check(recipe, rows, colour)
-            return 0
-        from sftkit.train.job import train
-
-        train(recipe)
+        options.run(options)
         return 0
     except SftkitError as error:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"sftkit: error{rank}: {error}", file=sys.stderr)
-        return 1 if command == "check" else 2
+        return 1 if options.run is _check else 2

@@ -1,20 +1,19 @@
-"""The recipe: a strict YAML file of TRL's flat keys plus sftkit's own, resolved into TRL's dataclasses.
+"""The recipe: a strict YAML file of TRL's flat keys plus sftkit's own, read and checked without side effects.
 
 TRL's own parser ignores a misspelled key and trains with the default. Here every key is checked
 against the fields of ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
 ``DatasetMixtureConfig`` (and sftkit's ``SftkitArguments``), every value against its field's type,
 and keys that only make sense together are checked together, all before anything is loaded.
+Reading a recipe (``read_recipe``) touches nothing: no environment variable, no hardware probe, no
+file written. ``sftkit.resolve`` then settles what depends on the machine and the launcher.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import enum
 import importlib.util
 import os
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
-from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerator
-from sftkit.train.launcher import reconcile_launcher
-from sftkit.train.speed import resolve_speed
+from sftkit.values import CommandLineValue, Mismatch, coerce, type_name
 
 
 @dataclass
@@ -87,13 +84,17 @@ REJECTED_KEYS = {
     "ignore_bias_buffers": "TRL's DPO script option for models with boolean buffers; a sftkit run has none to ignore; "
                            "remove the key",
 }
-# Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
-# applied before those imports (the sftkit command does so).
-IMPORT_TIME_ENV = {
-    "HF_HOME": "huggingface_hub", "HF_HUB_CACHE": "huggingface_hub", "HF_HUB_OFFLINE": "huggingface_hub",
-    "HF_ENDPOINT": "huggingface_hub", "HF_DATASETS_CACHE": "datasets", "HF_DATASETS_OFFLINE": "datasets",
-    "TRANSFORMERS_CACHE": "transformers", "TRANSFORMERS_OFFLINE": "transformers",
-}
+
+
+@dataclass(frozen=True)
+class CheckedRecipe:
+    """A recipe as written, every key and value checked: what ``sftkit.resolve`` turns into a Recipe."""
+
+    values: dict[str, Any]  # every key the recipe set, after overrides, typed
+    environment: dict[str, str]  # its env: mapping, not applied yet
+    path: str  # the recipe's file, or <command line>
+    entry_adapters: list[tuple[str, dict]]  # per datasets: entry, its dataset_format and dataset_options
+    mixture_entries: list[dict[str, Any]]  # the datasets: entries as TRL's DatasetConfig takes them
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Recipe:
     mixture: DatasetMixtureConfig
     sftkit: SftkitArguments
     values: dict[str, Any]  # every key the recipe set, after overrides, plus derived values
-    source: str
+    path: str  # the recipe's file, or <command line>
     notes: list[str]  # what sftkit decided on the user's behalf, for the log
     entry_adapters: list[tuple[str, dict]]  # per datasets: entry, its dataset_format and dataset_options
 
@@ -122,34 +123,7 @@ def _recipe_fields() -> dict[str, tuple[type, Any]]:
     return known
 
 
-# ---------------------------------------------------------------- reading the file and the command line
-
-
-def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """Split ``--config FILE`` / ``--config=FILE`` from ``--key value`` overrides (``--flag`` alone means true)."""
-    config: str | None = None
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(arguments):
-        token = arguments[index]
-        if not token.startswith("--") or token == "--":
-            raise SftkitError(f"unexpected argument {token!r}: options are written --key value or --key=value")
-        key, has_value, value = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if not has_value:
-            next_is_value = index + 1 < len(arguments) and not arguments[index + 1].startswith("--")
-            value = arguments[index + 1] if next_is_value else "true"
-            index += 1 if next_is_value else 0
-        index += 1
-        if key == "config":
-            config = value
-        else:
-            overrides[key] = CommandLineValue(value)
-    return config, overrides
-
-
-class CommandLineValue(str):
-    """A value typed on the command line: kept as text for text fields, parsed as YAML for the others."""
+# ---------------------------------------------------------------- reading the file
 
 
 def read_recipe_file(path: str) -> dict[str, Any]:
@@ -167,101 +141,6 @@ def read_recipe_file(path: str) -> dict[str, Any]:
     return values
 
 
-# ---------------------------------------------------------------- types
-
-
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None):
-        return "null"
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return "one of " + ", ".join(repr(member.value) for member in annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    names = {bool: "true/false", int: "integer", float: "number", str: "string", dict: "mapping", list: "list"}
-    origin = typing.get_origin(annotation) or annotation
-    if origin is list and typing.get_args(annotation):
-        return f"list of {_type_name(typing.get_args(annotation)[0])}"
-    return names.get(origin, getattr(origin, "__name__", str(origin)))
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Return ``value`` as ``annotation`` wants it, or raise _Mismatch. Never guesses across kinds."""
-    if isinstance(value, CommandLineValue):
-        if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
-            return _coerce(str(value), annotation)
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            for arg in typing.get_args(annotation):
-                try:
-                    return _coerce(value, arg)
-                except _Mismatch:
-                    continue
-            raise _Mismatch
-        return _coerce(yaml.safe_load(value), annotation)
-    if annotation is Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise _Mismatch
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        if value in {member.value for member in annotation}:
-            return value
-        raise _Mismatch
-    if origin is list or annotation is list:
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        if isinstance(value, list):
-            return [_coerce(item, item_type) for item in value]
-        raise _Mismatch
-    if origin is dict or annotation is dict:
-        if isinstance(value, dict):
-            return value
-        raise _Mismatch
-    if annotation is DatasetConfig:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return value  # checked key by key in _check_mixture
-    return value  # library objects (e.g. ParallelismConfig): let their own constructors judge
-
-
 def _closest(key: str, candidates: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {match[0]}?" if match else ""
@@ -270,20 +149,20 @@ def _closest(key: str, candidates: typing.Iterable[str]) -> str:
 ENTRY_ADAPTER_KEYS = ("dataset_format", "dataset_options")
 
 
-def _check_mixture(entries: list[dict[str, Any]], source: str) -> None:
+def _check_mixture(entries: list[dict[str, Any]], recipe_path: str) -> None:
     known = {f.name for f in dataclasses.fields(DatasetConfig)} | set(ENTRY_ADAPTER_KEYS)
     for position, entry in enumerate(entries):
         for key in entry:
             if key not in known:
                 raise SftkitError(
-                    f"recipe {source}: datasets[{position}] has unknown key {key!r}{_closest(key, known)} "
+                    f"recipe {recipe_path}: datasets[{position}] has unknown key {key!r}{_closest(key, known)} "
                     f"(accepted: {', '.join(sorted(known))})"
                 )
         if "path" not in entry:
-            raise SftkitError(f"recipe {source}: datasets[{position}] needs a 'path'")
+            raise SftkitError(f"recipe {recipe_path}: datasets[{position}] needs a 'path'")
         if not isinstance(entry.get("dataset_format", ""), str) or not isinstance(entry.get("dataset_options", {}), dict):
             raise SftkitError(
-                f"recipe {source}: datasets[{position}]: dataset_format must be a string and dataset_options a mapping"
+                f"recipe {recipe_path}: datasets[{position}]: dataset_format must be a string and dataset_options a mapping"
             )
 
 
@@ -307,9 +186,9 @@ OPTIONAL_PACKAGES = {
 }
 
 
-def _check_together(values: dict[str, Any], source: str) -> None:
+def _check_together(values: dict[str, Any], recipe_path: str) -> None:
     def fail(message: str) -> typing.NoReturn:
-        raise SftkitError(f"recipe {source}: {message}")
+        raise SftkitError(f"recipe {recipe_path}: {message}")
 
     lora_keys = sorted(key for key in values if key.startswith("lora_") or key in ("use_rslora", "use_dora"))
     if lora_keys and not values.get("use_peft"):
@@ -358,7 +237,7 @@ def number_of_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def derive_gradient_accumulation(global_batch: int, per_device: int, processes: int, source: str) -> int:
+def derive_gradient_accumulation(global_batch: int, per_device: int, processes: int, recipe_path: str) -> int:
     """global = per_device x processes x accumulation; anything else is an error with the nearest valid values."""
     rows_per_pass = per_device * processes
     if global_batch <= 0 or global_batch % rows_per_pass:
@@ -369,162 +248,49 @@ def derive_gradient_accumulation(global_batch: int, per_device: int, processes: 
         if per_device_options:
             suggestion += f", or per_device_train_batch_size one of {per_device_options[-6:]}"
         raise SftkitError(
-            f"recipe {source}: global_batch_size {global_batch} is not a multiple of per_device_train_batch_size "
+            f"recipe {recipe_path}: global_batch_size {global_batch} is not a multiple of per_device_train_batch_size "
             f"{per_device} x {processes} process(es) = {rows_per_pass}. Use {suggestion}."
         )
     return global_batch // rows_per_pass
 
 
-def resolve_device(values: dict[str, Any], notes: list[str], source: str) -> None:
-    """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP. Several GPUs
-    without a launcher would run nn.DataParallel in one process, which sftkit's batch arithmetic does not describe:
-    that stops with the command that uses them all."""
-    if "use_cpu" not in values and not has_accelerator():
-        values["use_cpu"] = True
-        notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
-    gpus = gpu_count()
-    if gpus > 1 and "WORLD_SIZE" not in os.environ and not values.get("use_cpu"):
-        raise SftkitError(
-            f"this machine has {gpus} GPUs and no launcher started this run, which would train on them as one process "
-            "(nn.DataParallel) with another batch than the recipe says. Start it with\n"
-            f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {source}\n"
-            "or choose one GPU with CUDA_VISIBLE_DEVICES=0."
-        )
-
-
-def resolve_precision(values: dict[str, Any], notes: list[str], source: str) -> None:
-    """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
-    import torch
-
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if "bf16" in values or "fp16" in values:
-        chosen = "bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "no"
-        reason = "as the recipe says"
-        if chosen == "fp16" and not torch.cuda.is_available():
-            raise SftkitError(f"recipe {source}: fp16: true needs a CUDA GPU; on this machine leave precision unset")
-    else:
-        on_cpu = values.get("use_cpu", False)
-        chosen = "bf16" if bf16_supported() and not on_cpu else "no"
-        reason = "the hardware supports bf16" if chosen == "bf16" else "no bf16-capable GPU"
-    values["bf16"], values["fp16"] = chosen == "bf16", chosen == "fp16"
-    if launcher is not None and launcher != chosen:
-        notes.append(
-            f"the launcher asked for mixed_precision={launcher}; the recipe decides precision, so it is ignored "
-            "(set bf16 or fp16 in the recipe to change it)"
-        )
-    # transformers falls back on the launcher's setting when bf16 and fp16 are both false: pin it.
-    os.environ["ACCELERATE_MIXED_PRECISION"] = chosen
-    label = {"bf16": "bf16 mixed precision (fp32 master weights)", "fp16": "fp16 mixed precision", "no": "fp32"}
-    notes.append(f"precision: {label[chosen]} ({reason}); weights loaded as {values.get('dtype', 'float32')}")
-
-
 # ---------------------------------------------------------------- putting it together
 
 
-def apply_environment(environment: Any, source: str) -> None:
-    """Set the recipe's ``env:`` variables; one that a library already read at import time is an error, not a no-op."""
-    if not isinstance(environment, dict):
-        raise SftkitError(f"recipe {source}: env must be a mapping of VARIABLE: value")
-    for name, value in environment.items():
-        name, value = str(name), str(value)
-        library = IMPORT_TIME_ENV.get(name)
-        if library in sys.modules and os.environ.get(name) != value:
-            raise SftkitError(
-                f"recipe {source}: env: {name} is read by {library} when it is imported, which happened before this "
-                f"recipe was loaded, so it would have no effect. Run through the sftkit command (it sets env: first), "
-                f"or set {name} in the environment before starting."
-            )
-        os.environ[name] = value
-
-
-def resolve_resume(values: dict[str, Any], source: str) -> str | None:
-    """``resume_from_checkpoint``: true means the latest checkpoint in output_dir, a path must be a checkpoint; both
-    checked before any data work."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    asked = values["resume_from_checkpoint"]
-    if asked in (False, None, "false", "False"):
-        return None
-    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
-    if asked in (True, "true", "True"):
-        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if latest is None:
-            raise SftkitError(f"recipe {source}: resume_from_checkpoint: true, but output_dir {output_dir} holds no "
-                              "checkpoint-N folder to resume from; remove the key to start fresh")
-        return latest
-    if not isinstance(asked, str) or not (Path(asked) / "trainer_state.json").is_file():
-        raise SftkitError(f"recipe {source}: resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N "
-                          f"folder with a trainer_state.json); use true for the latest one in output_dir")
-    return asked
-
-
-def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read, check and resolve a recipe file with command-line overrides on top."""
-    source = path or "<command line>"
+def read_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> CheckedRecipe:
+    """Read a recipe file with command-line overrides on top, and check every key, value and combination."""
+    recipe_path = path or "<command line>"
     values = read_recipe_file(path) if path else {}
     values.update(overrides or {})
-
-    apply_environment(values.pop("env", None) or {}, source)
+    environment = values.pop("env", None) or {}
+    if not isinstance(environment, dict):
+        raise SftkitError(f"recipe {recipe_path}: env must be a mapping of VARIABLE: value")
 
     known = _recipe_fields()
     for key in values:
         if key in REJECTED_KEYS:
-            raise SftkitError(f"recipe {source}: {key}: {REJECTED_KEYS[key]}")
+            raise SftkitError(f"recipe {recipe_path}: {key}: {REJECTED_KEYS[key]}")
         if key not in known:
-            raise SftkitError(f"recipe {source}: unknown key {key!r}{_closest(key, known)}")
-    if "resume_from_checkpoint" in values:
-        values["resume_from_checkpoint"] = resolve_resume(values, source)
+            raise SftkitError(f"recipe {recipe_path}: unknown key {key!r}{_closest(key, known)}")
     for key, value in list(values.items()):
         annotation = known[key][1]
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            continue  # true: the latest checkpoint, found when the recipe is resolved
         try:
-            values[key] = _coerce(value, annotation)
-        except _Mismatch:
+            values[key] = coerce(value, annotation)
+        except Mismatch:
             shown = str(value) if isinstance(value, CommandLineValue) else repr(value)
             hint = " (quote it: '0625', not 0625, which YAML reads as a number)" if annotation in (str, str | None) else ""
-            raise SftkitError(
-                f"recipe {source}: {key} must be {_type_name(annotation)}, got {shown}{hint}"
-            ) from None
-    _check_mixture(values.get("datasets", []), source)
-    _check_together(values, source)
+            raise SftkitError(f"recipe {recipe_path}: {key} must be {type_name(annotation)}, got {shown}{hint}") from None
+    _check_mixture(values.get("datasets", []), recipe_path)
+    _check_together(values, recipe_path)
     entry_adapters, entries = _split_entry_adapters(values)
+    return CheckedRecipe(values, {str(name): str(value) for name, value in environment.items()}, recipe_path,
+                         entry_adapters, entries)
 
-    notes: list[str] = []
-    resolve_device(values, notes, source)
-    resolve_precision(values, notes, source)
-    resolve_speed(values, notes, gpu_memory())
-    if values.get("global_batch_size") is not None:
-        per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-        processes = number_of_processes()
-        values["gradient_accumulation_steps"] = derive_gradient_accumulation(
-            values["global_batch_size"], per_device, processes, source
-        )
-        notes.append(
-            f"global_batch_size {values['global_batch_size']} = {per_device} per device x {processes} process(es) "
-            f"x {values['gradient_accumulation_steps']} accumulation step(s)"
-        )
 
-    per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-    accumulation = values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
-    adjusted = reconcile_launcher(values, per_device, accumulation, number_of_processes(), notes, source)
+def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and check a recipe, then resolve it for this machine and launcher (``sftkit.resolve``)."""
+    from sftkit.resolve import resolve
 
-    built = {}
-    for cls in RECIPE_CLASSES:
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        arguments = {key: value for key, value in {**values, **adjusted}.items() if key in names}
-        if cls is DatasetMixtureConfig and entries:
-            arguments["datasets"] = entries
-        try:
-            built[cls] = cls(**arguments)
-        except (ValueError, TypeError) as error:
-            raise SftkitError(f"recipe {source} with this launcher's settings: {error}") from None
-    return Recipe(
-        script=built[ScriptArguments],
-        training=built[SFTConfig],
-        model=built[ModelConfig],
-        mixture=built[DatasetMixtureConfig],
-        sftkit=built[SftkitArguments],
-        values=values,
-        source=source,
-        notes=notes,
-        entry_adapters=entry_adapters,
-    )
+    return resolve(read_recipe(path, overrides))

@@ -349,6 +349,8 @@ def test_the_validators_accept_what_kubernetes_accepts():
 def test_rendering_leaves_the_environment_as_it_was(tmp_path):
     path = write_recipe(tmp_path / "env.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
                         output_dir="/data/out", env={"SFTKIT_RENDER_PROBE": "1"})
+    import sftkit.k8s.render  # noqa: F401  (importing it loads torch._inductor, which sets TORCHINDUCTOR_CACHE_DIR)
+
     before = dict(os.environ)
     render(path)
     assert dict(os.environ) == before
@@ -360,7 +362,8 @@ def test_help_prints_the_usage_of_each_command(capsys):
         with pytest.raises(SystemExit) as exit_status:
             main(command)
         assert exit_status.value.code == 0 and capsys.readouterr().out.startswith(usage)
-    assert main(["k8s"]) == 0 and capsys.readouterr().out.startswith("usage: sftkit k8s render")
-    assert main(["--help"]) == 0
+    assert main(["k8s"]) == 0 and "render" in capsys.readouterr().out.split("commands:")[1]
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--help"])
     listed = capsys.readouterr().out
-    assert "sftkit k8s render --config" in listed and "sftkit launch --config" in listed
+    assert exit_status.value.code == 0 and "k8s " in listed and "launch " in listed

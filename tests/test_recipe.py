@@ -7,8 +7,9 @@ import os
 import pytest
 import yaml
 
+from sftkit.cli import build_parser, parse_overrides
 from sftkit.errors import SftkitError
-from sftkit.recipe import derive_gradient_accumulation, load_recipe, parse_overrides
+from sftkit.recipe import derive_gradient_accumulation, load_recipe
 
 WALKTHROUGH = """\
 model_name_or_path: Qwen/Qwen2.5-0.5B
@@ -76,15 +77,16 @@ def test_yaml_float_without_dot_is_accepted(tmp_path):
 
 def test_both_config_spellings_and_overrides_win(walkthrough):
     for arguments in (["--config", str(walkthrough)], [f"--config={walkthrough}"]):
-        config, overrides = parse_overrides(arguments + ["--max_steps", "3", "--packing", "--dataset_config=0625"])
-        recipe = load_recipe(config, overrides)
+        options, rest = build_parser().parse_known_args(["train", *arguments, "--max_steps", "3", "--packing",
+                                                         "--dataset_config=0625"])
+        recipe = load_recipe(options.config, parse_overrides(rest))
         assert recipe.training.max_steps == 3
         assert recipe.training.packing is True
         assert recipe.script.dataset_config == "0625"  # text stays text on the command line
 
 
 def test_command_line_typo_is_caught_too(walkthrough):
-    _, overrides = parse_overrides(["--learning_rat", "1e-4"])
+    overrides = parse_overrides(["--learning_rat", "1e-4"])
     with pytest.raises(SftkitError, match="did you mean learning_rate"):
         load_recipe(str(walkthrough), overrides)
 
@@ -132,13 +134,13 @@ def test_global_batch_size_derives_accumulation(tmp_path):
     recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
     assert recipe.training.gradient_accumulation_steps == 8
     assert recipe.values["gradient_accumulation_steps"] == 8
-    assert derive_gradient_accumulation(32, per_device=4, processes=2, source="r.yaml") == 4
-    assert derive_gradient_accumulation(32, per_device=4, processes=8, source="r.yaml") == 1
+    assert derive_gradient_accumulation(32, per_device=4, processes=2, recipe_path="r.yaml") == 4
+    assert derive_gradient_accumulation(32, per_device=4, processes=8, recipe_path="r.yaml") == 1
 
 
 def test_indivisible_global_batch_proposes_valid_values():
     with pytest.raises(SftkitError) as error:
-        derive_gradient_accumulation(30, per_device=4, processes=2, source="r.yaml")
+        derive_gradient_accumulation(30, per_device=4, processes=2, recipe_path="r.yaml")
     message = str(error.value)
     assert "global_batch_size: 24 or 32" in message
     assert "per_device_train_batch_size one of [1, 3, 5, 15]" in message
@@ -163,7 +165,7 @@ def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
 
 
 def test_recipe_values_record_overrides_and_derived_values(walkthrough):
-    _, overrides = parse_overrides(["--global_batch_size", "8"])
+    overrides = parse_overrides(["--global_batch_size", "8"])
     recipe = load_recipe(str(walkthrough), overrides)
     assert yaml.safe_load(yaml.safe_dump(recipe.values))["gradient_accumulation_steps"] == 2
 
@@ -269,12 +271,31 @@ def test_the_command_applies_env_before_the_libraries_read_it(tmp_path):
 
 def test_several_gpus_without_a_launcher_stop_with_the_command_to_use(tmp_path, monkeypatch):
     """Several GPUs cannot be had on this machine: the hardware probe is made to report four."""
-    import sftkit.recipe
+    import sftkit.resolve
 
-    monkeypatch.setattr(sftkit.recipe, "gpu_count", lambda: 4)
-    monkeypatch.setattr(sftkit.recipe, "has_accelerator", lambda: True)
-    monkeypatch.setattr(sftkit.recipe, "bf16_supported", lambda: False)
+    monkeypatch.setattr(sftkit.resolve, "gpu_count", lambda: 4)
+    monkeypatch.setattr(sftkit.resolve, "has_accelerator", lambda: True)
+    monkeypatch.setattr(sftkit.resolve, "bf16_supported", lambda: False)
     with pytest.raises(SftkitError, match="(?s)4 GPUs and no launcher.*accelerate launch --multi_gpu --num_processes 4"):
         load_recipe(str(recipe_with(tmp_path, "")))
     monkeypatch.setenv("WORLD_SIZE", "4")
     load_recipe(str(recipe_with(tmp_path, "")))  # under a launcher: fine
+
+
+def test_reading_a_recipe_touches_nothing(tmp_path, monkeypatch):
+    """No environment variable set, no hardware probed, no file written: only resolving the recipe does that."""
+    import sftkit.resolve
+    from sftkit.recipe import read_recipe
+
+    def probed():
+        raise AssertionError("reading a recipe probed the hardware")
+
+    for probe in ("gpu_count", "gpu_memory", "has_accelerator", "bf16_supported"):
+        monkeypatch.setattr(sftkit.resolve, probe, probed)
+    before, files = dict(os.environ), set(tmp_path.rglob("*"))
+    path = recipe_with(tmp_path, "env:\n  SFTKIT_TEST_UNSET: 1\nglobal_batch_size: 8\nresume_from_checkpoint: true\n")
+    files.add(path)
+    checked = read_recipe(str(path), {"max_steps": 3})
+    assert dict(os.environ) == before and set(tmp_path.rglob("*")) == files
+    assert checked.environment == {"SFTKIT_TEST_UNSET": "1"} and checked.values["max_steps"] == 3
+    assert "gradient_accumulation_steps" not in checked.values  # derived when resolved, for the launcher's processes

@@ -9,25 +9,23 @@ the batch geometry of the job's processes, and its ``output_dir`` must live on a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from trl import SFTConfig
 
 from sftkit.errors import SftkitError
 from sftkit.k8s.launch import SINGLE_PROCESS_TYPES, read_accelerate_config
 from sftkit.k8s.validation import VolumeSpec
-from sftkit.recipe import Recipe, derive_gradient_accumulation, load_recipe, read_recipe_file
+from sftkit.recipe import CheckedRecipe, derive_gradient_accumulation, read_recipe, read_recipe_file
 
 MOUNT_DIR = "/etc/sftkit"
 RECIPE_FILE = "recipe.yaml"
 ACCELERATE_FILE = "accelerate.yaml"
 DEEPSPEED_FILE = "deepspeed.json"
 CONFIGMAP_MAX_BYTES = 1024 * 1024  # the API server refuses a larger ConfigMap
-# Launcher variables of the workstation's shell say nothing about the pods.
-WORKSTATION_ONLY = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def mounted_path(name: str) -> str:
@@ -42,31 +40,21 @@ class Bundle:
     notes: list[str] = field(default_factory=list)
 
 
-def check_recipe(path: str, nodes: int, gpus_per_node: int) -> tuple[Recipe, list[str]]:
-    """Load the recipe as ``sftkit check`` does, and derive its global batch for nodes x gpus_per_node processes."""
-    # load_recipe applies the recipe's env: mapping, pins ACCELERATE_MIXED_PRECISION and reads the launcher's
-    # variables. Rendering runs on a workstation, not in a pod: the recipe is loaded as one process (WORLD_SIZE=1;
-    # above 1, transformers would join a process group) without the shell's launcher variables, the job's process
-    # count is applied below, and the caller's environment is restored as it was.
-    saved = dict(os.environ)
-    try:
-        for name in [name for name in os.environ if name.startswith("ACCELERATE_") or name in WORKSTATION_ONLY]:
-            del os.environ[name]
-        os.environ["WORLD_SIZE"] = "1"
-        recipe = load_recipe(path)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
+def check_recipe(path: str, nodes: int, gpus_per_node: int) -> tuple[CheckedRecipe, list[str]]:
+    """Read and check the recipe (every key, value and combination), and derive its global batch for
+    nodes x gpus_per_node processes. Only the pure part of loading runs: the workstation that renders the job is
+    not the machine that trains, so its hardware, launcher and environment decide nothing here."""
+    recipe = read_recipe(path)
     processes = nodes * gpus_per_node
-    per_device = recipe.training.per_device_train_batch_size
+    per_device = recipe.values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
     global_batch = recipe.values.get("global_batch_size")
     if global_batch is not None:
-        accumulation = derive_gradient_accumulation(global_batch, per_device, processes, recipe.source)
+        accumulation = derive_gradient_accumulation(global_batch, per_device, processes, recipe.path)
         batch = (f"global_batch_size {global_batch} = {per_device} per device x {processes} process(es) x "
                  f"{accumulation} accumulation step(s)")
     else:
-        rows = per_device * recipe.training.gradient_accumulation_steps * processes
+        accumulation = recipe.values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
+        rows = per_device * accumulation * processes
         batch = (f"{rows} rows per optimizer step on {processes} process(es) (per_device_train_batch_size x "
                  "gradient_accumulation_steps x processes); set global_batch_size to make the same steps on any "
                  "number of GPUs")
@@ -115,7 +103,7 @@ def _read_json(path: str, what: str) -> str:
     return text
 
 
-def recipe_file(path: str, recipe: Recipe, bundle: Bundle) -> None:
+def recipe_file(path: str, recipe: CheckedRecipe, bundle: Bundle) -> None:
     """The recipe as written; a DeepSpeed JSON it names by path travels beside it."""
     deepspeed = recipe.values.get("deepspeed")
     if not isinstance(deepspeed, str):
@@ -145,16 +133,16 @@ def default_accelerate_config(nodes: int, gpus_per_node: int) -> dict[str, Any]:
     }
 
 
-def accelerate_file(config_path: str | None, nodes: int, gpus_per_node: int, recipe: Recipe, bundle: Bundle) -> None:
+def accelerate_file(config_path: str | None, nodes: int, gpus_per_node: int, recipe: CheckedRecipe, bundle: Bundle) -> None:
     """The user's accelerate config (or a DDP one) sized for the job, with DeepSpeed's files carried along."""
     processes = nodes * gpus_per_node
     if config_path is None:
-        config, source = default_accelerate_config(nodes, gpus_per_node), "sftkit's default, DDP over every GPU"
+        config, origin = default_accelerate_config(nodes, gpus_per_node), "sftkit's default, DDP over every GPU"
     else:
         file = Path(config_path)
         if not file.is_file():
             raise SftkitError(f"--accelerate-config {config_path}: no such file")
-        config, source = read_accelerate_config(file), config_path
+        config, origin = read_accelerate_config(file), config_path
     distributed_type = config.get("distributed_type", "NO")
     if processes > 1 and distributed_type in SINGLE_PROCESS_TYPES:
         raise SftkitError(
@@ -180,9 +168,9 @@ def accelerate_file(config_path: str | None, nodes: int, gpus_per_node: int, rec
             deepspeed["deepspeed_config_file"] = mounted_path(DEEPSPEED_FILE)
             bundle.notes.append(f"deepspeed_config_file {json_path} carried as {mounted_path(DEEPSPEED_FILE)}")
         config["deepspeed_config"] = deepspeed
-    header = f"# accelerate config for {nodes} node(s) x {gpus_per_node} GPU(s), from {source}\n"
+    header = f"# accelerate config for {nodes} node(s) x {gpus_per_node} GPU(s), from {origin}\n"
     bundle.files[ACCELERATE_FILE] = header + yaml.safe_dump(config, sort_keys=False)
-    bundle.notes.append(f"accelerate config: {distributed_type}, from {source}")
+    bundle.notes.append(f"accelerate config: {distributed_type}, from {origin}")
 
 
 def build_bundle(recipe_path: str, accelerate_config: str | None, nodes: int, gpus_per_node: int,
@@ -190,7 +178,7 @@ def build_bundle(recipe_path: str, accelerate_config: str | None, nodes: int, gp
     """Check the recipe for this job and gather the files its pods read."""
     recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node)
     bundle = Bundle(notes=notes)
-    bundle.notes.append(check_output_dir(recipe.training.output_dir, volumes, allow_ephemeral_output))
+    bundle.notes.append(check_output_dir(recipe.values.get("output_dir", SFTConfig.output_dir) or "trainer_output", volumes, allow_ephemeral_output))
     bundle.notes += unreachable_paths(recipe.values, volumes)
     recipe_file(recipe_path, recipe, bundle)
     accelerate_file(accelerate_config, nodes, gpus_per_node, recipe, bundle)

@@ -1,20 +1,8 @@
-"""``sftkit k8s render`` and ``sftkit launch``: their options, parsed here so that the commands move as one piece."""
+"""``sftkit k8s render`` and ``sftkit launch``: their options and what they run, for the ``sftkit`` command."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from sftkit.errors import SftkitError
-
-K8S_USAGE = """\
-usage: sftkit k8s render --config RECIPE.yaml --nodes N --gpus-per-node G --image IMAGE [options]
-
-  render   the ConfigMap and the Kubeflow job (TrainJob or PyTorchJob) that train RECIPE.yaml on a cluster,
-           as YAML for kubectl apply -f -
-
-sftkit k8s render --help lists the options.
-"""
 
 
 def _positive(text: str) -> int:
@@ -23,16 +11,24 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def render_parser() -> argparse.ArgumentParser:
-    from sftkit.k8s.render import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+RENDER = {
+    "description": "Render a ConfigMap with the recipe and the accelerate config, and the Kubeflow job whose pods "
+                   "run `sftkit launch`, as multi-document YAML: sftkit k8s render ... | kubectl apply -f -",
+    "epilog": "The recipe is checked first, with the global batch of nodes x gpus-per-node processes. output_dir "
+              "must lie on a --volume (or pass --allow-ephemeral-output). See docs/kubernetes.md.",
+}
+LAUNCH = {
+    "usage": "sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--nproc-per-node N] [--key value ...]",
+    "description": "Start this machine's share of a training job: map the scheduler's variables (Kubeflow PET_*, "
+                   "torchrun-style NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, SLURM's, or none: one machine) to "
+                   "explicit accelerate launch flags, print the command, and run `accelerate launch -m sftkit`.",
+    "epilog": "Other --key value options are recipe overrides, passed on to sftkit. See docs/kubernetes.md.",
+}
+DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for torchrun-style jobs
+DEFAULT_SHM_SIZE = "16Gi"
 
-    parser = argparse.ArgumentParser(
-        prog="sftkit k8s render", allow_abbrev=False,
-        description="Render a ConfigMap with the recipe and the accelerate config, and the Kubeflow job whose pods "
-                    "run `sftkit launch`, as multi-document YAML: sftkit k8s render ... | kubectl apply -f -",
-        epilog="The recipe is checked first, with the global batch of nodes x gpus-per-node processes. output_dir "
-               "must lie on a --volume (or pass --allow-ephemeral-output). See docs/kubernetes.md.",
-    )
+
+def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe to train")
     parser.add_argument("--nodes", required=True, type=_positive, metavar="N", help="machines (pods)")
     parser.add_argument("--gpus-per-node", required=True, type=_positive, metavar="G",
@@ -58,36 +54,20 @@ def render_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-ephemeral-output", action="store_true",
                         help="render even if output_dir is on no volume (the model vanishes with the pod)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML to FILE instead of standard output")
-    return parser
 
 
-def launch_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sftkit launch", allow_abbrev=False,
-        usage="sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--nproc-per-node N] [--key value ...]",
-        description="Start this machine's share of a training job: map the scheduler's variables (Kubeflow PET_*, "
-                    "torchrun-style NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, SLURM's, or none: one machine) to "
-                    "explicit accelerate launch flags, print the command, and run `accelerate launch -m sftkit`.",
-        epilog="Other --key value options are recipe overrides, passed on to sftkit. See docs/kubernetes.md.",
-    )
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe to train")
     parser.add_argument("--accelerate-config", metavar="FILE",
                         help="an accelerate config; machines, processes and the rendezvous come from the variables")
     parser.add_argument("--nproc-per-node", type=_positive, metavar="N",
                         help="processes on this machine (default: the job's setting, else one per visible GPU)")
-    return parser
 
 
-def _render(arguments: list[str]) -> None:
+def run_render(options: argparse.Namespace) -> None:
     from sftkit.k8s.render import JobRequest, render
     from sftkit.k8s.validation import environment_variable, volume_spec
 
-    if not arguments or arguments[0] in ("-h", "--help"):
-        print(K8S_USAGE)
-        return
-    if arguments[0] != "render":
-        raise SftkitError(f"unknown command 'k8s {arguments[0]}'; the k8s command is render")
-    options = render_parser().parse_args(arguments[1:])
     request = JobRequest(
         recipe=options.config, nodes=options.nodes, gpus_per_node=options.gpus_per_node, image=options.image,
         kind=options.kind, accelerate_config=options.accelerate_config, namespace=options.namespace,
@@ -99,21 +79,7 @@ def _render(arguments: list[str]) -> None:
     render(request, options.output)
 
 
-def _launch(arguments: list[str]) -> None:
+def run_launch(options: argparse.Namespace) -> None:
     from sftkit.k8s.launch import launch
 
-    options, recipe_overrides = launch_parser().parse_known_args(arguments)
-    launch(options.config, options.accelerate_config, options.nproc_per_node, recipe_overrides)
-
-
-def main(command: str, arguments: list[str]) -> int:
-    """Run ``sftkit k8s ...`` or ``sftkit launch ...``; a user's error is one line, without a traceback."""
-    try:
-        if command == "launch":
-            _launch(arguments)
-        else:
-            _render(arguments)
-        return 0
-    except SftkitError as error:
-        print(f"sftkit: error: {error}", file=sys.stderr)
-        return 2
+    launch(options.config, options.accelerate_config, options.nproc_per_node, options.overrides)

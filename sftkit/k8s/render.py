@@ -19,6 +19,7 @@ import yaml
 
 from sftkit.errors import SftkitError
 from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, build_bundle, mounted_path
+from sftkit.k8s.commands import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
 from sftkit.k8s.validation import (
     LABEL_MAX,
     VolumeSpec,
@@ -29,9 +30,7 @@ from sftkit.k8s.validation import (
     positive_quantity,
 )
 
-DEFAULT_SHM_SIZE = "16Gi"
 SHM_MOUNT = "/dev/shm"
-DEFAULT_RUNTIME = "torch-distributed"
 GPU_RESOURCE = "nvidia.com/gpu"
 MASTER_PORT = 29500  # what the torch-distributed runtime sets; the PyTorchJob is given the same
 PATCH_MANAGER = "sftkit"

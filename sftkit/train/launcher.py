@@ -78,7 +78,7 @@ def _write_temporary(config: dict[str, Any]) -> str:
 
 
 def reconcile_launcher(values: dict[str, Any], per_device: int, accumulation: int, processes: int,
-                       notes: list[str], source: str) -> dict[str, Any]:
+                       notes: list[str], recipe_path: str) -> dict[str, Any]:
     """Check the launcher's and the recipe's DeepSpeed settings against the recipe; adjust only what saving needs.
 
     Returns keys to build the training arguments with (the recipe's values stay as written, for the record).
@@ -88,13 +88,13 @@ def reconcile_launcher(values: dict[str, Any], per_device: int, accumulation: in
             and int(launcher_accumulation) != accumulation):
         raise SftkitError(
             f"the accelerate config sets gradient_accumulation_steps: {launcher_accumulation} in its DeepSpeed "
-            f"section, but the recipe {source} means {accumulation}. DeepSpeed would stop every rank over this. "
+            f"section, but the recipe {recipe_path} means {accumulation}. DeepSpeed would stop every rank over this. "
             "Remove gradient_accumulation_steps from the accelerate config (or set the same value), and let "
             "global_batch_size or gradient_accumulation_steps in the recipe decide."
         )
     if values.get("deepspeed"):
-        config = _read_deepspeed(values["deepspeed"], f"recipe {source}: deepspeed")
-        where = f"the DeepSpeed config {values['deepspeed']} of recipe {source}"
+        config = _read_deepspeed(values["deepspeed"], f"recipe {recipe_path}: deepspeed")
+        where = f"the DeepSpeed config {values['deepspeed']} of recipe {recipe_path}"
         _check_geometry(config, values, per_device, accumulation, processes, where)
         if (patched := _gather_on_save(config, notes)) is not None:
             return {"deepspeed": patched}

@@ -53,12 +53,12 @@ def settle_tokenizer(recipe: Recipe) -> tuple[PreTrainedTokenizerBase, list[int]
                               "tokenizer directory or a Hub model id whose template to use")
         tokenizer.chat_template = Path(template_path).read_text()
         return tokenizer, added
-    source = _tokenizer_from(template_path, recipe, "chat_template_path")  # as TRL's clone_chat_template does
-    tokenizer.chat_template = source.get_chat_template()
-    new = [token for token in source.added_tokens_decoder.values() if token.content not in tokenizer.get_vocab()]
+    donor = _tokenizer_from(template_path, recipe, "chat_template_path")  # as TRL's clone_chat_template does
+    tokenizer.chat_template = donor.get_chat_template()
+    new = [token for token in donor.added_tokens_decoder.values() if token.content not in tokenizer.get_vocab()]
     tokenizer.add_tokens(new)
     added = [tokenizer.convert_tokens_to_ids(token.content) for token in new]
-    tokenizer.eos_token = source.eos_token
+    tokenizer.eos_token = donor.eos_token
     return tokenizer, added
 
 

@@ -1,0 +1,165 @@
+"""Resolving a checked recipe for this machine and launcher: environment, device, precision, speed defaults,
+batch geometry and the launcher's config. What sftkit decides on the user's behalf is returned as notes.
+
+The recipe as read (``sftkit.recipe.read_recipe``) is left as it was: resolving works on a copy of its
+values and returns a new Recipe. It does change the process's environment where libraries read it:
+the recipe's ``env:`` mapping, and the precision the launcher must not override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
+
+from sftkit.errors import SftkitError
+from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerator
+from sftkit.recipe import (
+    RECIPE_CLASSES,
+    CheckedRecipe,
+    Recipe,
+    SftkitArguments,
+    derive_gradient_accumulation,
+    number_of_processes,
+)
+from sftkit.train.launcher import reconcile_launcher
+from sftkit.train.speed import resolve_speed
+
+# Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
+# applied before those imports (the sftkit command does so).
+IMPORT_TIME_ENV = {
+    "HF_HOME": "huggingface_hub", "HF_HUB_CACHE": "huggingface_hub", "HF_HUB_OFFLINE": "huggingface_hub",
+    "HF_ENDPOINT": "huggingface_hub", "HF_DATASETS_CACHE": "datasets", "HF_DATASETS_OFFLINE": "datasets",
+    "TRANSFORMERS_CACHE": "transformers", "TRANSFORMERS_OFFLINE": "transformers",
+}
+
+
+def resolve_device(values: dict[str, Any], notes: list[str], recipe_path: str) -> None:
+    """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP. Several GPUs
+    without a launcher would run nn.DataParallel in one process, which sftkit's batch arithmetic does not describe:
+    that stops with the command that uses them all."""
+    if "use_cpu" not in values and not has_accelerator():
+        values["use_cpu"] = True
+        notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
+    gpus = gpu_count()
+    if gpus > 1 and "WORLD_SIZE" not in os.environ and not values.get("use_cpu"):
+        raise SftkitError(
+            f"this machine has {gpus} GPUs and no launcher started this run, which would train on them as one process "
+            "(nn.DataParallel) with another batch than the recipe says. Start it with\n"
+            f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {recipe_path}\n"
+            "or choose one GPU with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
+def resolve_precision(values: dict[str, Any], notes: list[str], recipe_path: str) -> None:
+    """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
+    import torch
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if "bf16" in values or "fp16" in values:
+        chosen = "bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "no"
+        reason = "as the recipe says"
+        if chosen == "fp16" and not torch.cuda.is_available():
+            raise SftkitError(f"recipe {recipe_path}: fp16: true needs a CUDA GPU; on this machine leave precision unset")
+    else:
+        on_cpu = values.get("use_cpu", False)
+        chosen = "bf16" if bf16_supported() and not on_cpu else "no"
+        reason = "the hardware supports bf16" if chosen == "bf16" else "no bf16-capable GPU"
+    values["bf16"], values["fp16"] = chosen == "bf16", chosen == "fp16"
+    if launcher is not None and launcher != chosen:
+        notes.append(
+            f"the launcher asked for mixed_precision={launcher}; the recipe decides precision, so it is ignored "
+            "(set bf16 or fp16 in the recipe to change it)"
+        )
+    # transformers falls back on the launcher's setting when bf16 and fp16 are both false: pin it.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = chosen
+    label = {"bf16": "bf16 mixed precision (fp32 master weights)", "fp16": "fp16 mixed precision", "no": "fp32"}
+    notes.append(f"precision: {label[chosen]} ({reason}); weights loaded as {values.get('dtype', 'float32')}")
+
+
+def apply_environment(environment: Any, recipe_path: str) -> None:
+    """Set the recipe's ``env:`` variables; one that a library already read at import time is an error, not a no-op."""
+    if not isinstance(environment, dict):
+        raise SftkitError(f"recipe {recipe_path}: env must be a mapping of VARIABLE: value")
+    for name, value in environment.items():
+        name, value = str(name), str(value)
+        library = IMPORT_TIME_ENV.get(name)
+        if library in sys.modules and os.environ.get(name) != value:
+            raise SftkitError(
+                f"recipe {recipe_path}: env: {name} is read by {library} when it is imported, which happened before this "
+                f"recipe was loaded, so it would have no effect. Run through the sftkit command (it sets env: first), "
+                f"or set {name} in the environment before starting."
+            )
+        os.environ[name] = value
+
+
+def resolve_resume(values: dict[str, Any], recipe_path: str) -> str | None:
+    """``resume_from_checkpoint``: true means the latest checkpoint in output_dir, a path must be a checkpoint; both
+    checked before any data work."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    asked = values["resume_from_checkpoint"]
+    if asked in (False, None, "false", "False"):
+        return None
+    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
+    if asked in (True, "true", "True"):
+        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if latest is None:
+            raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint: true, but output_dir {output_dir} holds no "
+                              "checkpoint-N folder to resume from; remove the key to start fresh")
+        return latest
+    if not isinstance(asked, str) or not (Path(asked) / "trainer_state.json").is_file():
+        raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N "
+                          f"folder with a trainer_state.json); use true for the latest one in output_dir")
+    return asked
+
+
+def resolve(checked: CheckedRecipe) -> Recipe:
+    """The Recipe a run trains with on this machine, under this launcher."""
+    recipe_path, values, notes = checked.path, dict(checked.values), []
+    apply_environment(checked.environment, recipe_path)
+    if "resume_from_checkpoint" in values:
+        values["resume_from_checkpoint"] = resolve_resume(values, recipe_path)
+    resolve_device(values, notes, recipe_path)
+    resolve_precision(values, notes, recipe_path)
+    resolve_speed(values, notes, gpu_memory())
+    if values.get("global_batch_size") is not None:
+        per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
+        processes = number_of_processes()
+        values["gradient_accumulation_steps"] = derive_gradient_accumulation(
+            values["global_batch_size"], per_device, processes, recipe_path
+        )
+        notes.append(
+            f"global_batch_size {values['global_batch_size']} = {per_device} per device x {processes} process(es) "
+            f"x {values['gradient_accumulation_steps']} accumulation step(s)"
+        )
+
+    per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
+    accumulation = values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
+    adjusted = reconcile_launcher(values, per_device, accumulation, number_of_processes(), notes, recipe_path)
+
+    built = {}
+    for cls in RECIPE_CLASSES:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        arguments = {key: value for key, value in {**values, **adjusted}.items() if key in names}
+        if cls is DatasetMixtureConfig and checked.mixture_entries:
+            arguments["datasets"] = checked.mixture_entries
+        try:
+            built[cls] = cls(**arguments)
+        except (ValueError, TypeError) as error:
+            raise SftkitError(f"recipe {recipe_path} with this launcher's settings: {error}") from None
+    return Recipe(
+        script=built[ScriptArguments],
+        training=built[SFTConfig],
+        model=built[ModelConfig],
+        mixture=built[DatasetMixtureConfig],
+        sftkit=built[SftkitArguments],
+        values=values,
+        path=recipe_path,
+        notes=notes,
+        entry_adapters=checked.entry_adapters,
+    )
