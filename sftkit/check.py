@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from sftkit.contract import RowError
 from sftkit.data.bad_rows import enforce
 from sftkit.data.preparation import PreparedData, PreparedSplit, prepare_data
 from sftkit.data.templates import reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
-from sftkit.hookspecs import RowError
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
 
@@ -97,19 +97,28 @@ def _stops(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, conversational: b
             + ("" if ok else ", but generation would not stop at it"))
 
 
+def _conversational(data: PreparedData) -> bool:
+    """Whether the rows are conversations (rendered by the chat template), judged by the first valid train row."""
+    for position, reason in enumerate(data.train.rows["invalid"]):
+        if reason is None:
+            record = data.record(data.train, position)
+            return "messages" in record or not isinstance(record.get("prompt", ""), str)
+    return False
+
+
 def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     """Describe what would train, then raise SftkitError if the bad-row policy would stop the run."""
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer, enforce_policy=False)
     splits = [split for split in (data.train, data.eval) if split is not None]
-    lines = [f"recipe         {recipe.source}"]
+    lines = [f"recipe         {recipe.path}"]
     lines += [f"note           {note}" for note in recipe.notes]
     for choice in data.adapters:
         installed = choice.installed
         lines.append(f"adapter        {installed.adapter.name} from {installed.distribution} {installed.version} "
-                     f"for {choice.source}: {choice.reason}")
-    sample = "; the train counts below cover a sample spread over all rows" if data.train.lazy is not None else ""
-    lines.append(f"preparation    {data.mode}{sample}")
+                     f"for {choice.source_name}: {choice.reason}")
+    sample = "; the train counts below cover a sample spread over all rows" if data.train.on_demand is not None else ""
+    lines.append(f"preparation    {data.preparation}{sample}")
     rows = [line for split in splits for line in split.report.lines()]
     lines += [f"{'rows' if index == 0 else '':<15}{line}" for index, line in enumerate(rows)]
     lines.append(f"eval           {data.eval_origin}")
@@ -118,11 +127,14 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     if recipe.training.max_length is not None:
         cut = "skipped as too long" if recipe.sftkit.long_rows == "skip" else "truncated"
         lines.append(f"{'':<15}rows longer than max_length are {cut} (long_rows)")
-    rendered = {0: "nothing to render (the data is not conversational)",
-                -1: "checked when these rows were prepared (loaded from the cache)"}.get(
-        data.rows_checked, f"{data.rows_checked} sampled conversations render every turn")
+    conversational = _conversational(data)
+    if not conversational:
+        rendered = "nothing to render (the data is not conversational)"
+    elif data.rendered:
+        rendered = f"{data.rendered} sampled conversations render every turn"
+    else:
+        rendered = "checked when these rows were prepared (loaded from the cache)"
     lines.append(f"render guard   {rendered}")
-    conversational = data.rows_checked != 0  # the render guard rendered conversations (or did, for cached rows)
     lines.append(f"stop           {_stops(recipe, tokenizer, conversational)}")
     lines += _shown_rows(data, tokenizer, shown_rows, colour)
     print("\n".join(lines), flush=True)

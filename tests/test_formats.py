@@ -29,10 +29,10 @@ def test_check_shows_what_training_trains(tmp_path, path):
     data = prepare_data(recipe, load_tokenizer(recipe))  # what training prepares, on its own path
     tokenizer = load_tokenizer(recipe)
     trained = data.train.trainable()
-    ids = trained.data.column("row").to_pylist() if data.train.lazy is not None else data.train.rows["row"]
+    ids = trained.data.column("row").to_pylist() if data.train.on_demand is not None else data.train.rows["row"]
     for block in printed.getvalue().split("\n--- train row ")[1:]:
         row = int(block.split(":", 1)[0])
-        item = trained[ids.index(row)] if data.train.lazy is not None else data.train.rows[ids.index(row)]
+        item = trained[ids.index(row)] if data.train.on_demand is not None else data.train.rows[ids.index(row)]
         assert item.get(INVALID_KEY) is None
         assert mark_trained(list(item["input_ids"]), list(item["labels"]), tokenizer, colour=False) in block
         assert "the prompt is token for token what inference sends" in block

@@ -56,7 +56,7 @@ def test_bounded_run_prepares_only_a_sample_before_step_one(tmp_path, cache):
     rows = [sharegpt_row(index, ("human", f"What is {index} + 1?"), ("gpt", f"{index + 1}.")) for index in range(3000)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     prepared = prepare(tmp_path, data, max_steps=5, per_device_train_batch_size=4)
-    assert prepared.mode.startswith("lazy (max_steps reads 20 of 3,000 rows)")
+    assert prepared.preparation.startswith("lazy (max_steps reads 20 of 3,000 rows)")
     assert prepared.train.rows.num_rows == 256  # the pre-flight sample, not the dataset
     assert prepared.train.report.split == "train sample"
     assert not cache.exists() or entries(cache) == 0  # nothing eager was prepared
@@ -69,9 +69,9 @@ def test_bounded_run_prepares_only_a_sample_before_step_one(tmp_path, cache):
 
 def test_epoch_runs_prepare_eagerly(tmp_path, cache, sharegpt_rows):
     data = write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows)
-    assert prepare(tmp_path, data).mode.startswith("eager (the run reads every row")
-    assert prepare(tmp_path, data, max_steps=1000).mode.startswith("eager (max_steps reads")
-    assert prepare(tmp_path, data, packing=True).mode.startswith("eager (the run reads every row")
+    assert prepare(tmp_path, data).preparation.startswith("eager (the run reads every row")
+    assert prepare(tmp_path, data, max_steps=1000).preparation.startswith("eager (max_steps reads")
+    assert prepare(tmp_path, data, packing=True).preparation.startswith("eager (the run reads every row")
 
 
 def test_bounded_packed_run_prepares_only_the_rows_it_packs(tmp_path, cache):
@@ -79,13 +79,13 @@ def test_bounded_packed_run_prepares_only_the_rows_it_packs(tmp_path, cache):
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     keys = {"max_steps": 3, "per_device_train_batch_size": 4, "packing": True, "max_length": 256}
     prepared = prepare(tmp_path, data, **keys)
-    assert prepared.mode.startswith("packed share (max_steps packs 12 sequences of up to 256 tokens")
+    assert prepared.preparation.startswith("packed share (max_steps packs 12 sequences of up to 256 tokens")
     taken = prepared.train.rows["row"]
     assert 12 < len(taken) < 3000 and len(set(taken)) == len(taken)  # a share of the rows, none twice
     assert max(taken) > 1500  # drawn from the whole dataset, not its head
     assert len(pack_dataset(prepared.train.trainable(), 256, "bfd")) >= 12  # they fill what the run trains on
     again = prepare(tmp_path, data, **keys)
-    assert again.rows_checked == -1 and again.train.rows["row"] == taken  # from the cache: the same rows
+    assert again.from_cache and again.train.rows["row"] == taken  # from the cache: the same rows
     everything = prepare(tmp_path, data, **{**keys, "max_steps": 1000})
     assert everything.train.rows.num_rows == 3000  # more sequences than the data fills: all of it
 
@@ -96,11 +96,11 @@ def _plugin(folder, behaviour: str):
     package.mkdir(exist_ok=True)
     (package / "helpers.py").write_text(f"def answer(text):\n    return {behaviour}\n")
     (package / "__init__.py").write_text(
-        "from sftkit.hookspecs import Adapter, hookimpl\n"
+        "from sftkit import Adapter, Columns, hookimpl\n"
         "from sftkit_test_upgraded.helpers import answer\n\n\n"
         "class Upgraded(Adapter):\n"
         "    name = 'upgraded'\n\n"
-        "    def columns(self, options):\n        return ['q', 'a']\n\n"
+        "    def columns(self, options):\n        return Columns(required=('q', 'a'))\n\n"
         "    def convert(self, row, options):\n"
         "        return {'messages': [{'role': 'user', 'content': row['q']},"
         " {'role': 'assistant', 'content': answer(row['a'])}]}\n\n\n"

@@ -122,11 +122,11 @@ def prepared(root: Path, name: str, **path_keys):
 
 def by_row(data) -> dict[int, tuple]:
     """Every prepared train row by its id: (input_ids, labels) or the reason it is invalid."""
-    if data.train.lazy is not None:
-        ids = data.train.lazy.data.column("row").to_pylist()
+    if data.train.on_demand is not None:
+        ids = data.train.on_demand.data.column("row").to_pylist()
         out = {}
         for position, row in enumerate(ids):
-            item = data.train.lazy[position]
+            item = data.train.on_demand[position]
             invalid = item[INVALID_KEY]
             out[row] = invalid["reason"] if invalid else (list(item["input_ids"]), list(item["labels"]))
         return out
@@ -141,7 +141,7 @@ def test_eager_lazy_and_packed_preparation_train_the_same_rows(tmp_path, name):
     eager_recipe, eager = prepared(tmp_path, name, prepare="eager")
     _, lazy = prepared(tmp_path, name, prepare="lazy", max_steps=2)
     _, share = prepared(tmp_path, name, packing=True, max_steps=2, per_device_train_batch_size=2)
-    assert share.mode.startswith("packed share")
+    assert share.preparation.startswith("packed share")
     eager_rows, lazy_rows, share_rows = by_row(eager), by_row(lazy), by_row(share)
     assert lazy_rows == eager_rows  # every row id, tokens, labels, and the reason of each invalid row
     assert share_rows and all(share_rows[row] == eager_rows[row] for row in share_rows)

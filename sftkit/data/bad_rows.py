@@ -120,7 +120,7 @@ def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str
         rows = split.rows
         for position in [p for p, reason in enumerate(rows["invalid"]) if reason is not None]:
             entry = rows[position]
-            source = sources[entry["source"]]
+            source = sources[entry["source_index"]]
             raw = getattr(source, entry["source_split"])[entry["source_row"]]
             entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], source.name,
                                          entry["source_row"], raw, "before step 1"))

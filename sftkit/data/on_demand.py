@@ -1,4 +1,4 @@
-"""Lazy preparation: a row is adapted and tokenized when the trainer first asks for it, never before.
+"""Rows prepared on demand (``prepare: lazy``): a row is adapted and tokenized when the trainer draws it, never before.
 
 A bounded run (``max_steps``) reads a fraction of a large dataset; preparing only those rows makes
 the time to the first step independent of the dataset's size. The trainer's sampler still draws
@@ -16,17 +16,17 @@ from typing import Any
 
 import datasets
 
+from sftkit.contract import RowError
 from sftkit.data.bad_rows import skipped_entry
 from sftkit.data.rows import RowChain
 from sftkit.data.tokenization import IGNORE
-from sftkit.hookspecs import RowError
 
 INVALID_KEY = "sftkit_invalid"  # the skipped-rows entry of each invalid row in a batch (``bad_rows.skipped_entry``)
 ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not
 
 
 @dataclass(frozen=True)
-class LazySource:
+class OnDemandSource:
     """One source's raw rows (only the adapter's columns), the row chain that prepares them, and its name."""
 
     rows: Any  # datasets.Dataset
@@ -34,10 +34,10 @@ class LazySource:
     name: str
 
 
-class LazyPreparer:
+class PrepareWhenDrawn:
     """A ``with_transform`` function: global row ids in, prepared rows (or why they are invalid) out."""
 
-    def __init__(self, sources: Sequence[LazySource]) -> None:
+    def __init__(self, sources: Sequence[OnDemandSource]) -> None:
         self.sources = list(sources)
         self.offsets = [0]
         for source in self.sources:
@@ -58,10 +58,10 @@ class LazyPreparer:
         return out
 
 
-def lazy_rows(sources: Sequence[LazySource], ids: Sequence[int]) -> datasets.Dataset:
+def on_demand_rows(sources: Sequence[OnDemandSource], ids: Sequence[int]) -> datasets.Dataset:
     """A dataset of row ids that prepares each row as the trainer reads it (TRL is told not to prepare it)."""
     rows = datasets.Dataset.from_dict({"row": list(map(int, ids))})
-    rows.set_transform(LazyPreparer(sources))  # in place: with_transform would copy every id
+    rows.set_transform(PrepareWhenDrawn(sources))  # in place: with_transform would copy every id
     return rows
 
 

@@ -1,12 +1,12 @@
 """The data of a run: load -> the row chain (adapt, check, render, tokenize, mask; ``sftkit.data.rows``) -> the
 bad-row policy, with the render guard on a sample before anything is prepared.
 
-Three ways through it, all through the same row chain. Eager: every row, in batched passes over all
-cores, cached on disk by a key of everything that changes the result (used when the run reads the
-whole dataset). Lazy: only a sample is prepared before step 1, to check and report; the trainer's
-rows are prepared as it draws them (used when ``max_steps`` reads less than the whole dataset).
-Packed share: a bounded run that packs needs each row's length first, so rows drawn at random are
-prepared eagerly, in cached chunks, until they fill the sequences ``max_steps`` trains on.
+Three ways through it (``Preparation``), all through the same row chain. Eager: every row, in batched
+passes over all cores, cached on disk by a key of everything that changes the result (used when the
+run reads the whole dataset). Lazy: only a sample is prepared before step 1, to check and report; the
+trainer's rows are prepared on demand, as it draws them (used when ``max_steps`` reads less than the
+whole dataset). Packed share: a bounded run that packs needs each row's length first, so rows drawn at
+random are prepared in cached chunks until they fill the sequences ``max_steps`` trains on.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any
 
 import datasets
@@ -23,10 +24,11 @@ from transformers import PreTrainedTokenizerBase
 from trl import pack_dataset
 
 from sftkit import plugins
-from sftkit.data.adapt import check_columns, choose_adapter, resolve_options
+from sftkit.contract import RowError
+from sftkit.data.adapt import check_columns, choose_adapter, options_record, resolve_options
 from sftkit.data.bad_rows import RowReport, enforce, report_rows, write_skipped
 from sftkit.data.cache import cached, code_digest, preparation_key
-from sftkit.data.on_demand import LazySource, lazy_rows
+from sftkit.data.on_demand import OnDemandSource, on_demand_rows
 from sftkit.data.render_guard import check_rendering, sample_indices
 from sftkit.data.rows import RowChain, prepare_rows
 from sftkit.data.sources import Source, load_sources
@@ -34,7 +36,6 @@ from sftkit.data.templates import rendering_tokenizer, reply_end
 from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
-from sftkit.hookspecs import RowError
 from sftkit.plugins import InstalledAdapter
 from sftkit.recipe import Recipe, number_of_processes
 
@@ -44,17 +45,28 @@ PARALLEL_FROM_ROWS = 20_000  # below this, a process pool costs more than it sav
 PREFLIGHT_ROWS = 256  # rows a lazy run prepares before step 1, to check and report
 
 
+class Preparation(str, Enum):
+    """How a run's rows are prepared: the recipe's ``prepare`` (``auto`` picks one of these)."""
+
+    EAGER = "eager"  # every row before step 1, in batched passes, cached
+    LAZY = "lazy"  # a checked sample before step 1; the trainer's rows prepared on demand as it draws them
+    PACKED_SHARE = "packed share"  # a bounded packed run: rows drawn at random, prepared in cached chunks
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class AdapterChoice:
-    source: str
+    source_name: str
     installed: InstalledAdapter
     reason: str
     options: dict[str, Any]
 
     def describe(self) -> dict[str, Any]:
         adapter = self.installed
-        return {"source": self.source, "name": adapter.adapter.name, "distribution": adapter.distribution,
-                "version": adapter.version, "chosen": self.reason, "options": self.options}
+        return {"source": self.source_name, "name": adapter.adapter.name, "distribution": adapter.distribution,
+                "version": adapter.version, "chosen": self.reason, "options": options_record(self.options)}
 
 
 @dataclass
@@ -64,16 +76,16 @@ class PreparedSplit:
     name: str
     rows: datasets.Dataset
     report: RowReport
-    lazy: datasets.Dataset | None = None  # set when the trainer's rows are prepared on demand
+    on_demand: datasets.Dataset | None = None  # a lazy run's trainer rows, each prepared when it is drawn
 
     def invalid_row_ids(self) -> set[int]:
         """Global ids of the rows already found invalid, so a lazy run does not report them twice."""
         return {row for row, reason in zip(self.rows["row"], self.rows["invalid"], strict=True) if reason is not None}
 
     def trainable(self) -> datasets.Dataset:
-        """Only what the trainer needs: the valid rows' input_ids and labels."""
-        if self.lazy is not None:
-            return self.lazy
+        """Only what the trainer needs: the valid rows' input_ids and labels (or the rows prepared on demand)."""
+        if self.on_demand is not None:
+            return self.on_demand
         return _valid_rows(self.rows)
 
 
@@ -91,15 +103,21 @@ class PreparedData:
     adapters: list[AdapterChoice]
     sources: list[Source]
     eval_origin: str
-    mode: str  # "eager" or "lazy", and why
-    rows_checked: int  # conversations the render guard rendered; -1: checked when the cached rows were prepared
+    mode: Preparation
+    why: str  # why this mode
+    rendered: int  # conversations the render guard rendered in this run
+    from_cache: bool  # prepared rows came from the cache, whose rows were rendered and checked when prepared
     chains: list[RowChain]  # each source's row chain
+
+    @property
+    def preparation(self) -> str:
+        return f"{self.mode.value} ({self.why})"
 
     def record(self, split: PreparedSplit, position: int) -> dict[str, Any]:
         """The canonical record of a prepared row, made again from its raw row by its source's chain."""
         entry = split.rows[position]
-        source = self.sources[entry["source"]]
-        return self.chains[entry["source"]].record(getattr(source, entry["source_split"])[entry["source_row"]])
+        source = self.sources[entry["source_index"]]
+        return self.chains[entry["source_index"]].record(getattr(source, entry["source_split"])[entry["source_row"]])
 
     def describe(self) -> dict[str, Any]:
         """What the run record says about the data."""
@@ -107,11 +125,13 @@ class PreparedData:
         return {
             "adapter": self.adapters[0].describe() if len(self.adapters) == 1 else [a.describe() for a in self.adapters],
             "data": {
-                "preparation": self.mode,
-                **{f"{split.name}_rows": len(split.lazy) if split.lazy else split.report.valid for split in splits},
+                "preparation": self.preparation,
+                **{f"{split.name}_rows": len(split.on_demand) if split.on_demand else split.report.valid
+                   for split in splits},
                 "invalid_rows": {split.name: dict(split.report.invalid) for split in splits},
                 "eval": self.eval_origin,
-                "render_guard_rows": self.rows_checked,
+                "render_guard_rows": self.rendered,
+                "from_cache": self.from_cache,
             },
         }
 
@@ -156,23 +176,24 @@ def split_held_out(total: int, recipe: Recipe) -> tuple[np.ndarray, np.ndarray |
     return np.sort(order[count:]), np.sort(order[:count]), origin
 
 
-def preparation_mode(recipe: Recipe, train_rows: int) -> tuple[str, str]:
-    """Lazy when a bounded run reads less than the dataset, a packed share when it packs, else eager."""
+def preparation_mode(recipe: Recipe, train_rows: int) -> tuple[Preparation, str]:
+    """Lazy when a bounded run reads less than the dataset, a packed share when it packs, else eager; and why."""
     asked, args = recipe.sftkit.prepare, recipe.training
     if asked != "auto":
-        if asked == "lazy" and args.packing:
+        if asked == Preparation.LAZY and args.packing:
             raise SftkitError("prepare: lazy cannot pack (packing needs each row's length before step 1); use "
                               "prepare: auto (a bounded run prepares only the rows it packs) or eager")
-        return asked, "as the recipe says"
+        return Preparation(asked), "as the recipe says"
     if args.max_steps <= 0:
-        return "eager", "the run reads every row (num_train_epochs)"
+        return Preparation.EAGER, "the run reads every row (num_train_epochs)"
     needed = _rows_per_run(recipe)
     if args.packing:
-        return "packed share", (f"max_steps packs {needed:,} sequences of up to {args.max_length} tokens: rows "
-                                f"drawn at random from {train_rows:,} and prepared before step 1, until they fill them")
+        return Preparation.PACKED_SHARE, (
+            f"max_steps packs {needed:,} sequences of up to {args.max_length} tokens: rows drawn at random from "
+            f"{train_rows:,} and prepared before step 1, until they fill them")
     if needed >= train_rows:
-        return "eager", f"max_steps reads {needed:,} rows, the whole dataset"
-    return "lazy", f"max_steps reads {needed:,} of {train_rows:,} rows"
+        return Preparation.EAGER, f"max_steps reads {needed:,} rows, the whole dataset"
+    return Preparation.LAZY, f"max_steps reads {needed:,} of {train_rows:,} rows"
 
 
 def _rows_per_run(recipe: Recipe) -> int:
@@ -225,7 +246,7 @@ def _prepared(parts: list[tuple[int, datasets.Dataset, np.ndarray]], sources: li
     prepared = []
     for index, raw, rows in parts:
         out = prepare_rows(raw, chains[index], name, f"{key}-{name}-{index}", num_proc)
-        out = out.add_column("source", [index] * out.num_rows)
+        out = out.add_column("source_index", [index] * out.num_rows)
         out = out.add_column("source_split", [split] * out.num_rows)
         out = out.add_column("source_row", rows.tolist())
         prepared.append(out.add_column("row", (rows + offsets[index]).tolist()))  # the id lazy runs draw by
@@ -245,19 +266,20 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 Plan = dict[str, tuple[str, np.ndarray | None]]  # prepared split -> (source split, global train row ids)
 
 
-def _eager(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice], plan: Plan,
-           num_proc: int | None, guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
+def _prepare_planned(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice], plan: Plan,
+                     num_proc: int | None, guard_rows: int) -> tuple[dict[str, datasets.Dataset], int, bool]:
     """The planned rows through the row chain in batched, parallel passes, through the cache; the render guard on
     a sample first.
 
-    Returns the prepared splits and how many conversations the render guard rendered; -1 when they come
-    from the cache, where they were rendered and passed before being saved (the key covers the template).
+    Returns the prepared splits, how many conversations the render guard rendered, and whether the splits came
+    from the cache (then it rendered none: they were rendered and passed before being saved, and the key covers
+    the template).
     """
     key = preparation_key(
         {
             "sources": [source.fingerprint for source in sources],
-            "adapters": [(c.installed.adapter.name, c.installed.distribution, c.installed.version, c.options)
-                         for c in choices],
+            "adapters": [(c.installed.adapter.name, c.installed.distribution, c.installed.version,
+                          options_record(c.options)) for c in choices],
             "tokenizer": _tokenizer_fingerprint(chains[0].tokenizer),
             "settings": asdict(chains[0].settings),
             "plan": {name: (split, None if ids is None else hashlib.sha256(ids.tobytes()).hexdigest())
@@ -277,42 +299,44 @@ def _eager(sources: list[Source], chains: list[RowChain], choices: list[AdapterC
             splits[name] = _prepared(parts, sources, chains, split, name, key, num_proc)
         return splits
 
-    splits, hit = cached(key, build)
-    return splits, -1 if hit else rendered
+    splits, from_cache = cached(key, build)
+    return splits, rendered, from_cache
 
 
-def _lazy(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice], train_ids: np.ndarray,
-          guard_rows: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
-    """The on-demand rows for the trainer, a prepared sample spread over them to check before step 1, and how
-    many conversations of it the render guard rendered."""
-    lazy_sources = []
+def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice],
+                       train_ids: np.ndarray, guard_rows: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """The trainer's rows, each prepared when drawn; a prepared sample spread over them to check before step 1;
+    and how many conversations of it the render guard rendered."""
+    on_demand_sources = []
     for source, chain, choice in zip(sources, chains, choices, strict=True):
-        columns = [column for column in choice.installed.adapter.columns(choice.options)
+        columns = [column for column in choice.installed.adapter.columns(choice.options).all
                    if column in source.train.column_names]
-        lazy_sources.append(LazySource(source.train.select_columns(columns), chain, source.name))
+        on_demand_sources.append(OnDemandSource(source.train.select_columns(columns), chain, source.name))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
     parts = _parts(sources, "train", sample)
     rendered = _guard(parts, chains, guard_rows, "train")
     key = preparation_key({"sources": [source.fingerprint for source in sources], "sample": sample.tolist()},
                           code=code_digest(type(choice.installed.adapter) for choice in choices))
     preflight = _prepared(parts, sources, chains, "train", "train sample", key, None)
-    return preflight, lazy_rows(lazy_sources, train_ids), rendered
+    return preflight, on_demand_rows(on_demand_sources, train_ids), rendered
 
 
-def _packed_share(recipe: Recipe, sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice],
-                  train_ids: np.ndarray, num_proc: int | None,
-                  guard_rows: int) -> tuple[dict[str, datasets.Dataset], int]:
+def _prepare_packed_share(recipe: Recipe, sources: list[Source], chains: list[RowChain],
+                          choices: list[AdapterChoice], train_ids: np.ndarray, num_proc: int | None,
+                          guard_rows: int) -> tuple[dict[str, datasets.Dataset], int, bool]:
     """A bounded packed run's rows: drawn in a seeded random order, prepared in chunks (each cached) until
-    packing them fills the sequences max_steps trains on, or the data runs out."""
+    packing them fills the sequences max_steps trains on, or the data runs out. The render guard samples the
+    first chunk."""
     args, needed = recipe.training, _rows_per_run(recipe)
     order = np.random.default_rng(args.seed).permutation(train_ids)
-    chunks, checked, taken = [], 0, 0
+    chunks, rendered, from_cache, taken = [], 0, False, 0
     chunk = min(len(order), max(needed, PREFLIGHT_ROWS))  # a packed sequence holds at least one row
     while True:
         ids = np.sort(order[taken:taken + chunk])
-        prepared, rendered = _eager(sources, chains, choices, {"train": ("train", ids)}, num_proc,
-                                    guard_rows if not chunks else 0)
-        checked = rendered if not chunks else checked  # the render guard samples the first chunk
+        prepared, chunk_rendered, chunk_from_cache = _prepare_planned(
+            sources, chains, choices, {"train": ("train", ids)}, num_proc, guard_rows if not chunks else 0)
+        if not chunks:
+            rendered, from_cache = chunk_rendered, chunk_from_cache
         chunks.append(prepared["train"])
         taken += len(ids)
         rows = datasets.concatenate_datasets(chunks)
@@ -321,7 +345,7 @@ def _packed_share(recipe: Recipe, sources: list[Source], chains: list[RowChain],
         if packed >= needed or taken >= len(order):
             logger.info("packed share: %s rows prepared fill %s sequences (%s needed)", f"{taken:,}",
                         f"{packed:,}", f"{needed:,}")
-            return {"train": rows}, checked
+            return {"train": rows}, rendered, from_cache
         # Rows per sequence so far, for the rest with a tenth to spare.
         chunk = min(len(order) - taken, max(PREFLIGHT_ROWS, int((needed - packed) * taken / max(packed, 1) * 1.1)))
 
@@ -345,38 +369,38 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     chains = [RowChain(choice.installed.adapter, choice.options, tokenizer, settings) for choice in choices]
     num_proc = recipe.training.dataset_num_proc or (usable_cpus() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))
-    logger.info("preparation: %s (%s)", mode, why)
+    logger.info("preparation: %s (%s)", mode.value, why)
 
     eval_plan: Plan = {"eval": ("train", eval_ids)} if eval_ids is not None else (
         {"eval": ("eval", None)} if has_own_eval else {})
-    lazy, guard_rows = None, recipe.sftkit.render_check_rows
-    if mode == "lazy":
-        sample, lazy, checked = _lazy(sources, chains, choices, train_ids, guard_rows)
-        prepared = {"train": sample}
-        if eval_plan:
-            evaluation, eval_checked = _eager(sources, chains, choices, eval_plan, num_proc, guard_rows)
-            prepared.update(evaluation)
-            checked += max(eval_checked, 0)
-    elif mode == "packed share":
-        prepared, checked = _packed_share(recipe, sources, chains, choices, train_ids, num_proc, guard_rows)
-        if eval_plan:
-            evaluation, eval_checked = _eager(sources, chains, choices, eval_plan, num_proc, guard_rows)
-            prepared.update(evaluation)
-            checked = checked + eval_checked if min(checked, eval_checked) >= 0 else -1
+    on_demand, guard_rows = None, recipe.sftkit.render_check_rows
+    if mode == Preparation.LAZY:
+        sample, on_demand, rendered = _prepare_on_demand(sources, chains, choices, train_ids, guard_rows)
+        prepared, from_cache = {"train": sample}, False
+    elif mode == Preparation.PACKED_SHARE:
+        prepared, rendered, from_cache = _prepare_packed_share(recipe, sources, chains, choices, train_ids, num_proc,
+                                                               guard_rows)
     else:
         plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
-        prepared, checked = _eager(sources, chains, choices, plan, num_proc, guard_rows)
-    if checked < 0:
+        prepared, rendered, from_cache = _prepare_planned(sources, chains, choices, plan, num_proc, guard_rows)
+        eval_plan = {}  # prepared with the train rows
+    if eval_plan:
+        evaluation, eval_rendered, eval_from_cache = _prepare_planned(sources, chains, choices, eval_plan, num_proc,
+                                                                      guard_rows)
+        prepared.update(evaluation)
+        rendered, from_cache = rendered + eval_rendered, from_cache or eval_from_cache
+    if from_cache:
         logger.info("prepared rows loaded from the cache (their rendering was checked when they were prepared)")
-    elif checked:
+    if rendered:
         logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
-                    checked)
+                    rendered)
 
     splits: dict[str, PreparedSplit] = {}
     for name, rows in prepared.items():
-        report = report_rows(rows, name if not (name == "train" and lazy) else "train sample")
+        sample = name == "train" and on_demand is not None
+        report = report_rows(rows, "train sample" if sample else name)
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
-        splits[name] = PreparedSplit(name, rows, report, lazy if name == "train" else None)
-    return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin,
-                        f"{mode} ({why})", checked, chains)
+        splits[name] = PreparedSplit(name, rows, report, on_demand if sample else None)
+    return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin, mode, why, rendered,
+                        from_cache, chains)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from accelerate.utils import DynamoBackend
 
+from sftkit.data.tokenization import IGNORE
+
 
 class FixedShapeCollator:
     """Pads each padding-free (packed) batch to a multiple of ``tokens`` with one extra sequence the loss ignores.
@@ -34,7 +36,7 @@ class FixedShapeCollator:
         if not padding:
             return batch
         batch["input_ids"] = _extend(batch["input_ids"], torch.full((padding,), self.pad_token_id))
-        batch["labels"] = _extend(batch["labels"], torch.full((padding,), -100))
+        batch["labels"] = _extend(batch["labels"], torch.full((padding,), IGNORE))
         batch["position_ids"] = _extend(batch["position_ids"], torch.arange(padding))
         if "cu_seq_lens_q" in batch:  # the sequence boundaries TRL hands to varlen kernels
             boundaries = torch.cat([batch["cu_seq_lens_q"], torch.tensor([length + padding], dtype=torch.int32)])

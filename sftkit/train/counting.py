@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sftkit.data.tokenization import IGNORE
 from sftkit.train.head_loss import LABEL_POSITIONS, label_positions
 
 TOKENS_FED = "sftkit_tokens_fed"  # tokens the model reads (padding left out)
@@ -28,7 +29,7 @@ class CountingCollator:
         batch = self.collate(examples)
         labels, mask = batch["labels"], batch.get("attention_mask")
         batch[TOKENS_FED] = int(mask.sum()) if mask is not None else labels.numel()
-        batch[TOKENS_TRAINED] = int((labels[:, 1:] != -100).sum())
+        batch[TOKENS_TRAINED] = int((labels[:, 1:] != IGNORE).sum())
         if self.positions:
             batch[LABEL_POSITIONS] = label_positions(labels)
         return batch

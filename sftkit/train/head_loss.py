@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from sftkit.data.tokenization import IGNORE
+
 LABEL_POSITIONS = "sftkit_label_positions"  # flat indices of the positions whose next-token label is trained
 KERNELS = ("liger", "cce", "torch")  # auto takes the first that runs here
 
@@ -101,4 +103,4 @@ def add_head_loss(model: torch.nn.Module, kernel: str) -> None:
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices, over ``labels[:, 1:]``, of the positions whose next-token label is trained (on the CPU)."""
-    return (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)

@@ -12,8 +12,10 @@ import datasets
 from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
+from sftkit.data.bad_rows import SKIPPED_ROWS_FILE
 from sftkit.data.on_demand import SkippingCollator
 from sftkit.data.preparation import PreparedData, prepare_data
 from sftkit.errors import SftkitError
@@ -23,7 +25,7 @@ from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
 from sftkit.train.launcher import partial_batch_note
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
-from sftkit.train.run_record import add_to_run_record, write_run_record
+from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
 from sftkit.train.summary import summarise
 from sftkit.train.trainer import SftkitTrainer
 
@@ -51,20 +53,17 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         if split is not None:
             logger.info("rows: %s", "\n  ".join(split.report.lines()))
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
-        logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s/skipped_rows.jsonl", skipped,
-                       args.output_dir)
+        logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s", skipped,
+                       output_dir / SKIPPED_ROWS_FILE)
     train_rows, eval_rows = trainer_rows(data, args)
     note = partial_batch_note(len(train_rows), args.per_device_train_batch_size,
                               args.gradient_accumulation_steps, args.max_steps, state.num_processes,
                               args.dataloader_drop_last)
     if note:
         logger.warning(note)
-    if data.eval is None and args.eval_strategy != "no":
-        logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
-        args.eval_strategy = "no"
+    args = trainer_arguments(recipe, data)
 
     # The run record is written before the first step, so even a crashed run says what it was.
-    args.model_init_kwargs = model_init_kwargs(recipe)
     if state.is_main_process:
         details = {"processes": number_of_processes(), **data.describe()}
         record = write_run_record(args.output_dir, recipe.values, details)
@@ -74,11 +73,6 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         use_flex_attention_in_autocast_dtype()
     elif recipe.model.attn_implementation == VARLEN:
         use_varlen_attention()
-    # sftkit has tokenized, masked, truncated (and packs) the rows itself; TRL must not prepare them again.
-    args.assistant_only_loss = False
-    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    if data.train.lazy is not None:
-        args.remove_unused_columns = False  # the lazy rows are made from a "row" column the model never sees
     peft_config = get_peft_config(recipe.model)
     if peft_config is not None and added_tokens:  # the template's new tokens train their embeddings, as TRL does
         indices = dict(peft_config.trainable_token_indices or {})
@@ -94,14 +88,14 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         quantization_config=get_quantization_config(recipe.model),
         on_invalid=recipe.sftkit.on_invalid,
         max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
-        known_invalid=data.train.invalid_row_ids() if data.train.lazy is not None else None,
+        known_invalid=data.train.invalid_row_ids() if data.train.on_demand is not None else None,
         head_loss=head_loss(recipe),
         callbacks=list(callbacks),
     )
     if args.torch_compile:
         compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)
         logger.info("speed: torch_compile: %d decoder layers compiled, each on its own", compiled)
-    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id, lazy=data.train.lazy is not None)
+    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id, on_demand=data.train.on_demand is not None)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
@@ -118,16 +112,32 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
     written = {"model": str(output_dir)} if save else {}
-    written["run record"] = str(output_dir / "sftkit_run.yaml")
+    written["run record"] = str(output_dir / RECORD_NAME)
     totals = trainer.totals()  # every process takes part
     if state.is_main_process:
-        lazy = data.train.lazy is not None
-        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, lazy)}", flush=True)
-        seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if lazy else {}
+        on_demand = data.train.on_demand is not None
+        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, on_demand)}", flush=True)
+        seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if on_demand else {}
         add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})
     trainer.accelerator.wait_for_everyone()  # the group is torn down together, not under a rank still writing
     trainer.end()
+
+
+def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
+    """The recipe's training arguments as the trainer needs them once sftkit has prepared the data: a copy, so the
+    recipe's own stay as the data was prepared from them."""
+    args = copy.copy(recipe.training)
+    # sftkit has tokenized, masked, truncated (and packs) the rows itself; TRL must not prepare them again.
+    args.assistant_only_loss = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    args.model_init_kwargs = model_init_kwargs(recipe)
+    if data.train.on_demand is not None:
+        args.remove_unused_columns = False  # rows prepared on demand are made from a "row" column the model never sees
+    if data.eval is None and args.eval_strategy != IntervalStrategy.NO:
+        logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
+        args.eval_strategy = IntervalStrategy.NO
+    return args
 
 
 def trainer_rows(data: PreparedData, args: SFTConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -144,8 +154,9 @@ def trainer_rows(data: PreparedData, args: SFTConfig) -> tuple[datasets.Dataset,
     return train_rows, eval_rows
 
 
-def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, lazy: bool) -> Any:
-    """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid lazy rows passed on."""
+def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, on_demand: bool) -> Any:
+    """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid rows prepared on demand
+    passed on."""
     collator, args = trainer.data_collator, recipe.training
     fixed_shape = recipe.sftkit.fixed_batch_shape
     if fixed_shape and not collator.padding_free:
@@ -153,7 +164,7 @@ def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, lazy: b
     collator = CountingCollator(collator, positions=trainer.head_loss is not None)
     if fixed_shape and trainer.data_collator.padding_free:  # after counting: the padding is not a token seen
         collator = FixedShapeCollator(collator, args.per_device_train_batch_size * args.max_length, pad_token_id)
-    if lazy:  # rows prepared on demand: invalid ones reach the trainer's policy by name
+    if on_demand:  # invalid rows reach the trainer's policy by name
         collator = SkippingCollator(collator, pad_token_id)
     return collator
 

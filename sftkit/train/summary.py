@@ -12,7 +12,7 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], lazy: bool) -> str:
+def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], on_demand: bool) -> str:
     """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process."""
     seen, trained = totals["tokens_fed"], totals["tokens_trained"]
     history = trainer.state.log_history
@@ -21,7 +21,7 @@ def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str,
     eval_first, eval_last = _losses(history, "eval_loss")
     lines = [f"steps          {trainer.state.global_step}"]
     lines.append(f"tokens         {trained:,} trained of {seen:,} fed")
-    if lazy:
+    if on_demand:
         lines.append(f"rows           {totals['rows_drawn']:,} drawn and prepared on demand, "
                      f"{totals['rows_invalid']:,} invalid")
     if runtime:
