@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import sysconfig
 from pathlib import Path
 
 import yaml
@@ -30,3 +33,17 @@ def sharegpt_row(index: int, *turns: tuple[str, str]) -> dict:
         "langdetect": "en",
         "source": "tests",
     }
+
+
+def python_without(folder: Path, *packages: str) -> dict[str, str]:
+    """The environment of a Python that has every package of this one but ``packages``: ``python3`` on its PATH
+    runs with only a site directory of links to the others (and this checkout) on its path."""
+    site, bin_dir = folder / "site-without", folder / "bin-without"
+    site.mkdir()
+    for entry in os.scandir(sysconfig.get_paths()["purelib"]):
+        if not entry.name.endswith(".pth") and not any(entry.name.startswith(package) for package in packages):
+            (site / entry.name).symlink_to(entry.path)
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: only PYTHONPATH's packages
+    (bin_dir / "python3").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": f"{ROOT}:{site}"}

@@ -1,5 +1,5 @@
 """The GPU benchmark's one command, dry, on a CPU: every configuration a CPU can run trains to the losses of the
-one it is compared with, and a package missing from the carried set stops it in the preflight, in seconds."""
+one it is compared with, and a package missing from the wheels it installs stops it in the preflight, in seconds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
-from helpers import ROOT
+from helpers import ROOT, python_without
 
 _spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
 bench_gpu = importlib.util.module_from_spec(_spec)
@@ -41,6 +40,9 @@ def test_gpu_benchmark_runs_every_configuration_a_cpu_can(tmp_path):
         against = CONFIGS[name].against
         line = next(line for line in lines if line.startswith(f"{name} against {against}: largest relative loss"))
         assert line.endswith(", within 0.0001"), line
+    # Paths a CPU runs as the very computation they are compared with say so beside the table.
+    on_cpu = next(line for line in lines if line.startswith("on a CPU (fp32, sdpa): "))
+    assert f"trl_mixed: {bench_gpu.BF16_ON_CPU}" in on_cpu and "sftkit_sdpa: the same computation" in on_cpu
     assert "sftkit_zero2     DEEPSPEED;" in result.stdout  # the launcher config really ran DeepSpeed
     written = json.loads(report.read_text())
     assert list(written["results"]) == ran and sorted(written["skipped"]) == sorted(cuda_only)
@@ -49,28 +51,22 @@ def test_gpu_benchmark_runs_every_configuration_a_cpu_can(tmp_path):
     assert written["environment"]["device"] == "cpu" and written["environment"]["trl"]
 
 
-def test_a_package_missing_from_the_carried_set_stops_in_the_preflight(tmp_path):
-    """The GPU path for real: the carried wheels (here sftkit's own) installed into a site directory, on a Python
+def test_a_package_missing_from_the_wheels_stops_in_the_preflight(tmp_path):
+    """The GPU path for real: the wheels it installs (here sftkit's own) installed into a site directory, on a Python
     that has every package of this machine but deepspeed. One clear line, before the benchmark starts."""
-    wheels, site, python = tmp_path / "wheels", tmp_path / "packages", tmp_path / "bin"
+    wheels = tmp_path / "wheels"
     source = tmp_path / "source"  # a copy: building in the checkout would leave a build/ folder there
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "outputs", "build", "*.egg-info", ".whl"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
                     str(source)], check=True, capture_output=True, timeout=300)
-    site.mkdir()
-    for entry in os.scandir(sysconfig.get_paths()["purelib"]):
-        if not entry.name.startswith("deepspeed") and not entry.name.endswith(".pth"):
-            (site / entry.name).symlink_to(entry.path)
-    python.mkdir()
-    (python / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')  # -S: only PYTHONPATH's packages
-    (python / "python3").chmod(0o755)
+    environment = python_without(tmp_path, "deepspeed")
+    environment["PYTHONPATH"] = environment["PYTHONPATH"].split(":", 1)[1]  # sftkit only from the installed wheel
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--workdir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "PATH": f"{python}:{os.environ['PATH']}", "PYTHONPATH": str(site),
-                                 "WHEELS": str(wheels), "SITE": str(tmp_path / "installed"),
+                            env={**environment, "WHEELS": str(wheels), "SITE": str(tmp_path / "installed"),
                                  "OUT": str(tmp_path)})
     assert result.returncode != 0
-    assert (tmp_path / "installed" / "sftkit").is_dir()  # the carried wheel was installed first
+    assert (tmp_path / "installed" / "sftkit").is_dir()  # the wheel was installed first
     said = [line for line in (result.stdout + result.stderr).splitlines() if "preflight" in line]
     assert len(said) == 1 and said[0].startswith("gpu_check preflight: cannot import deepspeed: ModuleNotFoundError")
     assert "running trl_best" not in result.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, sharegpt_row, write_jsonl
+from helpers import ROOT, python_without, sharegpt_row, write_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 
@@ -130,6 +130,19 @@ def test_two_processes_split_the_global_batch(tmp_path):
     assert result.stdout.count("sftkit: training finished") == 1  # one summary, from the main process
 
 
+def test_lora_without_peft_is_one_line_that_says_what_to_install(tmp_path):
+    """On a Python without peft (this one, less peft), use_peft stops before anything loads, naming the extra."""
+    result = subprocess.run(
+        ["python3", "-m", "sftkit", "--config", str(QUICKSTART), "--output_dir", str(tmp_path / "out"),
+         "--use_peft", "--lora_r", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=python_without(tmp_path, "peft"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sftkit: error: recipe {QUICKSTART}: use_peft: true needs the peft package, which is not installed: "
+        "pip install 'sftkit[peft]'")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_lora_with_peft_installed(tmp_path):
     pytest.importorskip("peft")
     result = run(
@@ -138,3 +151,42 @@ def test_lora_with_peft_installed(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_training_leaves_the_recipes_arguments_as_they_were(tmp_path):
+    """The trainer gets its own copy of the training arguments: the recipe the data was prepared from stays as it was
+    (here with eval asked for but no eval rows, which the trainer's copy switches off)."""
+    from sftkit.recipe import load_recipe
+    from sftkit.train.job import train
+
+    recipe = load_recipe(str(QUICKSTART), {"output_dir": str(tmp_path), "max_steps": 1, "test_split_size": 0,
+                                           "eval_strategy": "steps", "eval_on_start": False})
+    before = recipe.training.to_dict()
+    train(recipe, save=False)
+    assert recipe.training.to_dict() == before
+
+
+def test_a_model_whose_generation_config_lacks_the_end_of_turn_token_learns_to_stop_at_it(tmp_path):
+    """The saved model stops at the template's end-of-turn token even when its own generation config only knew
+    <|endoftext|>: the trained replies end in <|im_end|>, so generation must stop there too."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sftkit import embedded
+    from sftkit.recipe import load_recipe
+    from sftkit.train.job import train
+
+    model = tmp_path / "model"
+    shutil.copytree(embedded.resolve("embedded:tiny-qwen2"), model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    end_of_text, end_of_turn = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = GenerationConfig.from_pretrained(model)
+    config.eos_token_id = end_of_text
+    config.save_pretrained(model)
+
+    recipe = load_recipe(str(QUICKSTART), {"model_name_or_path": str(model), "output_dir": str(tmp_path / "out"),
+                                           "max_steps": 1, "eval_strategy": "no", "eval_on_start": False})
+    train(recipe)
+    saved = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    assert end_of_turn in saved and end_of_text in saved

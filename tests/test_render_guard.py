@@ -104,3 +104,22 @@ def test_render_check_rows_zero_checks_nothing():
     from sftkit.data.render_guard import sample_indices
 
     assert sample_indices(10, 0) == [] and sample_indices(10, 3) == [0, 3, 6]
+
+
+@pytest.mark.parametrize("prepare", ["eager", "lazy"])
+def test_a_run_whose_template_drops_turns_stops_before_any_row_is_prepared(tmp_path, sharegpt_rows, prepare):
+    """The guard in the data path, not only its unit: a recipe whose chat template drops the user's turns is
+    refused by the data preparation every run goes through, eager and lazy."""
+    from helpers import TINY_MODEL, write_jsonl, write_recipe
+
+    from sftkit.data.preparation import prepare_data
+    from sftkit.recipe import load_recipe
+    from sftkit.train.model import load_tokenizer
+
+    (tmp_path / "drops_user_turns.jinja").write_text(DROPS_USER_TURNS)
+    recipe = load_recipe(str(write_recipe(
+        tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path / "out"), prepare=prepare,
+        dataset_name=str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows)), max_steps=1,
+        chat_template_path=str(tmp_path / "drops_user_turns.jinja"))))
+    with pytest.raises(SftkitError, match="(?s)lose turns in the chat template.*turn 1 \\(user\\).*renders train row 0"):
+        prepare_data(recipe, load_tokenizer(recipe))
