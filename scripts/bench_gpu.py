@@ -328,7 +328,6 @@ def run_child(name: str, options: argparse.Namespace, limit: float, cuda: bool) 
     """One configuration in its own process group: a crash or a hang stays there, and its workers end with it."""
     # The children import this checkout's sftkit, whether or where it is installed.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # A process group of its own, in this session: a machine's cleanup of the session still reaches it.
     child = subprocess.Popen(child_command(name, options, cuda), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path},
                              start_new_session=True)

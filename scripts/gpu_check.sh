@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one prepared command: install the carried packages, check in a few seconds that
+# The GPU benchmark as one prepared command: install the wheels brought along, check in a few seconds that
 # everything imports, show the machine, then measure plain TRL against sftkit (scripts/bench_gpu.py).
 #
 #   bash scripts/gpu_check.sh            # on a GPU machine; writes $OUT/bench.log and $OUT/bench.json
@@ -22,17 +22,17 @@ export WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/sftkit-site}
 
 if [[ " $* " == *" --tiny "* ]]; then
-  # A dry run leaves this machine's packages alone: the carried wheels are built for the GPU machine's Python.
-  echo "--tiny: not installing the carried wheels; using the packages installed here"
-  carried=no
+  # A dry run leaves this machine's packages alone: the wheels in $WHEELS are built for the GPU machine's Python.
+  echo "--tiny: not installing the wheels in $WHEELS; using the packages installed here"
+  wheels_installed=no
 elif compgen -G "$WHEELS/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
     || { echo "gpu_check: the wheels in $WHEELS did not install into $SITE (above: why)"; exit 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  carried=yes
+  wheels_installed=yes
 else
   echo "gpu_check: no wheels in $WHEELS; using the packages installed here"
-  carried=no
+  wheels_installed=no
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -63,7 +63,7 @@ for name in names:
 print(f"python {sys.version.split()[0]};", "; ".join(f"{name} {version}" for name, version in versions.items()))
 print(f"CUDA {torch.version.cuda}; GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 PY
-if [[ $carried == yes ]]; then
+if [[ $wheels_installed == yes ]]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
     || echo "gpu_check: no editable install here (pip refused it); this checkout is on PYTHONPATH, which is enough"
 fi
