@@ -48,27 +48,20 @@ class Mismatch(Exception):
 
 def coerce(value: Any, annotation: Any) -> Any:
     """Return ``value`` as ``annotation`` wants it, or raise Mismatch. Never guesses across kinds."""
-    if isinstance(value, CommandLineValue):
-        if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
-            return coerce(str(value), annotation)
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            for arg in typing.get_args(annotation):
-                try:
-                    return coerce(value, arg)
-                except Mismatch:
-                    continue
-            raise Mismatch
-        return coerce(yaml.safe_load(value), annotation)
-    if annotation is Any:
-        return value
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # the first member type that takes the value (text typed too)
         for arg in typing.get_args(annotation):
             try:
                 return coerce(value, arg)
             except Mismatch:
                 continue
         raise Mismatch
+    if isinstance(value, CommandLineValue):
+        if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+            return coerce(str(value), annotation)
+        return coerce(yaml.safe_load(value), annotation)
+    if annotation is Any:
+        return value
     if origin is typing.Literal:
         if value in typing.get_args(annotation):
             return value
