@@ -77,6 +77,10 @@ REJECTED_KEYS = {
                          "bounded run); remove the key",
     "streaming": "streaming datasets are not read yet: the mixture is downloaded and prepared (lazily, for a bounded "
                  "run); remove the key",
+    "shuffle_dataset": "sftkit always trains in a seeded random order (seed, or data_seed), the same on every way "
+                       "of preparing the rows and after a resume, and packs rows in that order; remove the key",
+    "train_sampling_strategy": "sftkit decides the training order itself (a seeded shuffle by row, the same after a "
+                               "resume); remove the key",
     "dataset_text_field": "sftkit reads text through the text adapter: set dataset_format: text and dataset_options: "
                           "{text_column: NAME}",
     "dataset_kwargs": "sftkit prepares the data itself (adapters, the row chain), so TRL's preparation options have "

@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT
 
 from sftkit.check import check, mark_trained
-from sftkit.data.on_demand import INVALID_KEY
+from sftkit.data.bad_rows import INVALID_KEY
 from sftkit.data.preparation import prepare_data
 from sftkit.recipe import load_recipe
 from sftkit.train.model import load_tokenizer
@@ -28,11 +28,11 @@ def test_check_shows_what_training_trains(tmp_path, path):
     assert printed.getvalue().rstrip().endswith("training would start: ok")
     data = prepare_data(recipe, load_tokenizer(recipe))  # what training prepares, on its own path
     tokenizer = load_tokenizer(recipe)
-    trained = data.train.trainable()
-    ids = trained.data.column("row").to_pylist() if data.train.on_demand is not None else data.train.rows["row"]
+    trained = data.train.on_demand if data.train.on_demand is not None else data.train.rows
+    ids = trained.data.column("row").to_pylist() if data.train.on_demand is not None else trained["row"]
     for block in printed.getvalue().split("\n--- train row ")[1:]:
         row = int(block.split(":", 1)[0])
-        item = trained[ids.index(row)] if data.train.on_demand is not None else data.train.rows[ids.index(row)]
+        item = trained[ids.index(row)]
         assert item.get(INVALID_KEY) is None
         assert mark_trained(list(item["input_ids"]), list(item["labels"]), tokenizer, colour=False) in block
         assert "the prompt is token for token what inference sends" in block

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
-from trl import pack_dataset
 
 from sftkit.data.preparation import prepare_data
 from sftkit.recipe import load_recipe
+from sftkit.train.job import trainer_rows
 from sftkit.train.model import load_tokenizer
 
 
@@ -60,11 +60,11 @@ def test_bounded_run_prepares_only_a_sample_before_step_one(tmp_path, cache):
     assert prepared.train.rows.num_rows == 256  # the pre-flight sample, not the dataset
     assert prepared.train.report.split == "train sample"
     assert not cache.exists() or entries(cache) == 0  # nothing eager was prepared
-    lazy = prepared.train.trainable()
+    lazy = prepared.train.on_demand
     assert len(lazy) == 3000
-    item = lazy[2999]
+    item = lazy[2999]  # the last in training order
     assert item["input_ids"] and item["sftkit_invalid"] is None
-    assert item["input_ids"] == prepare(tmp_path, data, prepare="eager").train.rows[2999]["input_ids"]
+    assert item["input_ids"] == prepare(tmp_path, data, prepare="eager").train.rows[item["row"]]["input_ids"]
 
 
 def test_epoch_runs_prepare_eagerly(tmp_path, cache, sharegpt_rows):
@@ -83,7 +83,8 @@ def test_bounded_packed_run_prepares_only_the_rows_it_packs(tmp_path, cache):
     taken = prepared.train.rows["row"]
     assert 12 < len(taken) < 3000 and len(set(taken)) == len(taken)  # a share of the rows, none twice
     assert max(taken) > 1500  # drawn from the whole dataset, not its head
-    assert len(pack_dataset(prepared.train.trainable(), 256, "bfd")) >= 12  # they fill what the run trains on
+    recipe = load_recipe(str(tmp_path / "recipe.yaml"))
+    assert len(trainer_rows(prepared, recipe.training).train) >= 12  # they fill what the run trains on
     again = prepare(tmp_path, data, **keys)
     assert again.from_cache and again.train.rows["row"] == taken  # from the cache: the same rows
     everything = prepare(tmp_path, data, **{**keys, "max_steps": 1000})
@@ -153,30 +154,17 @@ def test_changed_content_with_the_same_modification_time_is_new_data(tmp_path, c
 
 
 def test_eval_rows_are_cut_to_max_length_and_packed_like_train_rows(tmp_path, cache):
-    from sftkit.train.job import trainer_rows
-
     rows = [sharegpt_row(index, ("human", "word " * (5 + index)), ("gpt", "ok " * (5 + index))) for index in range(40)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     recipe_keys = {"max_length": 48, "test_split_size": 0.25, "prepare": "eager"}
     prepared = prepare(tmp_path, data, **recipe_keys)
     recipe = load_recipe(str(tmp_path / "recipe.yaml"))
-    _, unpacked = trainer_rows(prepared, recipe.training)
+    unpacked = trainer_rows(prepared, recipe.training).eval
     assert max(len(ids) for ids in unpacked["input_ids"]) == 48  # cut, as the train rows are
     prepared = prepare(tmp_path, data, packing=True, **{**recipe_keys, "max_length": 256})
     recipe = load_recipe(str(tmp_path / "recipe.yaml"))
-    _, packed = trainer_rows(prepared, recipe.training)
+    packed = trainer_rows(prepared, recipe.training).eval
     assert "seq_lengths" in packed.column_names and len(packed) < prepared.eval.report.valid
     assert max(len(ids) for ids in packed["input_ids"]) <= 256
 
 
-def test_shuffle_dataset_changes_which_rows_share_a_packed_sequence(tmp_path, cache):
-    from sftkit.train.job import trainer_rows
-
-    rows = [sharegpt_row(index, ("human", f"What is {index}?"), ("gpt", f"{index}.")) for index in range(60)]
-    data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    prepared = prepare(tmp_path, data, prepare="eager", test_split_size=0)
-    in_order, _ = trainer_rows(prepared, load_recipe(str(tmp_path / "recipe.yaml")).training)
-    prepared = prepare(tmp_path, data, prepare="eager", test_split_size=0, shuffle_dataset=True)
-    shuffled, _ = trainer_rows(prepared, load_recipe(str(tmp_path / "recipe.yaml")).training)
-    assert shuffled["input_ids"] != in_order["input_ids"]
-    assert sorted(map(tuple, shuffled["input_ids"])) == sorted(map(tuple, in_order["input_ids"]))

@@ -2,14 +2,16 @@
 
 Before step 1 the prepared rows are counted and the policy enforced (``enforce``); rows met mid-run (lazy
 preparation) are counted by each process, summed, and policed by ``RowPolicy``. Every invalid row, from
-either, is listed in ``output_dir/skipped_rows.jsonl`` by one writer, the main process.
+either, is listed in ``output_dir/skipped_rows.jsonl`` by one writer, the main process. An invalid row keeps
+its place in the training order and is left out of its batch (``SkippingCollator``), so that the batches are
+the same whichever way the rows were prepared.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,14 @@ import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
+from sftkit.data.tokenization import IGNORE
 from sftkit.errors import SftkitError
 
 SHOWN_ROWS = 5
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
+INVALID_KEY = "sftkit_invalid"  # the skipped-rows entry of each invalid row prepared on demand in a batch
+ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not
+ROW_IDS = "sftkit_row_ids"  # the ids of the rows a batch trains on
 MIN_ROWS_FOR_FRACTION = 100  # max_invalid_fraction is judged mid-run once this many rows have been drawn
 
 
@@ -202,3 +208,25 @@ def summed(accelerator: Any, *counts: int) -> list[int]:
         return list(counts)
     local = torch.tensor(counts, dtype=torch.long, device=accelerator.device)
     return [int(value) for value in accelerator.reduce(local, reduction="sum")]
+
+
+class SkippingCollator:
+    """Collates the valid rows of a batch; passes on the invalid ones met on demand, for the policy to count, how many
+    rows the batch drew, and the ids of the rows it trains on (a packed sequence's, too)."""
+
+    def __init__(self, collator: Callable[[list], dict[str, Any]], pad_token_id: int) -> None:
+        self.collator = collator
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        extra = (INVALID_KEY, "row", "rows")
+        valid = [{key: value for key, value in example.items() if key not in extra} for example in examples
+                 if example.get(INVALID_KEY) is None and len(example["input_ids"])]  # empty: invalid when prepared
+        rows = [row for example in examples if example.get(INVALID_KEY) is None and len(example["input_ids"])
+                for row in example.get("rows", [example["row"]] if "row" in example else [])]  # eval rows: none
+        # A batch with no valid row still has to step with the others: one padding token that trains nothing.
+        batch = self.collator(valid or [{"input_ids": [self.pad_token_id], "labels": [IGNORE]}])
+        batch[INVALID_KEY] = [example[INVALID_KEY] for example in examples if example.get(INVALID_KEY) is not None]
+        batch[ROWS_KEY] = len(examples)
+        batch[ROW_IDS] = rows
+        return batch

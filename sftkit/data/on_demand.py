@@ -10,19 +10,15 @@ and applies the bad-row policy.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
 from sftkit.contract import RowError
-from sftkit.data.bad_rows import skipped_entry
+from sftkit.data.bad_rows import INVALID_KEY, skipped_entry
 from sftkit.data.rows import RowChain
-from sftkit.data.tokenization import IGNORE
-
-INVALID_KEY = "sftkit_invalid"  # the skipped-rows entry of each invalid row in a batch (``bad_rows.skipped_entry``)
-ROWS_KEY = "sftkit_rows"  # how many rows the batch drew, valid or not
 
 
 @dataclass(frozen=True)
@@ -44,7 +40,7 @@ class PrepareWhenDrawn:
             self.offsets.append(self.offsets[-1] + source.rows.num_rows)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], INVALID_KEY: []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "row": [], INVALID_KEY: []}
         for row in map(int, batch["row"]):
             index = bisect.bisect_right(self.offsets, row) - 1
             source = self.sources[index]
@@ -54,30 +50,14 @@ class PrepareWhenDrawn:
                                     raw, "mid-run") if isinstance(result, RowError) else None
             out["input_ids"].append([] if invalid else result["input_ids"])
             out["labels"].append([] if invalid else result["labels"])
+            out["row"].append(row)
             out[INVALID_KEY].append(invalid)
         return out
 
 
 def on_demand_rows(sources: Sequence[OnDemandSource], ids: Sequence[int]) -> datasets.Dataset:
-    """A dataset of row ids that prepares each row as the trainer reads it (TRL is told not to prepare it)."""
+    """A dataset of row ids, in the order given, that prepares each row as the trainer reads it (TRL is told not to
+    prepare it). ``dataset.data.column("row")`` holds the ids without preparing anything."""
     rows = datasets.Dataset.from_dict({"row": list(map(int, ids))})
     rows.set_transform(PrepareWhenDrawn(sources))  # in place: with_transform would copy every id
     return rows
-
-
-class SkippingCollator:
-    """Collates the valid rows of a batch and passes the invalid ones on, by name, for the policy to count."""
-
-    def __init__(self, collator: Callable[[list], dict[str, Any]], pad_token_id: int) -> None:
-        self.collator = collator
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        valid = [{"input_ids": example["input_ids"], "labels": example["labels"]}
-                 for example in examples if example.get(INVALID_KEY) is None]
-        invalid = [example[INVALID_KEY] for example in examples if example.get(INVALID_KEY) is not None]
-        # A batch with no valid row still has to step with the others: one padding token that trains nothing.
-        batch = self.collator(valid or [{"input_ids": [self.pad_token_id], "labels": [IGNORE]}])
-        batch[INVALID_KEY] = invalid
-        batch[ROWS_KEY] = len(examples)
-        return batch

@@ -20,8 +20,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
-from trl import pack_dataset
 
 from sftkit import plugins
 from sftkit.contract import RowError
@@ -29,6 +29,7 @@ from sftkit.data.adapt import check_columns, choose_adapter, options_record, res
 from sftkit.data.bad_rows import RowReport, enforce, report_rows, write_skipped
 from sftkit.data.cache import cached, code_digest, preparation_key
 from sftkit.data.on_demand import OnDemandSource, on_demand_rows
+from sftkit.data.order import PACKING_WINDOW, in_training_order, pack_in_order, training_order
 from sftkit.data.render_guard import check_rendering, sample_indices
 from sftkit.data.rows import RowChain, prepare_rows
 from sftkit.data.sources import Source, load_sources
@@ -77,22 +78,21 @@ class PreparedSplit:
     rows: datasets.Dataset
     report: RowReport
     on_demand: datasets.Dataset | None = None  # a lazy run's trainer rows, each prepared when it is drawn
+    share: bool = False  # the rows are a bounded packed run's share: a prefix of the training order, not every row
 
     def invalid_row_ids(self) -> set[int]:
         """Global ids of the rows already found invalid, so a lazy run does not report them twice."""
         return {row for row, reason in zip(self.rows["row"], self.rows["invalid"], strict=True) if reason is not None}
 
     def trainable(self) -> datasets.Dataset:
-        """Only what the trainer needs: the valid rows' input_ids and labels (or the rows prepared on demand)."""
-        if self.on_demand is not None:
-            return self.on_demand
-        return _valid_rows(self.rows)
+        """The valid rows' input_ids and labels (eval reads them as they are)."""
+        return valid_rows(self.rows).select_columns(["input_ids", "labels"])
 
 
-def _valid_rows(rows: datasets.Dataset) -> datasets.Dataset:
-    """The valid rows' input_ids and labels: an index mapping, no pass over the data (a cached epoch starts at once)."""
-    valid = np.flatnonzero(rows.data.column("invalid").combine_chunks().is_null().to_numpy(zero_copy_only=False))
-    rows = rows.select_columns(["input_ids", "labels"])
+def valid_rows(rows: datasets.Dataset) -> datasets.Dataset:
+    """The valid rows: an index mapping, no pass over the data (a cached epoch starts at once)."""
+    invalid = rows.with_format("arrow")["invalid"]  # through the index mapping of a selection, if any
+    valid = np.flatnonzero(pc.is_null(invalid).to_numpy(zero_copy_only=False))
     return rows if len(valid) == len(rows) else rows.select(valid)
 
 
@@ -304,9 +304,10 @@ def _prepare_planned(sources: list[Source], chains: list[RowChain], choices: lis
 
 
 def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: list[AdapterChoice],
-                       train_ids: np.ndarray, guard_rows: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
-    """The trainer's rows, each prepared when drawn; a prepared sample spread over them to check before step 1;
-    and how many conversations of it the render guard rendered."""
+                       train_ids: np.ndarray, guard_rows: int,
+                       seed: int) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """The trainer's rows in training order, each prepared when drawn; a prepared sample spread over them to check
+    before step 1; and how many conversations of it the render guard rendered."""
     on_demand_sources = []
     for source, chain, choice in zip(sources, chains, choices, strict=True):
         columns = [column for column in choice.installed.adapter.columns(choice.options).all
@@ -318,36 +319,35 @@ def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: l
     key = preparation_key({"sources": [source.fingerprint for source in sources], "sample": sample.tolist()},
                           code=code_digest(type(choice.installed.adapter) for choice in choices))
     preflight = _prepared(parts, sources, chains, "train", "train sample", key, None)
-    return preflight, on_demand_rows(on_demand_sources, train_ids), rendered
+    return preflight, on_demand_rows(on_demand_sources, training_order(train_ids, seed)), rendered
 
 
 def _prepare_packed_share(recipe: Recipe, sources: list[Source], chains: list[RowChain],
                           choices: list[AdapterChoice], train_ids: np.ndarray, num_proc: int | None,
-                          guard_rows: int) -> tuple[dict[str, datasets.Dataset], int, bool]:
-    """A bounded packed run's rows: drawn in a seeded random order, prepared in chunks (each cached) until
-    packing them fills the sequences max_steps trains on, or the data runs out. The render guard samples the
-    first chunk."""
+                          guard_rows: int) -> tuple[dict[str, datasets.Dataset], int, bool, bool]:
+    """A bounded packed run's rows: a prefix of the training order, prepared in chunks that double (each cached,
+    the same chunks whatever max_steps is) until their whole packing windows fill the sequences max_steps trains
+    on, or the data runs out. The render guard samples the first chunk. Returns the rows, the conversations the
+    guard rendered, whether the first chunk came from the cache, and whether the rows are only a share."""
     args, needed = recipe.training, _rows_per_run(recipe)
-    order = np.random.default_rng(args.seed).permutation(train_ids)
-    chunks, rendered, from_cache, taken = [], 0, False, 0
-    chunk = min(len(order), max(needed, PREFLIGHT_ROWS))  # a packed sequence holds at least one row
+    order = training_order(train_ids, args.seed)
+    chunks, rendered, from_cache, taken, size = [], 0, False, 0, PACKING_WINDOW
     while True:
-        ids = np.sort(order[taken:taken + chunk])
+        ids = np.sort(order[taken:taken + size])
         prepared, chunk_rendered, chunk_from_cache = _prepare_planned(
             sources, chains, choices, {"train": ("train", ids)}, num_proc, guard_rows if not chunks else 0)
         if not chunks:
             rendered, from_cache = chunk_rendered, chunk_from_cache
         chunks.append(prepared["train"])
-        taken += len(ids)
+        taken, size = taken + len(ids), size * 2
         rows = datasets.concatenate_datasets(chunks)
-        valid = _valid_rows(rows)
-        packed = len(pack_dataset(valid, args.max_length, args.packing_strategy)) if len(valid) else 0
-        if packed >= needed or taken >= len(order):
+        share = taken < len(order)
+        packs = pack_in_order(valid_rows(in_training_order(rows, args.seed)), args.max_length, args.packing_strategy,
+                              whole_windows_only=share)
+        if len(packs) >= needed or not share:
             logger.info("packed share: %s rows prepared fill %s sequences (%s needed)", f"{taken:,}",
-                        f"{packed:,}", f"{needed:,}")
-            return {"train": rows}, rendered, from_cache
-        # Rows per sequence so far, for the rest with a tenth to spare.
-        chunk = min(len(order) - taken, max(PREFLIGHT_ROWS, int((needed - packed) * taken / max(packed, 1) * 1.1)))
+                        f"{len(packs):,}", f"{needed:,}")
+            return {"train": rows}, rendered, from_cache, share
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
@@ -373,13 +373,14 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
 
     eval_plan: Plan = {"eval": ("train", eval_ids)} if eval_ids is not None else (
         {"eval": ("eval", None)} if has_own_eval else {})
-    on_demand, guard_rows = None, recipe.sftkit.render_check_rows
+    on_demand, share, guard_rows = None, False, recipe.sftkit.render_check_rows
     if mode == Preparation.LAZY:
-        sample, on_demand, rendered = _prepare_on_demand(sources, chains, choices, train_ids, guard_rows)
+        sample, on_demand, rendered = _prepare_on_demand(sources, chains, choices, train_ids, guard_rows,
+                                                         recipe.training.seed)
         prepared, from_cache = {"train": sample}, False
     elif mode == Preparation.PACKED_SHARE:
-        prepared, rendered, from_cache = _prepare_packed_share(recipe, sources, chains, choices, train_ids, num_proc,
-                                                               guard_rows)
+        prepared, rendered, from_cache, share = _prepare_packed_share(recipe, sources, chains, choices, train_ids,
+                                                                      num_proc, guard_rows)
     else:
         plan: Plan = {"train": ("train", train_ids if eval_ids is not None else None), **eval_plan}
         prepared, rendered, from_cache = _prepare_planned(sources, chains, choices, plan, num_proc, guard_rows)
@@ -401,6 +402,6 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
         report = report_rows(rows, "train sample" if sample else name)
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
-        splits[name] = PreparedSplit(name, rows, report, on_demand if sample else None)
+        splits[name] = PreparedSplit(name, rows, report, on_demand if sample else None, share and name == "train")
     return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin, mode, why, rendered,
                         from_cache, chains)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 from accelerate import PartialState
 from transformers import TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
-from sftkit.data.bad_rows import SKIPPED_ROWS_FILE
-from sftkit.data.on_demand import SkippingCollator
-from sftkit.data.preparation import PreparedData, prepare_data
+from sftkit.data.bad_rows import SKIPPED_ROWS_FILE, SkippingCollator
+from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
+from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
@@ -55,8 +57,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s", skipped,
                        output_dir / SKIPPED_ROWS_FILE)
-    train_rows, eval_rows = trainer_rows(data, args)
-    note = partial_batch_note(len(train_rows), args.per_device_train_batch_size,
+    rows = trainer_rows(data, args)
+    note = partial_batch_note(len(rows.train), args.per_device_train_batch_size,
                               args.gradient_accumulation_steps, args.max_steps, state.num_processes,
                               args.dataloader_drop_last)
     if note:
@@ -81,21 +83,23 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     trainer = SftkitTrainer(
         model=model_path(recipe),
         args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
+        train_dataset=rows.train,
+        eval_dataset=rows.eval,
         processing_class=copy.deepcopy(tokenizer),  # TRL re-applies the template to its copy and pads its vocabulary
         peft_config=peft_config,
         quantization_config=get_quantization_config(recipe.model),
         on_invalid=recipe.sftkit.on_invalid,
         max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
-        known_invalid=data.train.invalid_row_ids() if data.train.on_demand is not None else None,
+        known_invalid=data.train.invalid_row_ids(),
+        order=EpochOrder(rows.keys, order_seed(args)),
+        recipe_values=recipe.values,
         head_loss=head_loss(recipe),
         callbacks=list(callbacks),
     )
     if args.torch_compile:
         compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)
         logger.info("speed: torch_compile: %d decoder layers compiled, each on its own", compiled)
-    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id, on_demand=data.train.on_demand is not None)
+    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
@@ -132,31 +136,47 @@ def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
     args.assistant_only_loss = False
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     args.model_init_kwargs = model_init_kwargs(recipe)
-    if data.train.on_demand is not None:
-        args.remove_unused_columns = False  # rows prepared on demand are made from a "row" column the model never sees
+    args.remove_unused_columns = False  # the trainer's rows hold what the collators read, and row ids they pass on
     if data.eval is None and args.eval_strategy != IntervalStrategy.NO:
         logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
         args.eval_strategy = IntervalStrategy.NO
     return args
 
 
-def trainer_rows(data: PreparedData, args: SFTConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The rows the trainer reads: shuffled once if the recipe asks (before packing: the order decides which rows
-    share a packed sequence), and packed, the eval rows too unless eval_packing says otherwise."""
-    train_rows = data.train.trainable()
-    if args.shuffle_dataset:
-        train_rows = train_rows.shuffle(seed=args.seed)
+@dataclass
+class TrainerRows:
+    """What the trainer reads: the train rows laid out in the first epoch's order, the key of each (a row id, or a
+    pack's number) that orders the later epochs, and the eval rows."""
+
+    train: datasets.Dataset
+    keys: np.ndarray
+    eval: datasets.Dataset | None
+
+
+def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
+    """The rows in training order (``sftkit.data.order``): every row, an invalid one keeping its place to be left out
+    of its batch, or the valid ones packed window by window; the eval rows packed too unless eval_packing says
+    otherwise."""
+    seed = order_seed(args)
+    if data.train.on_demand is not None:  # prepared on demand, already in training order
+        train = data.train.on_demand
+        keys = train.data.column("row").to_numpy()
+    elif args.packing:
+        ordered = valid_rows(in_training_order(data.train.rows, seed)).select_columns(["input_ids", "labels", "row"])
+        train = pack_in_order(ordered, args.max_length, args.packing_strategy, whole_windows_only=data.train.share)
+        keys = np.arange(len(train))
+    else:
+        train = in_training_order(data.train.rows, seed).select_columns(["input_ids", "labels", "row"])
+        keys = train.with_format("arrow")["row"].to_numpy()
     eval_rows = data.eval.trainable() if data.eval is not None else None
-    if args.packing:
-        train_rows = pack_dataset(train_rows, args.max_length, args.packing_strategy)
     if eval_rows is not None and (args.packing if args.eval_packing is None else args.eval_packing):
         eval_rows = pack_dataset(eval_rows, args.max_length, args.packing_strategy)
-    return train_rows, eval_rows
+    return TrainerRows(train, keys, eval_rows)
 
 
-def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, on_demand: bool) -> Any:
-    """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid rows prepared on demand
-    passed on."""
+def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int) -> Any:
+    """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid rows left out and passed
+    on, and the ids of the rows trained."""
     collator, args = trainer.data_collator, recipe.training
     fixed_shape = recipe.sftkit.fixed_batch_shape
     if fixed_shape and not collator.padding_free:
@@ -164,9 +184,7 @@ def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int, on_dema
     collator = CountingCollator(collator, positions=trainer.head_loss is not None)
     if fixed_shape and trainer.data_collator.padding_free:  # after counting: the padding is not a token seen
         collator = FixedShapeCollator(collator, args.per_device_train_batch_size * args.max_length, pad_token_id)
-    if on_demand:  # invalid rows reach the trainer's policy by name
-        collator = SkippingCollator(collator, pad_token_id)
-    return collator
+    return SkippingCollator(collator, pad_token_id)
 
 
 def head_loss(recipe: Recipe) -> str | None:

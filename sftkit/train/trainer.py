@@ -7,13 +7,18 @@ Nothing here waits for the GPU between steps: token counts arrive with each batc
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
-from sftkit.data.bad_rows import MidRunRows, RowPolicy, summed
-from sftkit.data.on_demand import INVALID_KEY, ROWS_KEY
+from sftkit.data.bad_rows import INVALID_KEY, ROW_IDS, ROWS_KEY, MidRunRows, RowPolicy, summed
+from sftkit.data.order import EpochOrder
+from sftkit.train.checkpoints import STAGING_DIR, publish, write_checkpoint_record
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
 from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
 
@@ -25,14 +30,19 @@ class SftkitTrainer(SFTTrainer):
     or None for TRL's own fused head (which also logs entropy and token accuracy).
     """
 
-    def __init__(self, *args: Any, on_invalid: str = "error", max_invalid_fraction: float = 0.0,
-                 known_invalid: set[int] | None = None, head_loss: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, order: EpochOrder, recipe_values: dict[str, Any], on_invalid: str = "error",
+                 max_invalid_fraction: float = 0.0, known_invalid: set[int] | None = None,
+                 head_loss: str | None = None, **kwargs: Any) -> None:
+        self.order = order  # the training order, read by every epoch
+        self.recipe_values = recipe_values  # recorded in every checkpoint
+        self.staging = False  # while a checkpoint is written: into the staging folder
         super().__init__(*args, **kwargs)
         self.head_loss = head_loss
         if head_loss is not None:
             add_head_loss(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
                           head_loss)
         self.tokens_fed = self.tokens_trained = 0
+        self.step_rows: list[int] = []
         self.rows = MidRunRows(known_invalid or set())
         self.policy_stop: str | None = None
         self.add_callback(RowPolicy(self, self.rows, on_invalid, max_invalid_fraction))
@@ -42,6 +52,7 @@ class SftkitTrainer(SFTTrainer):
         fed, trained = inputs.pop(TOKENS_FED, 0), inputs.pop(TOKENS_TRAINED, 0)
         positions = inputs.pop(LABEL_POSITIONS, None)
         invalid, drawn = inputs.pop(INVALID_KEY, []), inputs.pop(ROWS_KEY, None)
+        self.step_rows += inputs.pop(ROW_IDS, [])  # the rows of the optimizer step under way
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.tokens_fed += fed
@@ -56,6 +67,40 @@ class SftkitTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self.staging:
+            return str(Path(self.args.output_dir) / STAGING_DIR)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The parent's checkpoint, written whole into the staging folder and then moved into output_dir; older ones
+        are deleted after that, by step (``sftkit.train.checkpoints``)."""
+        output_dir, name = Path(self.args.output_dir), f"checkpoint-{self.state.global_step}"
+        staged = output_dir / STAGING_DIR / name
+        if self.args.should_save and staged.exists():  # left by a run killed while saving
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, once it is in place
+        self.staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.staging, self.args.save_total_limit = False, limit
+        if self.args.should_save:
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staged.parent:
+                self.state.best_model_checkpoint = str(output_dir / Path(self.state.best_model_checkpoint).name)
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            write_checkpoint_record(staged, self.recipe_values, self.accelerator.num_processes)
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            publish(staged, output_dir)
+            rotate_checkpoints(str(output_dir), limit, self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> EpochOrder:
+        """The training order of ``sftkit.data.order``: the same rows next, however the run was prepared or resumed."""
+        return self.order
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Tokens seen, counted by the collators, summed over the processes only here, when logged."""
