@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
@@ -26,6 +25,7 @@ from sftkit.recipe import (
     derive_gradient_accumulation,
     number_of_processes,
 )
+from sftkit.train.checkpoints import check_resume, resolve_resume
 from sftkit.train.launcher import reconcile_launcher
 from sftkit.train.speed import resolve_speed
 
@@ -97,33 +97,15 @@ def apply_environment(environment: Any, recipe_path: str) -> None:
         os.environ[name] = value
 
 
-def resolve_resume(values: dict[str, Any], recipe_path: str) -> str | None:
-    """``resume_from_checkpoint``: true means the latest checkpoint in output_dir, a path must be a checkpoint; both
-    checked before any data work."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    asked = values["resume_from_checkpoint"]
-    if asked in (False, None, "false", "False"):
-        return None
-    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
-    if asked in (True, "true", "True"):
-        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if latest is None:
-            raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint: true, but output_dir {output_dir} holds no "
-                              "checkpoint-N folder to resume from; remove the key to start fresh")
-        return latest
-    if not isinstance(asked, str) or not (Path(asked) / "trainer_state.json").is_file():
-        raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N "
-                          f"folder with a trainer_state.json); use true for the latest one in output_dir")
-    return asked
-
-
 def resolve(checked: CheckedRecipe) -> Recipe:
     """The Recipe a run trains with on this machine, under this launcher."""
     recipe_path, values, notes = checked.path, dict(checked.values), []
     apply_environment(checked.environment, recipe_path)
+    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
     if "resume_from_checkpoint" in values:
-        values["resume_from_checkpoint"] = resolve_resume(values, recipe_path)
+        values["resume_from_checkpoint"] = resolve_resume(values, recipe_path, output_dir)
+        if values["resume_from_checkpoint"] is None:
+            notes.append(f"resume_from_checkpoint auto: no checkpoint in {output_dir}, so the run starts fresh")
     resolve_device(values, notes, recipe_path)
     resolve_precision(values, notes, recipe_path)
     resolve_speed(values, notes, gpu_memory())
@@ -141,6 +123,8 @@ def resolve(checked: CheckedRecipe) -> Recipe:
     per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
     accumulation = values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
     adjusted = reconcile_launcher(values, per_device, accumulation, number_of_processes(), notes, recipe_path)
+    if values.get("resume_from_checkpoint"):
+        check_resume(values["resume_from_checkpoint"], values, number_of_processes(), recipe_path)
 
     built = {}
     for cls in RECIPE_CLASSES:
