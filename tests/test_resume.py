@@ -107,3 +107,60 @@ def test_a_killed_run_rerun_with_the_same_command_ends_as_if_never_stopped(tmp_p
         for name in expected:
             torch.testing.assert_close(finished[name], expected[name], atol=WEIGHT_TOLERANCE, rtol=0, msg=where)
     assert [path.name for path in (tmp_path / "out").glob("checkpoint-*")] == [f"checkpoint-{MAX_STEPS}"]
+
+
+# ---------------------------------------------------------------- which checkpoint, and under which recipe
+
+
+def _checkpoint(output: Path, step: int, values: dict | None = None, processes: int = 1) -> Path:
+    """A checkpoint folder as the trainer leaves it: trainer state, and the record of the recipe it was made with."""
+    from sftkit.train.checkpoints import write_checkpoint_record
+
+    folder = output / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    if values is not None:
+        write_checkpoint_record(folder, values, processes)
+    return folder
+
+
+def _load(tmp_path, **overrides):
+    from sftkit.recipe import load_recipe
+
+    return load_recipe(str(recipe(tmp_path, "eager")), {"output_dir": str(tmp_path / "out"), **overrides})
+
+
+def test_auto_resumes_the_latest_whole_checkpoint_and_starts_fresh_without_one(tmp_path):
+    fresh = _load(tmp_path)
+    assert fresh.training.resume_from_checkpoint is None
+    assert any("no checkpoint in" in note and "starts fresh" in note for note in fresh.notes)
+    _checkpoint(tmp_path / "out", 2)
+    (tmp_path / "out" / "checkpoint-4").mkdir()  # cut short: no trainer state
+    (tmp_path / "out" / ".sftkit-staging" / "checkpoint-6").mkdir(parents=True)  # never renamed
+    assert _load(tmp_path).training.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-2")
+
+
+def test_a_resume_that_changes_what_is_optimised_is_refused_with_the_differences(tmp_path):
+    from sftkit.errors import SftkitError
+
+    _checkpoint(tmp_path / "out", 2, _load(tmp_path).values)
+    with pytest.raises(SftkitError, match=r"(?s)optimised something else.*learning_rate: 0\.003 -> 0\.001.*max_length"):
+        _load(tmp_path, learning_rate=1e-3, max_length=64)
+    with pytest.raises(SftkitError, match=r"rows per optimizer step: 8 -> 16"):
+        _load(tmp_path, global_batch_size=16)
+    # Where it writes, how long it runs and how fast it computes may change.
+    resumed = _load(tmp_path, max_steps=12, logging_steps=2, save_steps=4, attn_implementation="eager")
+    assert resumed.training.resume_from_checkpoint == str(tmp_path / "out" / "checkpoint-2")
+
+
+def test_the_same_global_batch_on_another_number_of_processes_resumes(tmp_path):
+    from sftkit.train.checkpoints import differences
+
+    values = _load(tmp_path).values  # one process: 4 rows x 2 accumulation steps
+    checkpoint = _checkpoint(tmp_path / "out", 2, values)
+    two_processes = {**values, "gradient_accumulation_steps": 1}  # 4 rows each: the same 8 rows a step
+    assert differences(checkpoint, two_processes, processes=2) == []
+    without_global_batch = {key: value for key, value in two_processes.items() if key != "global_batch_size"}
+    assert differences(checkpoint, without_global_batch, processes=4) == [
+        ("rows per optimizer step: 8 -> 16 (per_device_train_batch_size x gradient_accumulation_steps x processes; "
+        "global_batch_size keeps it on any number of processes)")]
