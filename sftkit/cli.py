@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sftkit import __version__
-from sftkit.errors import SftkitError
+from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.values import CommandLineValue
 
 RECIPE_KEYS = "Any recipe key can follow as --key value (or --key=value; a bare --flag means true): it overrides the file."
@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options.run(options)
         return 0
+    except StoppedBySignal as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sftkit: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except SftkitError as error:
         rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"sftkit: error{rank}: {error}", file=sys.stderr)

@@ -3,3 +3,9 @@
 
 class SftkitError(Exception):
     """An error caused by the user's recipe, data or environment; printed without a traceback."""
+
+
+class StoppedBySignal(SftkitError):
+    """The run stopped on SIGTERM after saving a checkpoint: not finished, and resumable."""
+
+    exit_code = 128 + 15  # what a process ended by SIGTERM reports, so schedulers restart it

@@ -40,6 +40,11 @@ class SftkitArguments:
     render_check_rows: int = field(
         default=64, metadata={"help": "how many examples the render guard renders and checks before training"}
     )
+    grad_norm_limit: float | None = field(
+        default=None,
+        metadata={"help": "stop the run when a step's gradient norm (before clipping) passes this; a NaN or "
+                  "infinite loss or gradient stops it in any case"},
+    )
     on_invalid: typing.Literal["error", "skip"] = field(
         default="error", metadata={"help": "what an invalid row does: stop the run before step 1, or be skipped"}
     )

@@ -16,6 +16,8 @@ import os
 import re
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,22 +113,39 @@ def _free_port() -> int:
 
 
 def test_two_nodes_on_one_machine_match_one_process(recipe, single, tmp_path):
+    """Two machines' launchers (torchrun), each with its own process: they train the single process's run and end
+    together. A process that left the group while the other still held it could abort with SIGABRT after
+    training and keep the other machine at torchrun's exit barrier for 300 s; both are watched here, the outputs
+    drained as they come so that neither machine ever waits on a full pipe."""
     port = str(_free_port())
     nodes = [
         subprocess.Popen(
             ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
              "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
              "-m", "sftkit", "--config", str(recipe), "--output_dir", str(tmp_path)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
     ]
-    results = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    outputs, ended = ["", ""], [0.0, 0.0]
+
+    def drain(rank: int) -> None:
+        outputs[rank] = nodes[rank].communicate(timeout=600)[0]
+        ended[rank] = time.monotonic()
+
+    readers = [threading.Thread(target=drain, args=(rank,)) for rank in (0, 1)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert abs(ended[0] - ended[1]) < 60, "one machine waited for the other at the exit barrier"
+    for output in outputs:
+        assert not re.search(r"SIGABRT|Signal 6|Fatal Python error|exit barrier", output), output[-3000:]
     assert_same_run(tmp_path, single)
 
 
-@pytest.mark.parametrize("config", ["zero2_2proc", "zero3_2proc"])
+@pytest.mark.parametrize("config", ["zero3_2proc"])  # ZeRO-2 and DDP: test_resume kills and resumes them
 def test_checkpoint_resumes_the_same_loss_curve(recipe, single, two_process_runs, tmp_path, config):
     checkpoint = two_process_runs[config] / "checkpoint-3"
     assert len(losses(checkpoint)) == 3  # written halfway through the six steps

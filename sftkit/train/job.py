@@ -20,14 +20,16 @@ from trl import SFTConfig, get_peft_config, get_quantization_config, pack_datase
 from sftkit.data.bad_rows import SKIPPED_ROWS_FILE, SkippingCollator
 from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
 from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
-from sftkit.errors import SftkitError
+from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
+from sftkit.train.checkpoints import latest_checkpoint
 from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
 from sftkit.train.launcher import partial_batch_note
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
 from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
+from sftkit.train.shutdown import StopOnSignal, leave_together
 from sftkit.train.summary import summarise
 from sftkit.train.trainer import SftkitTrainer
 
@@ -94,6 +96,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         order=EpochOrder(rows.keys, order_seed(args)),
         recipe_values=recipe.values,
         head_loss=head_loss(recipe),
+        grad_norm_limit=recipe.sftkit.grad_norm_limit,
         callbacks=list(callbacks),
     )
     if args.torch_compile:
@@ -104,11 +107,24 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
 
+    stop = StopOnSignal(several_processes=state.num_processes > 1)
+    trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if trainer.policy_stop:
-        raise SftkitError(f"training stopped: {trainer.policy_stop}. A checkpoint of the last step is in "
-                          f"{args.output_dir}; fix the data or set on_invalid: skip, and resume with "
-                          "resume_from_checkpoint.")
+    if trainer.policy_stop or trainer.guard_stop or stop.stopped_at is not None:
+        policy_stop, guard_stop, checkpoint = trainer.policy_stop, trainer.guard_stop, latest_checkpoint(output_dir)
+        del trainer
+        leave_together()
+        if guard_stop:
+            last_good = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+            raise SftkitError(f"training stopped: {guard_stop}; {last_good}. Resume from it with a lower "
+                              "learning_rate (or a smaller max_grad_norm), or look at those rows first "
+                              "(sftkit check shows how rows train).")
+        if policy_stop:
+            raise SftkitError(f"training stopped: {policy_stop}. The checkpoint {checkpoint} holds the last step; fix "
+                              "the data or set on_invalid: skip, and resume with resume_from_checkpoint: auto.")
+        raise StoppedBySignal(f"stopped on SIGTERM after step {stop.stopped_at}, saved in {checkpoint}. Run the same "
+                              "command with resume_from_checkpoint: auto (or --resume_from_checkpoint "
+                              f"{checkpoint}) to go on from there.")
     if data.eval is not None and recipe.values.get("do_eval") is not False:
         trainer.evaluate()
     if save:
@@ -124,8 +140,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if on_demand else {}
         add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})
-    trainer.accelerator.wait_for_everyone()  # the group is torn down together, not under a rank still writing
-    trainer.end()
+    del trainer
+    leave_together()  # the group is torn down together, not under a process still writing
 
 
 def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
@@ -137,6 +153,8 @@ def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     args.model_init_kwargs = model_init_kwargs(recipe)
     args.remove_unused_columns = False  # the trainer's rows hold what the collators read, and row ids they pass on
+    if "logging_nan_inf_filter" not in recipe.values:  # the loss guard stops at such a loss instead of hiding it
+        args.logging_nan_inf_filter = False
     if data.eval is None and args.eval_strategy != IntervalStrategy.NO:
         logger.warning("eval_strategy is %s but there are no eval rows: set test_split_size", args.eval_strategy)
         args.eval_strategy = IntervalStrategy.NO

@@ -21,6 +21,7 @@ from sftkit.data.order import EpochOrder
 from sftkit.train.checkpoints import STAGING_DIR, publish, write_checkpoint_record
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
 from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
+from sftkit.train.loss_guard import LossGuard
 
 
 class SftkitTrainer(SFTTrainer):
@@ -32,7 +33,7 @@ class SftkitTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, order: EpochOrder, recipe_values: dict[str, Any], on_invalid: str = "error",
                  max_invalid_fraction: float = 0.0, known_invalid: set[int] | None = None,
-                 head_loss: str | None = None, **kwargs: Any) -> None:
+                 head_loss: str | None = None, grad_norm_limit: float | None = None, **kwargs: Any) -> None:
         self.order = order  # the training order, read by every epoch
         self.recipe_values = recipe_values  # recorded in every checkpoint
         self.staging = False  # while a checkpoint is written: into the staging folder
@@ -43,6 +44,9 @@ class SftkitTrainer(SFTTrainer):
                           head_loss)
         self.tokens_fed = self.tokens_trained = 0
         self.step_rows: list[int] = []
+        self.guard = LossGuard(self.args.device, grad_norm_limit, overflow_is_normal=self.args.fp16)
+        self.guard_stop: str | None = None
+        self.watched_step = -1
         self.rows = MidRunRows(known_invalid or set())
         self.policy_stop: str | None = None
         self.add_callback(RowPolicy(self, self.rows, on_invalid, max_invalid_fraction))
@@ -59,14 +63,30 @@ class SftkitTrainer(SFTTrainer):
         self.tokens_trained += trained
         self.rows.count(invalid, drawn if drawn is not None else inputs["labels"].shape[0], self.state.global_step + 1)
         if self.head_loss is None or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            computed = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.guard.watch_loss(computed[0] if return_outputs else computed, self.state.global_step + 1)
+            return computed
         summed_loss = model(**inputs, sftkit_head_loss=True, **{LABEL_POSITIONS: positions})
         # As TRL divides: by the tokens of the whole optimizer step (all processes, when averaged across them).
         tokens = num_items_in_batch if num_items_in_batch is not None else trained
         loss = summed_loss / torch.as_tensor(tokens, device=summed_loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        self.guard.watch_loss(loss, self.state.global_step + 1)
         return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+        """Before the parent logs, evaluates or saves: the loss guard, read when a step is logged or saved."""
+        if self.state.global_step != self.watched_step:  # called again at the end of an epoch for the same step
+            self.guard.watch_step(self.state.global_step, grad_norm, self.step_rows)
+            self.watched_step, self.step_rows = self.state.global_step, []
+        control = self.control
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.guard_stop = self.guard.tripped(self.accelerator.num_processes)
+            if self.guard_stop:  # nothing the bad step spoiled is saved or evaluated
+                control.should_save = control.should_evaluate = False
+                control.should_training_stop = True
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self.staging:

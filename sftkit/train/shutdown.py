@@ -1,0 +1,64 @@
+"""Ending a run cleanly: SIGTERM saves a checkpoint and stops, and every process leaves the process group together.
+
+Kubernetes and SLURM send SIGTERM before they kill a job (preemption, a time limit, ``kubectl delete``). Each
+process notes the signal; after every step the processes agree, over a small gloo group of their own (no wait on
+the GPU), whether any of them got it, so they all save the same step's checkpoint and stop together.
+
+A process that leaves while another still holds the process group, or whose trainer (and its gloo or NCCL work
+objects) is left for the interpreter's shutdown to free, can abort the whole job with SIGABRT after training
+finished, leaving the other machines waiting at torchrun's exit barrier. ``leave_together`` ends every path
+through a run (finished, stopped by the bad-row policy, stopped by a signal) the same way: a barrier, the process
+group destroyed, and nothing distributed left for the interpreter to free.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+
+class StopOnSignal(TrainerCallback):
+    """Saves a checkpoint and stops training after the step during which any process received SIGTERM."""
+
+    def __init__(self, several_processes: bool) -> None:
+        self.received = False
+        self.stopped_at: int | None = None  # the step whose checkpoint was saved on the signal
+        self.group = dist.new_group(backend="gloo") if several_processes else None  # every process creates it
+        self.previous: Any = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.previous = signal.signal(signal.SIGTERM, self._note)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        received = self.received
+        if self.group is not None:
+            flag = torch.tensor([int(received)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            received = bool(flag.item())
+        if received:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+        return control
+
+
+def leave_together() -> None:
+    """Every process waits for the others, then destroys the process group; what held it is freed now, while the
+    interpreter is whole."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
