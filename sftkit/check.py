@@ -19,6 +19,7 @@ from sftkit.data.templates import reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
+from sftkit.train.preflight import preflight
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
 PLAIN_MARKS = ("[[", "]]")
@@ -107,7 +108,9 @@ def _conversational(data: PreparedData) -> bool:
 
 
 def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
-    """Describe what would train, then raise SftkitError if the bad-row policy would stop the run."""
+    """Describe what would train, then raise SftkitError if the run could not start (preflight) or the bad-row policy
+    would stop it."""
+    preflight(recipe)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer, enforce_policy=False)
     splits = [split for split in (data.train, data.eval) if split is not None]

@@ -40,6 +40,11 @@ class SftkitArguments:
     render_check_rows: int = field(
         default=64, metadata={"help": "how many examples the render guard renders and checks before training"}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start over in an output_dir that holds another run (its checkpoints are removed); "
+                  "otherwise such a run is refused unless it resumes"},
+    )
     grad_norm_limit: float | None = field(
         default=None,
         metadata={"help": "stop the run when a step's gradient norm (before clipping) passes this; a NaN or "

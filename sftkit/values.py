@@ -92,7 +92,7 @@ def coerce(value: Any, annotation: Any) -> Any:
             return value
         raise Mismatch
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        if value in {member.value for member in annotation}:
+        if any(value == member.value for member in annotation):  # compared, not hashed: a list is no member either
             return value
         raise Mismatch
     if origin is list or annotation is list:

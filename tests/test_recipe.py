@@ -198,6 +198,12 @@ HONOURED = {
 }
 
 
+def test_a_value_of_the_wrong_shape_for_a_choice_is_a_clear_error(tmp_path):
+    """Found by test_properties: a list where one of several names is expected once escaped as a TypeError."""
+    with pytest.raises(SftkitError, match="lr_scheduler_type must be one of 'linear', "):
+        load_recipe(str(recipe_with(tmp_path, "lr_scheduler_type: []\n")))
+
+
 def test_every_trl_key_is_honoured_or_rejected_with_why():
     import dataclasses
 

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from sftkit.data.tokenization import IGNORE
 from sftkit.errors import SftkitError
+from sftkit.redaction import redact
 
 SHOWN_ROWS = 5
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
@@ -115,7 +116,7 @@ def append_skipped(output_dir: str, entries: Sequence[Mapping[str, Any]]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as file:
         for entry in entries:
-            file.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+            file.write(redact(json.dumps(entry, ensure_ascii=False, default=str)) + "\n")
 
 
 def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str) -> int:

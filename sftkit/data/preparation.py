@@ -33,7 +33,7 @@ from sftkit.data.order import PACKING_WINDOW, in_training_order, pack_in_order, 
 from sftkit.data.render_guard import check_rendering, sample_indices
 from sftkit.data.rows import RowChain, prepare_rows
 from sftkit.data.sources import Source, load_sources
-from sftkit.data.templates import rendering_tokenizer, reply_end
+from sftkit.data.templates import rendering_tokenizer, reply_end, require_chat_template
 from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
@@ -160,6 +160,16 @@ def _choose_adapters(sources: list[Source]) -> list[AdapterChoice]:
                     installed.distribution, installed.version, reason)
         choices.append(AdapterChoice(source.name, installed, reason, options))
     return choices
+
+
+def _first_record(sources: list[Source], chains: list[RowChain]) -> dict[str, Any] | None:
+    """The first of a few rows of the first source that its adapter converts: what kind of records the run has."""
+    for position in range(min(16, sources[0].train.num_rows)):
+        try:
+            return chains[0].record(sources[0].train[position])
+        except RowError:
+            continue
+    return None
 
 
 def split_held_out(total: int, recipe: Recipe) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -367,6 +377,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
             logger.info(line)
     settings = TokenizeSettings.from_recipe(recipe, tokenizer)
     chains = [RowChain(choice.installed.adapter, choice.options, tokenizer, settings) for choice in choices]
+    require_chat_template(tokenizer, _first_record(sources, chains), recipe.model.model_name_or_path)
     num_proc = recipe.training.dataset_num_proc or (usable_cpus() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))
     logger.info("preparation: %s (%s)", mode.value, why)

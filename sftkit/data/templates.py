@@ -141,3 +141,15 @@ def reply_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, bool, str
     return tokenizer.eos_token, True, (
         f"chat template: it marks no end of an assistant turn with a special token; the tokenizer's EOS "
         f"{tokenizer.eos_token!r} is trained after each reply, so the model learns to stop")
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any] | None, model: str) -> None:
+    """Conversations need a chat template to become text: without one, say how to set it before any row is read."""
+    conversational = record is not None and ("messages" in record or not isinstance(record.get("prompt", ""), str))
+    if conversational and not tokenizer.chat_template:
+        raise SftkitError(
+            f"the data holds conversations, and the tokenizer of {model} has no chat template to render them (a base "
+            "model often has none). Set chat_template_path to a template: a .jinja file, or the directory or Hub id "
+            "of a tokenizer that has one (such as the instruct model of the same family); or set dataset_format to "
+            "text to train on plain text."
+        )

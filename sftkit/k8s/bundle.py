@@ -20,6 +20,7 @@ from sftkit.errors import SftkitError
 from sftkit.k8s.launch import SINGLE_PROCESS_TYPES, read_accelerate_config
 from sftkit.k8s.validation import VolumeSpec
 from sftkit.recipe import CheckedRecipe, derive_gradient_accumulation, read_recipe, read_recipe_file
+from sftkit.redaction import is_secret_name
 
 MOUNT_DIR = "/etc/sftkit"
 RECIPE_FILE = "recipe.yaml"
@@ -45,6 +46,10 @@ def check_recipe(path: str, nodes: int, gpus_per_node: int) -> tuple[CheckedReci
     nodes x gpus_per_node processes. Only the pure part of loading runs: the workstation that renders the job is
     not the machine that trains, so its hardware, launcher and environment decide nothing here."""
     recipe = read_recipe(path)
+    if secrets := sorted(name for name in recipe.environment if is_secret_name(name)):
+        raise SftkitError(f"recipe {path}: env: {', '.join(secrets)} would be stored in plain text in the job's "
+                          "ConfigMap; remove it from the recipe and give the pods a Kubernetes Secret instead "
+                          "(--hf-token-secret NAME for HF_TOKEN)")
     processes = nodes * gpus_per_node
     per_device = recipe.values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
     global_batch = recipe.values.get("global_batch_size")

@@ -20,6 +20,7 @@ import yaml
 from trl import SFTConfig
 
 from sftkit.errors import SftkitError
+from sftkit.redaction import redact
 
 STAGING_DIR = ".sftkit-staging"
 CHECKPOINT_RECORD = "sftkit_checkpoint.yaml"
@@ -68,7 +69,7 @@ def rows_per_step(values: dict[str, Any], processes: int) -> int:
 
 def write_checkpoint_record(checkpoint: Path, values: dict[str, Any], processes: int) -> None:
     record = {"recipe": values, "processes": processes, "rows_per_step": rows_per_step(values, processes)}
-    (checkpoint / CHECKPOINT_RECORD).write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    (checkpoint / CHECKPOINT_RECORD).write_text(redact(yaml.safe_dump(record, sort_keys=False, allow_unicode=True)))
 
 
 def differences(checkpoint: Path, values: dict[str, Any], processes: int) -> list[str]:

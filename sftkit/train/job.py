@@ -28,6 +28,7 @@ from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
 from sftkit.train.launcher import partial_batch_note
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
+from sftkit.train.preflight import clear_for_overwrite, preflight
 from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
 from sftkit.train.shutdown import StopOnSignal, leave_together
 from sftkit.train.summary import summarise
@@ -50,6 +51,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
 
     # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
     # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
+    preflight(recipe)  # what would doom the run, before any data or weights load
+    if state.is_main_process and recipe.sftkit.overwrite_output_dir and args.resume_from_checkpoint is None:
+        clear_for_overwrite(args.output_dir)
     tokenizer, added_tokens = settle_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     logger.info("eval rows: %s", data.eval_origin)

@@ -67,6 +67,15 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     return settle_tokenizer(recipe)[0]
 
 
+def parameter_count(config: Any) -> int:
+    """The parameters of a causal LM built from ``config``, counted on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
+
+
 def model_init_kwargs(recipe: Recipe) -> dict[str, Any]:
     """How SFTTrainer loads the weights, as TRL's sft.py builds it, with the recipe's own kwargs on top."""
     kwargs = {

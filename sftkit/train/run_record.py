@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from sftkit.redaction import redact
+
 RECORD_NAME = "sftkit_run.yaml"
 VERSIONED = ("sftkit", "trl", "transformers", "accelerate", "deepspeed", "datasets", "torch", "pluggy")
 
@@ -44,7 +46,7 @@ def write_run_record(output_dir: str, recipe_values: dict[str, Any], details: di
         **_plain(details),
         "versions": package_versions(),
     }
-    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    path.write_text(redact(yaml.safe_dump(record, sort_keys=False, allow_unicode=True)))
     return path
 
 
@@ -53,4 +55,4 @@ def add_to_run_record(output_dir: str, section: str, values: dict[str, Any]) -> 
     path = Path(output_dir) / RECORD_NAME
     record = yaml.safe_load(path.read_text())
     record[section] = _plain(values)
-    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    path.write_text(redact(yaml.safe_dump(record, sort_keys=False, allow_unicode=True)))

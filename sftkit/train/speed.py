@@ -220,11 +220,9 @@ def training_memory_estimate(config: Any, tokens: int, fp32_master_weights: bool
     tests/test_speed_defaults.py holds these terms against the tensors autograd really keeps.
     Sharded states (ZeRO, FSDP) and adapters (PEFT) need less, so the estimate errs towards checkpointing.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from sftkit.train.model import parameter_count
 
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    parameters = parameter_count(config)
     text = config.get_text_config()
     states = parameters * ((18 if half_activations else 16) if fp32_master_weights else 8)
     per_token_and_layer = (9 * text.hidden_size + 4 * text.intermediate_size) * (3 if half_activations else 4)
