@@ -124,6 +124,7 @@ class Recipe:
     path: str  # the recipe's file, or <command line>
     notes: list[str]  # what sftkit decided on the user's behalf, for the log
     entry_adapters: list[tuple[str, dict]]  # per datasets: entry, its dataset_format and dataset_options
+    chosen_levers: list[str] = field(default_factory=list)  # speed levers sftkit set for this machine, not the recipe
 
 
 def _recipe_fields() -> dict[str, tuple[type, Any]]:

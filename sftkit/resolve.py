@@ -27,7 +27,7 @@ from sftkit.recipe import (
 )
 from sftkit.train.checkpoints import check_resume, resolve_resume
 from sftkit.train.launcher import reconcile_launcher
-from sftkit.train.speed import resolve_speed
+from sftkit.train.speed import LEVERS, resolve_speed
 
 # Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
 # applied before those imports (the sftkit command does so).
@@ -108,7 +108,9 @@ def resolve(checked: CheckedRecipe) -> Recipe:
             notes.append(f"resume_from_checkpoint auto: no checkpoint in {output_dir}, so the run starts fresh")
     resolve_device(values, notes, recipe_path)
     resolve_precision(values, notes, recipe_path)
+    asked = set(values)
     resolve_speed(values, notes, gpu_memory())
+    chosen = sorted(lever for lever in LEVERS if lever in values and lever not in asked)
     if values.get("global_batch_size") is not None:
         per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
         processes = number_of_processes()
@@ -146,4 +148,5 @@ def resolve(checked: CheckedRecipe) -> Recipe:
         path=recipe_path,
         notes=notes,
         entry_adapters=checked.entry_adapters,
+        chosen_levers=chosen,
     )

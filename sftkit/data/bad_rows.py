@@ -144,6 +144,11 @@ class MidRunRows:
         self.pending: list[dict[str, Any]] = []  # not listed in skipped_rows.jsonl yet
         self.first: tuple[dict[str, Any], int] | None = None  # the first invalid row met, and the step
 
+    def forget(self) -> None:
+        """Back to nothing counted (after the batch that proves the speed levers, which is not training)."""
+        self.drawn = self.invalid = 0
+        self.pending, self.first = [], None
+
     def count(self, invalid: Sequence[Mapping[str, Any]], drawn: int, step: int) -> None:
         self.drawn += drawn
         new = [dict(entry) for entry in invalid if entry["row"] not in self.known_invalid]

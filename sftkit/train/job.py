@@ -27,6 +27,7 @@ from sftkit.train.checkpoints import latest_checkpoint
 from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
 from sftkit.train.launcher import partial_batch_note
+from sftkit.train.levers import prove_levers
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
 from sftkit.train.preflight import clear_for_overwrite, preflight
 from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
@@ -111,6 +112,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
 
+    dropped = prove_levers(trainer, recipe)  # a chosen lever that fails here gives way to the plain path
+    if dropped and state.is_main_process:
+        add_to_run_record(args.output_dir, "levers_dropped", {lever: recipe.values[lever] for lever in dropped})
     stop = StopOnSignal(several_processes=state.num_processes > 1)
     trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -40,6 +40,11 @@ class LossGuard:
         self.overflow_is_normal = overflow_is_normal  # fp16 loss scaling skips a step whose gradient overflowed
         self.steps: dict[int, Step] = {}  # since the last check
 
+    def forget(self) -> None:
+        """Back to nothing seen (after the batch that proves the speed levers, which is not training)."""
+        self.first_bad.fill_(_NONE)
+        self.steps.clear()
+
     def _mark(self, bad: torch.Tensor, step: int) -> None:
         self.first_bad = torch.where(bad & (self.first_bad == _NONE), step, self.first_bad)
 

@@ -22,6 +22,8 @@ from sftkit.train.head_loss import KERNELS, kernel_available
 # The estimate below errs high (by about 1.4x against TRL's peaks measured on an H200): what it leaves
 # free covers allocator fragmentation and kernels' workspaces.
 CHECKPOINTING_MEMORY_FRACTION = 0.9
+# The keys resolve_speed may set on the user's behalf: sftkit.train.levers proves them before step 1.
+LEVERS = ("attn_implementation", "lm_head_loss", "optim", "dataloader_num_workers", "gradient_checkpointing")
 HEAD_TILE_TOKENS = 4096  # tokens a logits-free head projects at once (TRL's fused head: 4,096 x 32,768 columns)
 
 
