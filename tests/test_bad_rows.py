@@ -84,10 +84,27 @@ def test_a_run_where_every_row_is_bad_says_so(tmp_path):
 
 def test_skipped_rows_are_written_with_reason_and_raw_row(tmp_path):
     data = prepare(tmp_path, rows_with(["unknown role", "empty content"]), on_invalid="skip", max_invalid_fraction=0.5)
-    assert data.write_skipped(str(tmp_path / "out")) == 2
+    assert data.write_skipped(str(tmp_path / "out"), resuming=False) == 2
     lines = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
     assert [(line["row"], line["reason"]) for line in lines] == [(12, "unknown role"), (13, "empty content")]
     assert lines[0]["data"]["conversations"][1] == {"from": "robot", "value": "beep"}
+
+
+def test_a_resumed_run_keeps_the_rows_met_before_it_stopped_and_lists_none_twice(tmp_path):
+    from sftkit.data.bad_rows import append_skipped, skipped_entry
+
+    output = str(tmp_path / "out")
+    data = prepare(tmp_path, rows_with(["unknown role", "empty content"]), on_invalid="skip", max_invalid_fraction=0.5)
+    met = skipped_entry("train", 40, "empty content", "column 'value' is empty", "rows.jsonl", 40, {"x": 1}, "mid-run")
+    data.write_skipped(output, resuming=False)
+    append_skipped(output, [met])  # met mid-run by the run that was interrupted
+    data.write_skipped(output, resuming=True)  # the resumed run starts its list again
+    append_skipped(output, [met])  # and meets the row again, between the checkpoint and the interruption
+    lines = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(line["row"], line["met"]) for line in lines] == [(12, "before step 1"), (13, "before step 1"),
+                                                               (40, "mid-run")]
+    data.write_skipped(output, resuming=False)  # a fresh run's list is its own
+    assert len((tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()) == 2
 
 
 def test_training_skips_bad_rows_and_records_them(tmp_path):

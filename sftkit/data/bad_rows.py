@@ -108,20 +108,30 @@ def skipped_entry(split: str, row: int, reason: str, problem: str, source: str, 
             "source_row": source_row, "data": data, "met": met}
 
 
+def _listed(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+
+
 def append_skipped(output_dir: str, entries: Sequence[Mapping[str, Any]]) -> None:
-    """The one writer of skipped_rows.jsonl (called by the main process only)."""
+    """The one writer of skipped_rows.jsonl (called by the main process only); a row already listed is not listed
+    again (a resumed run meets again the rows between its checkpoint and the interruption)."""
+    path = Path(output_dir) / SKIPPED_ROWS_FILE
+    listed = {(entry["split"], entry["row"]) for entry in _listed(path)}
+    entries = [entry for entry in entries if (entry["split"], entry["row"]) not in listed]
     if not entries:
         return
-    path = Path(output_dir) / SKIPPED_ROWS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as file:
         for entry in entries:
             file.write(redact(json.dumps(entry, ensure_ascii=False, default=str)) + "\n")
 
 
-def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str) -> int:
-    """A new skipped_rows.jsonl with every row of ``splits`` (PreparedSplit) found invalid before step 1."""
-    (Path(output_dir) / SKIPPED_ROWS_FILE).unlink(missing_ok=True)
+def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str, resuming: bool) -> int:
+    """skipped_rows.jsonl with every row of ``splits`` (PreparedSplit) found invalid before step 1: a new list, or,
+    when the run resumes, with the rows its interrupted part met mid-run kept (it will not meet them again)."""
+    path = Path(output_dir) / SKIPPED_ROWS_FILE
+    kept = [entry for entry in _listed(path) if entry.get("met") == "mid-run"] if resuming else []
+    path.unlink(missing_ok=True)
     entries = []
     for split in splits:
         rows = split.rows
@@ -131,7 +141,7 @@ def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str
             raw = getattr(source, entry["source_split"])[entry["source_row"]]
             entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], source.name,
                                          entry["source_row"], raw, "before step 1"))
-    append_skipped(output_dir, entries)
+    append_skipped(output_dir, entries + kept)
     return len(entries)
 
 

@@ -135,10 +135,10 @@ class PreparedData:
             },
         }
 
-    def write_skipped(self, output_dir: str) -> int:
-        """List every row found invalid before step 1, its reason and its raw content (a new list for this run)."""
+    def write_skipped(self, output_dir: str, resuming: bool) -> int:
+        """List every row found invalid before step 1, its reason and its raw content (``bad_rows.write_skipped``)."""
         return write_skipped([split for split in (self.train, self.eval) if split is not None], self.sources,
-                             output_dir)
+                             output_dir, resuming)
 
 
 # ---------------------------------------------------------------- which rows, which adapter, which way

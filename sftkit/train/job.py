@@ -61,7 +61,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     for split in (data.train, data.eval):
         if split is not None:
             logger.info("rows: %s", "\n  ".join(split.report.lines()))
-    if state.is_main_process and (skipped := data.write_skipped(args.output_dir)):
+    resuming = args.resume_from_checkpoint is not None
+    if state.is_main_process and (skipped := data.write_skipped(args.output_dir, resuming)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s", skipped,
                        output_dir / SKIPPED_ROWS_FILE)
     rows = trainer_rows(data, args)
