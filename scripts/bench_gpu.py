@@ -7,7 +7,9 @@
 Qwen2.5-0.5B's architecture with random weights (throughput does not depend on weight values), text
 of log-normal lengths (about 350 tokens at the median) in a byte-level BPE tokenizer trained on it; the
 model keeps Qwen2.5's 151,936-row vocabulary, so the LM head costs what it costs there. Every row is
-packed into sequences of 1,024 tokens, for both tools, so they train on the same sequences.
+packed into sequences of 1,024 tokens. Plain TRL is handed the packed sequences sftkit trains, in the
+order sftkit trains them (``trl_rows``), and reads them in that order: its trainer, collator and model
+do the rest, so the two compute on the same batches and their losses compare step for step.
 
 Each configuration runs in its own process and is compared with the one it should beat:
 - like for like: sftkit pure bf16 against TRL's best (pure bf16 weights, flex attention); sftkit's
@@ -41,7 +43,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -183,6 +188,21 @@ def token_lengths(model_dir: Path, data: Path, tiny: bool) -> list[int]:
     return [min(len(ids) + 1, max_length(tiny)) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+def trl_rows(model_dir: Path, data: Path, tiny: bool) -> datasets.Dataset:
+    """The packed sequences sftkit trains on the bench's rows, in its order (seed 0): each text and EOS, cut to
+    max_length, packed by TRL's best-fit decreasing window by window (``sftkit.data.order``)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from sftkit.data.order import in_training_order, pack_in_order
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] + tokenizer.eos_token for line in data.open()]
+    ids = [row[:max_length(tiny)] for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "row": list(range(len(ids)))})
+    return pack_in_order(in_training_order(rows, seed=0), max_length(tiny), "bfd").remove_columns("rows")
+
+
 def flop_per_token(tiny: bool, lengths: list[int]) -> float:
     import torch
     from transformers import Qwen2ForCausalLM
@@ -256,17 +276,16 @@ def run_one(name: str, work: Path, tiny: bool) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if config.tool == "trl":
-        import datasets
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=changes.get("attention", "sdpa"),
                                                      dtype=getattr(torch, changes.get("dtype", "float32")))
         args = SFTConfig(**common, gradient_accumulation_steps=accumulation, gradient_checkpointing=False, bf16=cuda,
-                         use_cpu=not cuda)
+                         use_cpu=not cuda, dataset_kwargs={"skip_prepare_dataset": True},
+                         train_sampling_strategy="sequential")
         trainer = SFTTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(model_dir),
-                             train_dataset=datasets.load_dataset("json", data_files=str(data), split="train"),
-                             callbacks=[Clock(marks, schedule)])
+                             train_dataset=trl_rows(model_dir, data, tiny), callbacks=[Clock(marks, schedule)])
         trainer.train()
         levers: list[str] = []
     else:
@@ -278,7 +297,7 @@ def run_one(name: str, work: Path, tiny: bool) -> dict:
         # The speed levers the recipe leaves unset are sftkit's to choose. Every row prepared and packed, as plain
         # TRL does, so that both train on the same packed sequences.
         values = {**recipe, **common, "model_name_or_path": str(model_dir), "dataset_name": str(data),
-                  "assistant_only_loss": False, "prepare": "eager", **changes}
+                  "assistant_only_loss": False, "prepare": "eager", "overwrite_output_dir": True, **changes}
         file = work / f"{name}.yaml"
         file.write_text(json.dumps(values))
         loaded = load_recipe(str(file))

@@ -114,7 +114,7 @@ def sftkit_run(data: Path, model: str, tokenizer: Path, output: Path, env: dict[
     recipe.write_text(json.dumps({
         "model_name_or_path": model, "dataset_name": str(data), "output_dir": str(output), "max_steps": 1,
         "per_device_train_batch_size": 1, "max_length": 1024, "gradient_checkpointing": False, "report_to": "none",
-        "save_strategy": "no",
+        "save_strategy": "no", "overwrite_output_dir": True,
     }))
     return timed([sys.executable, str(output.parent / "sftkit_first_step.py"), "--config", str(recipe), *extra], env)
 

@@ -19,7 +19,7 @@ from sftkit.data.templates import reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
-from sftkit.train.preflight import preflight
+from sftkit.train.preflight import check_model, check_output_dir
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
 PLAIN_MARKS = ("[[", "]]")
@@ -109,8 +109,9 @@ def _conversational(data: PreparedData) -> bool:
 
 def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     """Describe what would train, then raise SftkitError if the run could not start (preflight) or the bad-row policy
-    would stop it."""
-    preflight(recipe)
+    would stop it. The model is checked first, as the data needs its tokenizer; output_dir last, after the data
+    it would train is described."""
+    config = check_model(recipe)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer, enforce_policy=False)
     splits = [split for split in (data.train, data.eval) if split is not None]
@@ -141,6 +142,7 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     lines.append(f"stop           {_stops(recipe, tokenizer, conversational)}")
     lines += _shown_rows(data, tokenizer, shown_rows, colour)
     print("\n".join(lines), flush=True)
+    check_output_dir(recipe, config)
     for split in splits:
         enforce(split.report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
     print("\ntraining would start: ok")

@@ -7,6 +7,9 @@ on a scratch tensor. A lever sftkit chose that fails there (a kernel that does n
 killed by a small /dev/shm, an out-of-memory without recomputation) is dropped for the plain path, with a warning
 that names it and how to pin it; a lever the recipe asked for fails the run with the error it met. The processes
 agree on what they drop, so that all of them train alike.
+
+Under ZeRO-3 and FSDP the model is sharded only when training starts, so no pass can run before it: there the
+levers are not proven, the log says so, and a lever that fails stops the run at its first step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
@@ -44,6 +48,11 @@ def prove_levers(trainer: Any, recipe: Recipe) -> list[str]:
     levers dropped."""
     levers = in_effect(recipe)
     if not levers:
+        return []
+    if is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled:
+        logger.info("speed: the levers (%s) are not proven before step 1 under ZeRO-3 or FSDP, which shard the model "
+                    "only when training starts; one that fails here stops the run at step 1",
+                    ", ".join(f"{lever} {value}" for lever, value in levers.items()))
         return []
     dropped: list[str] = []
     while True:

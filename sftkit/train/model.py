@@ -68,11 +68,16 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
 
 
 def parameter_count(config: Any) -> int:
-    """The parameters of a causal LM built from ``config``, counted on the meta device (no memory, no weights)."""
+    """The parameters of a causal LM built from ``config``, counted on the meta device (no memory, no weights).
+
+    Under ZeRO-3 transformers would partition the model with ``deepspeed.zero.Init`` and then initialise it,
+    which meta tensors cannot; ``set_zero3_state`` tells it that partitioning is already taken care of.
+    """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import set_zero3_state
 
-    with torch.device("meta"):
+    with torch.device("meta"), set_zero3_state():
         return sum(parameter.numel() for parameter in AutoModelForCausalLM.from_config(config).parameters())
 
 

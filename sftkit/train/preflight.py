@@ -28,12 +28,17 @@ CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
 
 def preflight(recipe: Recipe) -> None:
     """Raise SftkitError, saying what to do, for a run that cannot succeed; log what deserves a warning."""
+    check_output_dir(recipe, check_model(recipe))
+
+
+def check_model(recipe: Recipe) -> Any:
+    """The model's config, once it is known to be reachable and to hold ``max_length`` tokens."""
     if recipe.training.trust_remote_code:
         logger.warning("trust_remote_code: true runs Python code from %s on this machine; keep it only for "
                        "repositories you trust", recipe.model.model_name_or_path)
     config = model_config(recipe)
     check_max_length(recipe, config)
-    check_output_dir(recipe, config)
+    return config
 
 
 def model_config(recipe: Recipe) -> Any:
