@@ -28,6 +28,6 @@ COPY pyproject.toml README.md ./
 COPY sftkit ./sftkit
 COPY configs ./configs
 # torch is already in the base image and satisfies sftkit's requirement, so pip keeps that CUDA build.
-RUN pip install ".[peft,k8s]" && sftkit adapters
+RUN pip install ".[peft,k8s,plot,trackers]" && sftkit adapters
 
 CMD ["sftkit", "--help"]

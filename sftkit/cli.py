@@ -93,6 +93,75 @@ def _adapters(options: argparse.Namespace) -> None:
     print(describe_adapters())
 
 
+def _chat(options: argparse.Namespace) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    from sftkit.outputs.chat import chat
+
+    transformers_logging.disable_progress_bar()  # loading bars would scroll the conversation away
+    chat(options.model, options.prompt, options.system, options.max_new_tokens)
+
+
+def _merge(options: argparse.Namespace) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    from sftkit.outputs.merge import merge
+
+    transformers_logging.disable_progress_bar()
+    output = merge(options.adapter, options.output)
+    print(f"sftkit: {options.adapter} merged into its base: {output} holds the full model (sftkit chat {output} "
+          "talks to it)")
+
+
+def _plot(options: argparse.Namespace) -> None:
+    from sftkit.outputs.plot import describe, plot_runs
+
+    runs = plot_runs(options.directories, options.output)
+    print(f"sftkit: loss curves of {len(runs)} run{'s' if len(runs) > 1 else ''} drawn in {options.output}")
+    for directory, run in zip(options.directories, runs, strict=True):
+        print(f"  {directory}: {describe(run)}")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of tokens above 0, got {text!r}")
+    return int(text)
+
+
+def _output_commands(commands: Any) -> None:
+    """chat, merge and plot: what to do with a trained model and its history."""
+    chat = commands.add_parser(
+        "chat", help="talk to a trained model: a run's output_dir, a checkpoint, or a LoRA adapter on its base",
+        description="Talk to a trained model through the chat template it was trained with, its answers streamed as "
+                    "they are generated. With --prompt: one answer, then exit. Without: a conversation in the "
+                    "terminal (/reset starts over, /exit or Ctrl-D quits).")
+    chat.add_argument("model", metavar="MODEL", help="a run's output_dir or checkpoint-* folder: a full model, or a "
+                      "LoRA adapter (applied to the base model its adapter_config.json names)")
+    chat.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
+    chat.add_argument("--system", metavar="TEXT", help="a system message to open the conversation with")
+    chat.add_argument("--max-new-tokens", type=_positive, default=512, metavar="N",
+                      help="the longest answer, in tokens (default 512)")
+    chat.set_defaults(run=_chat)
+    merge = commands.add_parser(
+        "merge", help="merge a LoRA adapter into its base model, saved as a full model",
+        description="Merge a LoRA run's adapter into its base model and save a full model that loads with "
+                    "AutoModelForCausalLM alone: safetensors weights, the tokenizer and its chat template, and a "
+                    "generation config that stops at the end of the assistant's turn.")
+    merge.add_argument("adapter", metavar="ADAPTER_DIR", help="the output_dir (or a checkpoint) of a run with "
+                       "use_peft: true")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="a new directory for the merged model")
+    merge.set_defaults(run=_merge)
+    plot = commands.add_parser(
+        "plot", help="draw the loss curves of one or more runs on one figure",
+        description="Draw train loss, held-out loss and learning rate against step (and the losses against tokens "
+                    "seen) of one or more runs on one figure, each run labelled by what differs between their run "
+                    "records (sftkit_run.yaml). A run that stopped early is drawn from its latest checkpoint.")
+    plot.add_argument("directories", nargs="+", metavar="DIR", help="a run's output_dir")
+    plot.add_argument("-o", "--output", default="loss.png", metavar="FILE", help="the picture (PNG; default "
+                      "loss.png)")
+    plot.set_defaults(run=_plot)
+
+
 def _recipe_command(commands: Any, name: str, help: str, run: Callable) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help, description=help, epilog=RECIPE_KEYS)
     parser.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe (configs/recipes/ has examples)")
@@ -119,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="List the installed dataset adapters: name, distribution, version, "
                                                "contract, and options.")
     adapters.set_defaults(run=_adapters)
+    _output_commands(commands)
     k8s = commands.add_parser("k8s", help="Kubernetes: render the Kubeflow job that trains a recipe",
                               description="Kubernetes through Kubeflow Trainer (TrainJob) or the training operator "
                                           "(PyTorchJob). See docs/kubernetes.md.")

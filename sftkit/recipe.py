@@ -76,6 +76,11 @@ class SftkitArguments:
         metadata={"help": "pad every batch to per_device_train_batch_size x max_length tokens, so torch.compile "
                   "compiles once instead of once per shape; unset: on with torch_compile"},
     )
+    eval_samples: int = field(
+        default=3,
+        metadata={"help": "held-out conversations the model answers at each evaluation and at the end of the run, "
+                  "written to output_dir/samples.jsonl and samples.md; 0: none"},
+    )
 
 
 RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)

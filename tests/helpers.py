@@ -35,6 +35,22 @@ def sharegpt_row(index: int, *turns: tuple[str, str]) -> dict:
     }
 
 
+class RecordingStream:
+    """A text stream that keeps each write apart: text streamed as it is generated arrives in several."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "".join(self.writes)
+
+
 def python_without(folder: Path, *packages: str) -> dict[str, str]:
     """The environment of a Python that has every package of this one but ``packages``: ``python3`` on its PATH
     runs with only a site directory of links to the others (and this checkout) on its path."""

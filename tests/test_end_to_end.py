@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, python_without, sharegpt_row, write_jsonl
+from helpers import ROOT, RecordingStream, python_without, sharegpt_row, write_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
+SAMPLE_DATA = ROOT / "sftkit" / "embedded" / "infinity-instruct-sample" / "train.jsonl"
 
 
 def run(*arguments: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -60,6 +65,81 @@ def test_run_record_is_complete(trained):
     assert record["adapter"]["name"] == "sharegpt" and record["adapter"]["distribution"] == "sftkit"
     assert record["data"]["eval_rows"] == 60 and record["data"]["train_rows"] == 540
     assert set(record["versions"]) >= {"sftkit", "trl", "transformers", "accelerate", "deepspeed", "datasets", "torch"}
+
+
+def test_run_draws_its_falling_loss_curves(trained):
+    from PIL import Image
+
+    output, result = trained
+    description = Image.open(output / "loss.png").text["Description"]  # what the picture shows, written into it
+    losses = re.search(r"steps 10-60, train loss ([\d.]+) -> ([\d.]+), held-out loss ([\d.]+) -> ([\d.]+) at steps "
+                       r"0-60", description)
+    assert losses, description
+    first, last, eval_first, eval_last = map(float, losses.groups())
+    assert last < first / 2 and eval_last < eval_first / 2
+    assert f"loss curves    {output / 'loss.png'}" in result.stdout
+
+
+def test_run_answers_held_out_prompts_at_each_evaluation_and_shows_one(trained):
+    output, result = trained
+    samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
+    assert [sample["step"] for sample in samples] == [0] * 3 + [30] * 3 + [60] * 3
+    rows = SAMPLE_DATA.read_text().splitlines()
+    for sample in samples:  # the held-out conversation up to its last reply, and that reply as the reference
+        turns = json.loads(rows[sample["row"]])["conversations"]
+        assert sample["reference"] == turns[-1]["value"] and sample["prompt"][-1]["content"] == turns[-2]["value"]
+        assert sample["stopped_at"] in ("<|im_end|>", "max_new_tokens")
+
+    def words_shared(step: int) -> int:
+        return sum(len(set(sample["answer"].split()) & set(sample["reference"].split()))
+                   for sample in samples if sample["step"] == step)
+
+    assert words_shared(60) > words_shared(0)  # real generations: the trained model answers more like the data
+    markdown = (output / "samples.md").read_text()
+    assert all(f"> {sample['reference']}" in markdown for sample in samples) and "**answer at step 60**" in markdown
+    summary = result.stdout[result.stdout.index("sftkit: training finished"):]
+    assert f"samples        {output / 'samples.md'} (3 held-out prompts, answered at steps 0, 30, 60)" in summary
+    assert f"  reference    {samples[-3]['reference']}" in summary
+
+
+def test_answers_stop_at_the_end_of_turn_when_the_generation_config_lacks_it(trained, tmp_path):
+    """Generation stops at <|im_end|>, the end of the turn the replies were trained to end with, even for a model
+    whose generation config names only <|endoftext|>; the answer streams as it is generated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from sftkit.outputs.chat import Conversation
+    from sftkit.outputs.generation import answer
+    from sftkit.outputs.trained import open_trained
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained[0], model_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end_of_text, end_of_turn = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.eos_token_id = end_of_text
+    config.save_pretrained(model_dir)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    questions = ["What is 3 + 4?", "Calculate 74 + 4.", "Compute 82 - 79.", "How many minutes are in 2 hours?"]
+    answers = answer(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], max_new_tokens=48)
+    assert any(reply.end_token == end_of_turn for reply in answers)
+    assert all(reply.end_token in (end_of_turn, None) for reply in answers)  # none ran on past the end of its turn
+
+    stream = RecordingStream()
+    conversation = Conversation(open_trained(str(model_dir)), None, max_new_tokens=48)
+    reply = conversation.reply("What is the capital of Veloria?", stream)
+    assert len(stream.writes) > 2 and stream.text().strip() == reply.text  # streamed in pieces, as generated
+
+
+def test_the_readmes_chat_line_answers_offline(trained):
+    output, _ = trained
+    [line] = [line for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("sftkit chat outputs/quickstart --prompt ")]
+    result = subprocess.run(shlex.split(line.replace("outputs/quickstart", str(output))), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() and "Traceback" not in result.stderr
+    assert f"sftkit: chat: {output}" in result.stderr
 
 
 def test_check_shows_what_trains_without_training(tmp_path):

@@ -21,6 +21,8 @@ from sftkit.data.bad_rows import SKIPPED_ROWS_FILE, SkippingCollator
 from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
 from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
 from sftkit.errors import SftkitError, StoppedBySignal
+from sftkit.outputs.callbacks import output_callbacks
+from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
 from sftkit.train.checkpoints import latest_checkpoint
@@ -49,6 +51,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         logger.info(note)
     args = recipe.training
     output_dir = Path(args.output_dir)
+    check_trackers(args)  # report_to: known, installed, and where each writes, before any data is read
 
     # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
     # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
@@ -103,7 +106,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         recipe_values=recipe.values,
         head_loss=head_loss(recipe),
         grad_norm_limit=recipe.sftkit.grad_norm_limit,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
     )
     if args.torch_compile:
         compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)

@@ -1,9 +1,11 @@
-"""The end-of-run summary: what was trained, how fast, how the loss moved, and what was written where."""
+"""The end-of-run summary: what was trained, how fast, how the loss moved, what was written where, and one sample
+answer."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from sftkit.outputs.callbacks import summary_lines
 from sftkit.train.trainer import SftkitTrainer
 
 
@@ -31,4 +33,5 @@ def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str,
     if eval_first is not None:
         lines.append(f"held-out loss  {eval_first:.4f} (first eval) -> {eval_last:.4f} (last eval)")
     lines += [f"{label:<14} {path}" for label, path in written.items()]
+    lines += summary_lines(trainer)  # loss.png, the sample answers and one of them
     return "\n".join(lines)
