@@ -13,8 +13,9 @@ import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit.contract import RowError
+from sftkit.data.account import account_lines
 from sftkit.data.bad_rows import enforce
-from sftkit.data.preparation import PreparedData, PreparedSplit, prepare_data
+from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
 from sftkit.data.templates import reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.recipe import Recipe
@@ -121,11 +122,13 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
         installed = choice.installed
         lines.append(f"adapter        {installed.adapter.name} from {installed.distribution} {installed.version} "
                      f"for {choice.source_name}: {choice.reason}")
-    sample = "; the train counts below cover a sample spread over all rows" if data.train.on_demand is not None else ""
+    covered = "the run's first rows" if data.mode == Preparation.STREAMED else "a sample spread over all rows"
+    sample = f"; the train counts below cover {covered}" if data.train.on_demand is not None else ""
     lines.append(f"preparation    {data.preparation}{sample}")
     rows = [line for split in splits for line in split.report.lines()]
     lines += [f"{'rows' if index == 0 else '':<15}{line}" for index, line in enumerate(rows)]
     lines.append(f"eval           {data.eval_origin}")
+    lines += [f"{'sources' if index == 0 else '':<15}{line}" for index, line in enumerate(account_lines(data.accounts))]
     lengths = [_lengths(split, recipe.training.max_length) for split in splits]
     lines += [f"{'lengths' if index == 0 else '':<15}{line}" for index, line in enumerate(lengths)]
     if recipe.training.max_length is not None:

@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ class SftkitArguments:
         default=None,
         metadata={"help": "stop the run when a step's gradient norm (before clipping) passes this; a NaN or "
                   "infinite loss or gradient stops it in any case"},
+    )
+    mixture: typing.Literal["under", "over"] = field(
+        default="under",
+        metadata={"help": "a mixture whose datasets entries set fraction (each source's share of the trained "
+                  "tokens): under down-samples the larger sources, over repeats the smaller ones"},
     )
     on_invalid: typing.Literal["error", "skip"] = field(
         default="error", metadata={"help": "what an invalid row does: stop the run before step 1, or be skipped"}
@@ -88,10 +94,6 @@ RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig,
 # TRL keys sftkit does not honour, with why and what to do instead: accepting them would train something else than
 # the recipe says. Keys that are honoured only for some values are checked in _check_together.
 REJECTED_KEYS = {
-    "dataset_streaming": "streaming datasets are not read yet: the dataset is downloaded and prepared (lazily, for a "
-                         "bounded run); remove the key",
-    "streaming": "streaming datasets are not read yet: the mixture is downloaded and prepared (lazily, for a bounded "
-                 "run); remove the key",
     "shuffle_dataset": "sftkit always trains in a seeded random order (seed, or data_seed), the same on every way "
                        "of preparing the rows and after a resume, and packs rows in that order; remove the key",
     "train_sampling_strategy": "sftkit decides the training order itself (a seeded shuffle by row, the same after a "
@@ -210,6 +212,9 @@ def _check_together(values: dict[str, Any], recipe_path: str) -> None:
     def fail(message: str) -> typing.NoReturn:
         raise SftkitError(f"recipe {recipe_path}: {message}")
 
+    if "mixture" in values and not any(entry.get("fraction") is not None for entry in values.get("datasets", [])):
+        fail("mixture only takes effect on a datasets: mixture whose entries set fraction (each source's share of "
+             "the trained tokens); add fraction to every entry, or remove mixture")
     lora_keys = sorted(key for key in values if key.startswith("lora_") or key in ("use_rslora", "use_dora"))
     if lora_keys and not values.get("use_peft"):
         fail(f"{', '.join(lora_keys)} only take effect with use_peft: true; add it or remove them")
@@ -247,6 +252,26 @@ def _check_together(values: dict[str, Any], recipe_path: str) -> None:
     size = values.get("test_split_size")
     if size and not 0 < size < 1 and not (size >= 1 and float(size).is_integer()):
         fail(f"test_split_size must be a fraction between 0 and 1 or a whole number of rows, got {size}")
+    if values.get("dataset_streaming") or values.get("streaming"):
+        _check_streaming(values, fail)
+
+
+def _check_streaming(values: dict[str, Any], fail: Callable[[str], typing.NoReturn]) -> None:
+    """A stream has no length: the run is bounded by max_steps, and what needs every row first cannot stream."""
+    if values.get("max_steps", -1) <= 0:
+        fail("streaming needs max_steps (a stream has no length to count epochs over); set max_steps")
+    if values.get("packing"):
+        fail("packing needs each row's length before step 1, which a stream does not give; remove packing, or "
+             "remove dataset_streaming to prepare a packed share of the rows")
+    if values.get("prepare", "auto") != "auto":
+        fail(f"prepare: {values['prepare']} and streaming exclude each other (a stream's rows are prepared as they "
+             "arrive); remove prepare")
+    size = values.get("test_split_size")
+    if size and size < 1:
+        fail(f"test_split_size {size}: a stream has no length to take a fraction of; give a number of rows, held out "
+             "from the start of each source")
+    if values.get("datasets") and values.get("dataset_streaming") and not values.get("streaming"):
+        fail("a datasets: mixture streams with streaming: true (dataset_streaming is for dataset_name)")
 
 
 # ---------------------------------------------------------------- derived values

@@ -185,6 +185,7 @@ def test_explicit_precision_wins_or_is_rejected(tmp_path, monkeypatch):
 HONOURED = {
     # ScriptArguments and DatasetMixtureConfig: the data sftkit loads
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split", "datasets", "test_split_size",
+    "dataset_streaming", "streaming",
     # SFTConfig's own keys: sftkit prepares the rows with them, or TRL's trainer and collator use them
     "model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "chat_template_path", "dataset_num_proc",
     "eos_token", "max_length", "truncation_mode", "packing", "packing_strategy", "padding_free",
@@ -220,7 +221,6 @@ def test_every_trl_key_is_honoured_or_rejected_with_why():
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("dataset_streaming", "true", "not read yet"),
     ("dataset_text_field", "body", "dataset_format: text and dataset_options: {text_column: NAME}"),
     ("dataset_kwargs", "{skip_prepare_dataset: true}", "prepares the data itself"),
     ("ignore_bias_buffers", "true", "DPO"),

@@ -1,6 +1,6 @@
 """A killed run, started again with the same command, finishes as if it had never stopped.
 
-Each case trains the embedded model for six steps with ``resume_from_checkpoint: auto``, a checkpoint every two
+Each case trains the embedded model (or, streamed, a mixture of three files made of it) for six steps with ``resume_from_checkpoint: auto``, a checkpoint every two
 steps and ``save_total_limit: 1``; SIGKILL hits the whole process group at a random step (right after that step
 is logged, so on a checkpoint step the kill lands in the middle of writing it); then the same command runs
 again. Its per-step losses and final weights must equal an uninterrupted run's: exactly for one process, and
@@ -25,15 +25,30 @@ from safetensors.torch import load_file
 from sftkit.train.checkpoints import latest_checkpoint
 
 MAX_STEPS = 6
-PREPARATIONS = {"lazy": {"prepare": "lazy"}, "eager": {"prepare": "eager"}, "packed": {"packing": True}}
+PREPARATIONS = {"lazy": {"prepare": "lazy"}, "eager": {"prepare": "eager"}, "packed": {"packing": True},
+                "streamed mixture": {"streaming": True}}
 LAUNCHERS = ("one process", "ddp_2proc", "zero2_2proc")
+SAMPLE = ROOT / "sftkit" / "embedded" / "infinity-instruct-sample" / "train.jsonl"
 LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-5
 
 
+def streamed_mixture(folder: Path) -> dict:
+    """The embedded conversations as three local files, streamed at 0.5/0.3/0.2 of the trained tokens."""
+    lines = SAMPLE.read_text().splitlines()
+    paths = [folder / f"part{index}.jsonl" for index in range(3)]
+    for index, path in enumerate(paths):
+        path.write_text("\n".join(lines[index::3]) + "\n")
+    return {"datasets": [{"path": str(path), "fraction": share} for path, share in zip(paths, (0.5, 0.3, 0.2),
+                                                                                          strict=True)],
+            "mixture": "over"}
+
+
 def recipe(folder: Path, preparation: str) -> Path:
+    data = streamed_mixture(folder) if preparation == "streamed mixture" else {
+        "dataset_name": "embedded:infinity-instruct-sample"}
     return write_recipe(
-        folder / f"{preparation}.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:infinity-instruct-sample",
+        folder / f"{preparation}.yaml", model_name_or_path=TINY_MODEL, **data,
         per_device_train_batch_size=4, global_batch_size=8, max_steps=MAX_STEPS, learning_rate=3.0e-3, max_length=128,
         gradient_checkpointing=False, eval_strategy="no", test_split_size=0, logging_steps=1, save_steps=2,
         save_total_limit=1, seed=42, report_to="none", resume_from_checkpoint="auto", **PREPARATIONS[preparation])
@@ -72,7 +87,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, Path]:
     """One process, never stopped: eager and lazy runs train the same batches, so one run stands for both."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     outputs = {}
-    for preparation in ("eager", "packed"):
+    for preparation in ("eager", "packed", "streamed mixture"):
         code, log = run(command("one process", recipe(folder, preparation), folder / preparation))
         assert code == 0, log[-3000:]
         outputs[preparation] = folder / preparation
@@ -80,8 +95,12 @@ def uninterrupted(tmp_path_factory) -> dict[str, Path]:
     return outputs
 
 
-@pytest.mark.parametrize("preparation", PREPARATIONS)
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+# A stream is read by the data loader alone, whatever shards the model: one process and DDP cover it.
+CASES = [(launcher, preparation) for launcher in LAUNCHERS for preparation in PREPARATIONS
+         if not (preparation == "streamed mixture" and launcher == "zero2_2proc")]
+
+
+@pytest.mark.parametrize(("launcher", "preparation"), CASES)
 def test_a_killed_run_rerun_with_the_same_command_ends_as_if_never_stopped(tmp_path, uninterrupted, launcher,
                                                                              preparation):
     kill_after_step = random.randint(1, MAX_STEPS - 1)

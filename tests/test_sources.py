@@ -111,14 +111,3 @@ def test_mixture_entries_have_their_own_format_and_options(tmp_path, sharegpt_ro
     assert data.adapters[1].reason.startswith("dataset_format auto: alpaca")
     assert data.train.report.valid == 30
     assert recipe.values["datasets"][0]["dataset_format"] == "sharegpt"  # the run record keeps them
-
-
-def test_mixture_fractions_set_proportions(tmp_path):
-    first = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {index}"} for index in range(40)])
-    second = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {index}"} for index in range(40)])
-    recipe_path = write_recipe(
-        tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path),
-        datasets=[{"path": str(first), "fraction": 0.75}, {"path": str(second), "fraction": 0.25}],
-    )
-    sources = load_sources(load_recipe(str(recipe_path)))
-    assert [source.train.num_rows for source in sources] == [40, 13]

@@ -140,7 +140,8 @@ def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str
             source = sources[entry["source_index"]]
             raw = getattr(source, entry["source_split"])[entry["source_row"]]
             entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], source.name,
-                                         entry["source_row"], raw, "before step 1"))
+                                         source.loaded_row(entry["source_split"], entry["source_row"]), raw,
+                                         "before step 1"))
     append_skipped(output_dir, entries + kept)
     return len(entries)
 

@@ -28,6 +28,10 @@ class OnDemandSource:
     rows: Any  # datasets.Dataset
     chain: RowChain
     name: str
+    drawn: Any = None  # the loaded rows a mixture drew (numpy), where it drew them: what skipped_rows.jsonl names
+
+    def loaded_row(self, position: int) -> int:
+        return int(self.drawn[position]) if self.drawn is not None else position
 
 
 class PrepareWhenDrawn:
@@ -46,8 +50,8 @@ class PrepareWhenDrawn:
             source = self.sources[index]
             raw = source.rows[row - self.offsets[index]]
             (result,) = source.chain([raw])
-            invalid = skipped_entry("train", row, result.reason, str(result), source.name, row - self.offsets[index],
-                                    raw, "mid-run") if isinstance(result, RowError) else None
+            invalid = skipped_entry("train", row, result.reason, str(result), source.name,
+                                    source.loaded_row(row - self.offsets[index]), raw, "mid-run") if isinstance(result, RowError) else None
             out["input_ids"].append([] if invalid else result["input_ids"])
             out["labels"].append([] if invalid else result["labels"])
             out["row"].append(row)

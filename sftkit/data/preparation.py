@@ -12,9 +12,10 @@ random are prepared in cached chunks until they fill the sequences ``max_steps``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -25,11 +26,14 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit import plugins
 from sftkit.contract import RowError
+from sftkit.data import streaming
+from sftkit.data.account import SourceAccount, account_split, check_shares
 from sftkit.data.adapt import check_columns, choose_adapter, options_record, resolve_options
 from sftkit.data.bad_rows import RowReport, enforce, report_rows, write_skipped
 from sftkit.data.cache import cached, code_digest, preparation_key
+from sftkit.data.mixture import Draw, draw_mixture
 from sftkit.data.on_demand import OnDemandSource, on_demand_rows
-from sftkit.data.order import PACKING_WINDOW, in_training_order, pack_in_order, training_order
+from sftkit.data.order import PACKING_WINDOW, in_training_order, order_seed, pack_in_order, training_order
 from sftkit.data.render_guard import check_rendering, sample_indices
 from sftkit.data.rows import RowChain, prepare_rows
 from sftkit.data.sources import Source, load_sources
@@ -52,6 +56,7 @@ class Preparation(str, Enum):
     EAGER = "eager"  # every row before step 1, in batched passes, cached
     LAZY = "lazy"  # a checked sample before step 1; the trainer's rows prepared on demand as it draws them
     PACKED_SHARE = "packed share"  # a bounded packed run: rows drawn at random, prepared in cached chunks
+    STREAMED = "streamed"  # rows read from a stream, a window at a time, each prepared when the trainer draws it
 
     def __str__(self) -> str:
         return self.value
@@ -108,6 +113,8 @@ class PreparedData:
     rendered: int  # conversations the render guard rendered in this run
     from_cache: bool  # prepared rows came from the cache, whose rows were rendered and checked when prepared
     chains: list[RowChain]  # each source's row chain
+    draws: list[Draw] | None = None  # what a mixture with fractions drew from each source
+    accounts: list[SourceAccount] = field(default_factory=list)  # each source's part of each split
 
     @property
     def preparation(self) -> str:
@@ -132,6 +139,7 @@ class PreparedData:
                 "eval": self.eval_origin,
                 "render_guard_rows": self.rendered,
                 "from_cache": self.from_cache,
+                "sources": [account.record() for account in self.accounts],
             },
         }
 
@@ -322,7 +330,8 @@ def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: l
     for source, chain, choice in zip(sources, chains, choices, strict=True):
         columns = [column for column in choice.installed.adapter.columns(choice.options).all
                    if column in source.train.column_names]
-        on_demand_sources.append(OnDemandSource(source.train.select_columns(columns), chain, source.name))
+        on_demand_sources.append(OnDemandSource(source.train.select_columns(columns), chain, source.name,
+                                                source.drawn.get("train")))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
     parts = _parts(sources, "train", sample)
     rendered = _guard(parts, chains, guard_rows, "train")
@@ -340,7 +349,7 @@ def _prepare_packed_share(recipe: Recipe, sources: list[Source], chains: list[Ro
     on, or the data runs out. The render guard samples the first chunk. Returns the rows, the conversations the
     guard rendered, whether the first chunk came from the cache, and whether the rows are only a share."""
     args, needed = recipe.training, _rows_per_run(recipe)
-    order = training_order(train_ids, args.seed)
+    order = training_order(train_ids, order_seed(args))
     chunks, rendered, from_cache, taken, size = [], 0, False, 0, PACKING_WINDOW
     while True:
         ids = np.sort(order[taken:taken + size])
@@ -352,12 +361,71 @@ def _prepare_packed_share(recipe: Recipe, sources: list[Source], chains: list[Ro
         taken, size = taken + len(ids), size * 2
         rows = datasets.concatenate_datasets(chunks)
         share = taken < len(order)
-        packs = pack_in_order(valid_rows(in_training_order(rows, args.seed)), args.max_length, args.packing_strategy,
+        packs = pack_in_order(valid_rows(in_training_order(rows, order_seed(args))), args.max_length, args.packing_strategy,
                               whole_windows_only=share)
         if len(packs) >= needed or not share:
             logger.info("packed share: %s rows prepared fill %s sequences (%s needed)", f"{taken:,}",
                         f"{len(packs):,}", f"{needed:,}")
             return {"train": rows}, rendered, from_cache, share
+
+
+def _prepare_streamed(recipe: Recipe, sources: list[Source], choices: list[AdapterChoice], chains: list[RowChain],
+                      enforce_policy: bool) -> PreparedData:
+    """A streamed run (``sftkit.data.streaming``): the trainer's rows read and prepared as it draws them; before
+    step 1, the run's first rows prepared to check and report, and the held-out rows (each source's first
+    ``test_split_size`` rows, or a dataset's own test split)."""
+    held_out, streams = int(recipe.mixture.test_split_size or 0), []
+    for source, chain in zip(sources, chains, strict=True):
+        skip = held_out if source.eval is None else 0  # a dataset's own test split, or its first rows
+        if skip:
+            source.eval = datasets.Dataset.from_list(list(itertools.islice(iter(source.stream), skip)))
+        streams.append(streaming.Stream(source.stream, source.name, chain, skip))
+    fractions = [source.fraction for source in sources]
+    counts = streaming.window_counts(streaming.stream_probabilities(streams, fractions))
+    reader = streaming.StreamReader(streams, counts, recipe.sftkit.mixture, order_seed(recipe.training))
+    count = _rows_per_run(recipe)
+    guard_rows, rendered, parts = recipe.sftkit.render_check_rows, 0, []
+    picked = [(position, *reader[position]) for position in range(min(PREFLIGHT_ROWS, count))]
+    for index, source in enumerate(sources):  # the run's first rows, as a sample of each source
+        mine = [(position, line, raw) for position, source_index, line, raw in picked if source_index == index]
+        if mine:
+            source.train = datasets.Dataset.from_list([raw for _, _, raw in mine])
+            source.drawn["train"] = np.array([line for _, line, _ in mine])
+            parts.append((index, source.train, np.array([position for position, _, _ in mine])))
+    rendered += _guard([(index, raw, np.arange(len(raw))) for index, raw, _ in parts], chains, guard_rows, "train")
+    sample = []
+    for index, raw, positions in parts:
+        out = prepare_rows(raw, chains[index], "train sample", f"stream-sample-{index}-{raw._fingerprint}")
+        for name, values in (("source_index", [index] * len(positions)), ("source_split", ["train"] * len(positions)),
+                             ("source_row", list(range(len(positions)))), ("row", positions.tolist())):
+            out = out.add_column(name, values)
+        sample.append(out)
+    splits = {"train": datasets.concatenate_datasets(sample)}
+    eval_parts = [(index, source.eval, np.arange(source.eval.num_rows)) for index, source in enumerate(sources)
+                  if source.eval is not None]
+    if eval_parts:
+        rendered += _guard(eval_parts, chains, guard_rows, "eval")
+        splits["eval"] = _prepared(eval_parts, sources, chains, "eval", "eval", "stream-eval", None)
+    origin = ("none" if not eval_parts else f"each source's first {held_out} rows (test_split_size)" if held_out
+              else f"split {recipe.script.dataset_test_split!r}")
+    if rendered:
+        logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
+                    rendered)
+    on_demand = streaming.streamed_rows(reader, count)
+    prepared: dict[str, PreparedSplit] = {}
+    for name, rows in splits.items():
+        report = report_rows(rows, "train sample" if name == "train" else name)
+        if enforce_policy:
+            enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
+        prepared[name] = PreparedSplit(name, rows, report, on_demand if name == "train" else None)
+    asked = (np.asarray(fractions) / sum(fractions)).tolist() if None not in fractions else None
+    accounts = [account for split in prepared.values() for account in account_split(
+        split, [source.name for source in sources], asked if split.name == "train" else None,
+        recipe.training.max_length, sample=split.name == "train")]
+    why = f"max_steps reads {count:,} rows from the stream, {streaming.WINDOW:,} rows shuffled at a time"
+    logger.info("preparation: %s (%s)", Preparation.STREAMED.value, why)
+    return PreparedData(prepared["train"], prepared.get("eval"), choices, sources, origin, Preparation.STREAMED, why,
+                        rendered, False, chains, None, accounts)
 
 
 def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_policy: bool = True) -> PreparedData:
@@ -367,10 +435,6 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     """
     sources = load_sources(recipe)
     choices = _choose_adapters(sources)
-    total = sum(source.train.num_rows for source in sources)
-    has_own_eval = any(source.eval is not None for source in sources)
-    train_ids, eval_ids, origin = (np.arange(total), None, f"split {recipe.script.dataset_test_split!r}") \
-        if has_own_eval else split_held_out(total, recipe)
     tokenizer, note = rendering_tokenizer(tokenizer)
     for line in (note, reply_end(tokenizer)[2]):
         if line:
@@ -378,6 +442,25 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     settings = TokenizeSettings.from_recipe(recipe, tokenizer)
     chains = [RowChain(choice.installed.adapter, choice.options, tokenizer, settings) for choice in choices]
     require_chat_template(tokenizer, _first_record(sources, chains), recipe.model.model_name_or_path)
+    if streaming.is_streaming(recipe):
+        return _prepare_streamed(recipe, sources, choices, chains, enforce_policy)
+    draws = None
+    if any(source.fraction is not None for source in sources):
+        draws = draw_mixture(sources, chains, [source.fraction for source in sources], recipe.sftkit.mixture,
+                             recipe.mixture.test_split_size, order_seed(recipe.training))
+        for source, drawn in zip(sources, draws, strict=True):
+            logger.info("mixture: %s", drawn.describe(source.name))
+    total = sum(source.train.num_rows for source in sources)
+    has_own_eval = any(source.eval is not None for source in sources)
+    if draws is not None:
+        train_ids, eval_ids = np.arange(total), None
+        origin = (f"{sum(drawn.held_out for drawn in draws)} rows held out of the sources, each its part "
+                  f"(test_split_size {recipe.mixture.test_split_size}, seed {order_seed(recipe.training)})"
+                  if has_own_eval else "none")
+    elif has_own_eval:
+        train_ids, eval_ids, origin = np.arange(total), None, f"split {recipe.script.dataset_test_split!r}"
+    else:
+        train_ids, eval_ids, origin = split_held_out(total, recipe)
     num_proc = recipe.training.dataset_num_proc or (usable_cpus() if total >= PARALLEL_FROM_ROWS else None)
     mode, why = preparation_mode(recipe, len(train_ids))
     logger.info("preparation: %s (%s)", mode.value, why)
@@ -387,7 +470,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     on_demand, share, guard_rows = None, False, recipe.sftkit.render_check_rows
     if mode == Preparation.LAZY:
         sample, on_demand, rendered = _prepare_on_demand(sources, chains, choices, train_ids, guard_rows,
-                                                         recipe.training.seed)
+                                                         order_seed(recipe.training))
         prepared, from_cache = {"train": sample}, False
     elif mode == Preparation.PACKED_SHARE:
         prepared, rendered, from_cache, share = _prepare_packed_share(recipe, sources, chains, choices, train_ids,
@@ -414,5 +497,11 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         splits[name] = PreparedSplit(name, rows, report, on_demand if sample else None, share and name == "train")
+    asked = [drawn.asked for drawn in draws] if draws else None
+    names = [source.name for source in sources]
+    accounts = [account for split in splits.values() for account in account_split(
+        split, names, asked if split.name == "train" else None, recipe.training.max_length,
+        sample=split.on_demand is not None)]
+    check_shares([account for account in accounts if account.split == "train"])
     return PreparedData(splits["train"], splits.get("eval"), choices, sources, origin, mode, why, rendered,
-                        from_cache, chains)
+                        from_cache, chains, draws, accounts)

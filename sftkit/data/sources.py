@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import xxhash
 
 from sftkit import embedded
@@ -20,6 +22,8 @@ from sftkit.recipe import Recipe
 logger = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+HEAD_ROWS = 64  # a stream's first rows, read to choose and check its adapter
+STREAMED_EVAL_ROWS = 2000  # the most rows of a streamed dataset's own test split held in memory for evaluation
 
 
 @dataclass
@@ -32,10 +36,17 @@ class Source:
     dataset_format: str
     dataset_options: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""  # what the rows are: local files by their content, Hub datasets by their revision
+    fraction: float | None = None  # its share of a mixture's trained tokens, as the recipe asks (sftkit.data.mixture)
+    stream: datasets.IterableDataset | None = None  # streamed: every row, read as iterated (``train`` holds a few)
+    drawn: dict[str, np.ndarray] = field(default_factory=dict)  # per split, the loaded rows a mixture drew
 
     def __post_init__(self) -> None:
-        if not self.fingerprint:
+        if not self.fingerprint and isinstance(self.train, datasets.Dataset):
             self.fingerprint = f"{self.train._fingerprint}|{self.eval._fingerprint if self.eval is not None else ''}"
+
+    def loaded_row(self, split: str, position: int) -> int:
+        """The row of the loaded split (its line in a file) that ``position`` of ``split`` is."""
+        return int(self.drawn[split][position]) if split in self.drawn else position
 
 
 def _builder_for(files: list[str], name: str) -> str:
@@ -65,14 +76,21 @@ def _local_files(folder: Path) -> list[str]:
     return sorted(str(path) for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
 
 
-def load_raw(name: str, config: str | None, **hub_arguments: Any) -> tuple[datasets.DatasetDict, str | None]:
+def load_raw(name: str, config: str | None, streaming: bool = False,
+             **hub_arguments: Any) -> tuple[datasets.DatasetDict, str | None]:
     """A Hub dataset name, a local directory, a file, or a glob of files, as a DatasetDict, and for local data the
     digest of its content (``datasets`` converts local files once into a cache keyed by their digest, never by
-    their modification time)."""
+    their modification time). ``streaming``: an IterableDatasetDict that reads the rows as they are iterated,
+    converting and caching nothing (and no digest)."""
     path = embedded.resolve(name)
     is_glob = any(char in path for char in "*?[")
     files = [path] if Path(path).is_file() else sorted(glob.glob(path)) if is_glob else []
     try:
+        if streaming and (files or Path(path).is_dir()):
+            if files:
+                return datasets.load_dataset(_builder_for(files, name), data_files={"train": files},
+                                             streaming=True), None
+            return datasets.load_dataset(path, name=config, streaming=True, **hub_arguments), None
         if files:
             digest = content_digest(files)
             return datasets.load_dataset(_builder_for(files, name), data_files={"train": files},
@@ -88,7 +106,7 @@ def load_raw(name: str, config: str | None, **hub_arguments: Any) -> tuple[datas
     if path.startswith((".", "/", "~")) or Path(path).suffix in BUILDERS:
         raise SftkitError(f"dataset {name}: no such file or directory")
     try:
-        return datasets.load_dataset(path, name=config, **hub_arguments), None
+        return datasets.load_dataset(path, name=config, streaming=streaming, **hub_arguments), None
     except Exception as error:  # noqa: BLE001 - network, authentication, unknown name or config: all end here
         raise SftkitError(
             f"dataset {name}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
@@ -103,26 +121,39 @@ def _split(dataset_dict: datasets.DatasetDict, split: str, name: str, key: str) 
 
 
 def _mixture(recipe: Recipe) -> list[Source]:
-    """TRL's ``datasets:`` list, each entry with its own format and options, in TRL's proportions."""
+    """TRL's ``datasets:`` list, each entry with its own format, options and share (drawn in
+    ``sftkit.data.mixture``, once the rows can be measured)."""
     sources = []
     for entry, (dataset_format, options) in zip(recipe.mixture.datasets, recipe.entry_adapters, strict=True):
         hub_arguments = {"data_dir": entry.data_dir, "data_files": entry.data_files}
-        loaded, digest = load_raw(entry.path, entry.name, **{k: v for k, v in hub_arguments.items() if v is not None})
+        loaded, digest = load_raw(entry.path, entry.name, recipe.mixture.streaming,
+                                  **{k: v for k, v in hub_arguments.items() if v is not None})
         train = _split(loaded, entry.split, entry.path, "split in its datasets entry")
         if entry.columns is not None:
             train = train.select_columns(entry.columns)
         fingerprint = f"{digest}|{entry.split}|{entry.columns}" if digest else ""
-        sources.append(Source(entry.path, train, None, dataset_format, options, fingerprint))
-    fractions = [entry.fraction for entry in recipe.mixture.datasets]
-    if any(fraction is not None for fraction in fractions):
-        if None in fractions:
-            raise SftkitError("datasets: set fraction on every entry of the mixture, or on none")
-        weights = [fraction / sum(fractions) for fraction in fractions]
-        total = min(source.train.num_rows / weight for source, weight in zip(sources, weights) if weight > 0)
-        for source, weight in zip(sources, weights):
-            source.train = source.train.select(range(round(weight * total)))
-            source.fingerprint += f"|first {source.train.num_rows} rows"
+        sources.append(_streamed(Source(entry.path, train, None, dataset_format, options, fingerprint,
+                                        entry.fraction)))
     return sources
+
+
+def _head(rows: datasets.IterableDataset, count: int, name: str) -> datasets.Dataset:
+    head = list(itertools.islice(iter(rows), count))
+    if not head:
+        raise SftkitError(f"dataset {name}: the stream holds no rows")
+    return datasets.Dataset.from_list(head)
+
+
+def _streamed(source: Source) -> Source:
+    """A streamed source keeps its stream, with its first rows as a dataset (to choose and check the adapter) and
+    its own test split, if it has one, read into memory (at most STREAMED_EVAL_ROWS rows)."""
+    if not isinstance(source.train, datasets.IterableDataset):
+        return source
+    source.stream, source.train = source.train, _head(source.train, HEAD_ROWS, source.name)
+    if source.eval is not None:
+        source.eval = _head(source.eval, STREAMED_EVAL_ROWS, source.name)
+    source.fingerprint = source.fingerprint or f"stream {source.name} {source.train._fingerprint}"
+    return source
 
 
 def load_sources(recipe: Recipe) -> list[Source]:
@@ -130,9 +161,10 @@ def load_sources(recipe: Recipe) -> list[Source]:
     if recipe.mixture.datasets:
         return _mixture(recipe)
     script = recipe.script
-    loaded, digest = load_raw(script.dataset_name, script.dataset_config)
+    loaded, digest = load_raw(script.dataset_name, script.dataset_config, script.dataset_streaming)
     train = _split(loaded, script.dataset_train_split, script.dataset_name, "dataset_train_split")
     evaluation = loaded.get(script.dataset_test_split)
     sftkit = recipe.sftkit
     fingerprint = f"{digest}|{script.dataset_train_split}|{script.dataset_test_split}" if digest else ""
-    return [Source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options, fingerprint)]
+    return [_streamed(Source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options,
+                             fingerprint))]

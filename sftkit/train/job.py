@@ -17,6 +17,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
+from sftkit.data.account import metric_names
 from sftkit.data.bad_rows import SKIPPED_ROWS_FILE, SkippingCollator
 from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
 from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
@@ -106,6 +107,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         recipe_values=recipe.values,
         head_loss=head_loss(recipe),
         grad_norm_limit=recipe.sftkit.grad_norm_limit,
+        eval_by_source=rows.eval_by_source,
         callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
     )
     if args.torch_compile:
@@ -148,7 +150,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     totals = trainer.totals()  # every process takes part
     if state.is_main_process:
         on_demand = data.train.on_demand is not None
-        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, on_demand)}", flush=True)
+        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, on_demand, data.accounts)}", flush=True)
         seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if on_demand else {}
         add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})
@@ -181,6 +183,7 @@ class TrainerRows:
     train: datasets.Dataset
     keys: np.ndarray
     eval: datasets.Dataset | None
+    eval_by_source: dict[str, datasets.Dataset]  # a mixture's eval rows, source by source, by metric name
 
 
 def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
@@ -198,10 +201,22 @@ def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
     else:
         train = in_training_order(data.train.rows, seed).select_columns(["input_ids", "labels", "row"])
         keys = train.with_format("arrow")["row"].to_numpy()
-    eval_rows = data.eval.trainable() if data.eval is not None else None
-    if eval_rows is not None and (args.packing if args.eval_packing is None else args.eval_packing):
-        eval_rows = pack_dataset(eval_rows, args.max_length, args.packing_strategy)
-    return TrainerRows(train, keys, eval_rows)
+    if data.eval is None:
+        return TrainerRows(train, keys, None, {})
+    packed = args.packing if args.eval_packing is None else args.eval_packing
+    evaluation = valid_rows(data.eval.rows)
+    sources = evaluation.with_format("arrow")["source_index"].to_numpy()
+    by_source = {}
+    if len(data.sources) > 1:
+        names = metric_names([source.name for source in data.sources])
+        by_source = {name: evaluation.select(np.flatnonzero(sources == index)) for index, name in enumerate(names)
+                     if (sources == index).any()}
+
+    def trainable(rows: datasets.Dataset) -> datasets.Dataset:
+        rows = rows.select_columns(["input_ids", "labels"])
+        return pack_dataset(rows, args.max_length, args.packing_strategy) if packed else rows
+
+    return TrainerRows(train, keys, trainable(evaluation), {name: trainable(rows) for name, rows in by_source.items()})
 
 
 def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int) -> Any:

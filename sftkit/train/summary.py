@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sftkit.data.account import SourceAccount, account_lines
 from sftkit.outputs.callbacks import summary_lines
 from sftkit.train.trainer import SftkitTrainer
 
@@ -14,8 +15,10 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
     return (values[0], values[-1]) if values else (None, None)
 
 
-def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], on_demand: bool) -> str:
-    """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process."""
+def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], on_demand: bool,
+              accounts: list[SourceAccount]) -> str:
+    """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process; a mixture adds
+    each source's account of the train rows and its held-out loss."""
     seen, trained = totals["tokens_fed"], totals["tokens_trained"]
     history = trainer.state.log_history
     runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
@@ -32,6 +35,13 @@ def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str,
         lines.append(f"train loss     {first:.4f} (first logged) -> {last:.4f} (last logged)")
     if eval_first is not None:
         lines.append(f"held-out loss  {eval_first:.4f} (first eval) -> {eval_last:.4f} (last eval)")
+    for name in trainer.eval_by_source:
+        source_first, source_last = _losses(history, f"eval_{name}_loss")
+        if source_first is not None:
+            lines.append(f"  {name:<12} {source_first:.4f} -> {source_last:.4f}")
+    if len({account.source for account in accounts}) > 1:
+        lines.append("sources        " + "\n               ".join(
+            account_lines([account for account in accounts if account.split == "train"])))
     lines += [f"{label:<14} {path}" for label, path in written.items()]
     lines += summary_lines(trainer)  # loss.png, the sample answers and one of them
     return "\n".join(lines)

@@ -33,8 +33,10 @@ class SftkitTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, order: EpochOrder, recipe_values: dict[str, Any], on_invalid: str = "error",
                  max_invalid_fraction: float = 0.0, known_invalid: set[int] | None = None,
-                 head_loss: str | None = None, grad_norm_limit: float | None = None, **kwargs: Any) -> None:
+                 head_loss: str | None = None, grad_norm_limit: float | None = None,
+                 eval_by_source: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.order = order  # the training order, read by every epoch
+        self.eval_by_source = eval_by_source or {}  # a mixture's held-out rows, source by source
         self.recipe_values = recipe_values  # recorded in every checkpoint
         self.staging = False  # while a checkpoint is written: into the staging folder
         super().__init__(*args, **kwargs)
@@ -50,6 +52,16 @@ class SftkitTrainer(SFTTrainer):
         self.rows = MidRunRows(known_invalid or set())
         self.policy_stop: str | None = None
         self.add_callback(RowPolicy(self, self.rows, on_invalid, max_invalid_fraction))
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The held-out loss over all rows, then, for a mixture, over each source's rows (``eval_<source>_loss``):
+        a mixture that helps one source and hurts another shows it."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None:
+            for name, rows in self.eval_by_source.items():
+                metrics.update(super().evaluate(rows, ignore_keys, f"{metric_key_prefix}_{name}"))
+        return metrics
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
