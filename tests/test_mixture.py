@@ -91,7 +91,7 @@ def test_a_mixture_trains_and_accounts_for_every_source(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = result.stdout[result.stdout.index("sftkit: training finished"):]
     for name in ("long", "short", "mid"):  # the held-out loss of each source, and its share of the train tokens
-        assert f"  {name:<12} " in summary
+        assert f"\n  {name:<5}  " in summary
         assert any(line.strip().startswith(str(tmp_path / f"{name}.jsonl")) and "asked" in line
                    for line in summary.splitlines())
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
@@ -129,3 +129,16 @@ def test_mixture_needs_fractions_and_fractions_must_be_positive(tmp_path):
                                                                                             "fraction": 1.0}])))
     with pytest.raises(SftkitError, match="every fraction must be above 0"):
         prepare_data(recipe, load_tokenizer(recipe))
+
+
+@pytest.mark.parametrize("recipe", ["mixture.yaml", "streaming.yaml"])
+def test_the_shipped_mixture_recipes_check_with_their_account(recipe, tmp_path, capsys):
+    from sftkit.cli import main
+
+    path = ROOT / "configs" / "recipes" / recipe
+    assert main(["check", "--config", str(path), "--rows", "0", "--output_dir", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "training would start: ok" in shown
+    account = shown[shown.index("sources "):shown.index("lengths ")]
+    for source, share in (("infinity-instruct-sample", "50.0%"), ("messages.jsonl", "30.0%"), ("alpaca.jsonl", "20.0%")):
+        assert any(source in line and f"{share} asked" in line for line in account.splitlines()), account

@@ -52,7 +52,8 @@ class SourceAccount:
 
 def metric_names(names: list[str]) -> list[str]:
     """A short name for each source, as metrics are named (``eval_<name>_loss``): its file's stem, made unique."""
-    stems = [re.sub(r"[^0-9A-Za-z]+", "_", Path(name.rstrip("/")).stem).strip("_") or "source" for name in names]
+    stems = [re.sub(r"[^0-9A-Za-z]+", "_", Path(name.split(":")[-1].rstrip("/")).stem).strip("_") or "source"
+             for name in names]
     return [stem if stems.count(stem) == 1 else f"{stem}_{index}" for index, stem in enumerate(stems)]
 
 

@@ -35,10 +35,11 @@ def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str,
         lines.append(f"train loss     {first:.4f} (first logged) -> {last:.4f} (last logged)")
     if eval_first is not None:
         lines.append(f"held-out loss  {eval_first:.4f} (first eval) -> {eval_last:.4f} (last eval)")
+    width = max(map(len, trainer.eval_by_source), default=0)
     for name in trainer.eval_by_source:
         source_first, source_last = _losses(history, f"eval_{name}_loss")
         if source_first is not None:
-            lines.append(f"  {name:<12} {source_first:.4f} -> {source_last:.4f}")
+            lines.append(f"  {name:<{width}}  {source_first:.4f} -> {source_last:.4f}")
     if len({account.source for account in accounts}) > 1:
         lines.append("sources        " + "\n               ".join(
             account_lines([account for account in accounts if account.split == "train"])))
