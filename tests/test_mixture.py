@@ -142,3 +142,16 @@ def test_the_shipped_mixture_recipes_check_with_their_account(recipe, tmp_path, 
     account = shown[shown.index("sources "):shown.index("lengths ")]
     for source, share in (("infinity-instruct-sample", "50.0%"), ("messages.jsonl", "30.0%"), ("alpaca.jsonl", "20.0%")):
         assert any(source in line and f"{share} asked" in line for line in account.splitlines()), account
+
+
+def test_a_share_more_than_two_points_off_is_a_warning_that_names_the_source(caplog):
+    from sftkit.data.account import SourceAccount, check_shares
+
+    def account(source: str, share: float, asked: float, sample: bool = False) -> SourceAccount:
+        return SourceAccount(source, "train", 100, 100, {}, 0, 1000, 500, share, asked, sample)
+
+    with caplog.at_level("WARNING", logger="sftkit"):
+        check_shares([account("chat.jsonl", 0.47, 0.5), account("tools.jsonl", 0.53, 0.5),
+                      account("code.jsonl", 0.3, 0.5, sample=True)])
+    assert "tools.jsonl realised 53.0% of the train split's trained tokens against 50.0% asked" in caplog.text
+    assert "chat.jsonl" in caplog.text and "code.jsonl" not in caplog.text  # a lazy run's sample is not judged
