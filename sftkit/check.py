@@ -27,7 +27,7 @@ PLAIN_MARKS = ("[[", "]]")
 
 
 def mark_trained(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase, colour: bool) -> str:
-    """The tokens as text, with the ones that carry loss in green (or between [[ and ]])."""
+    """The tokens as text, the trained ones in green (or between [[ and ]])."""
     opening, closing = (TRAINED_COLOUR, RESET) if colour else PLAIN_MARKS
     pieces, start = [], 0
     for end in range(1, len(input_ids) + 1):

@@ -3,7 +3,7 @@
 A record is one of:
 
 - a conversation: ``{"messages": [Message, ...], "tools": [...]}`` (``tools`` optional: JSON-schema function
-  definitions); an assistant message may carry ``tool_calls``, a ``tool`` message answers one;
+  definitions); an assistant message may hold ``tool_calls``, a ``tool`` message answers one;
 - ``{"prompt": str | [Message, ...], "completion": str | [Message, ...]}``;
 - ``{"text": str}``.
 

@@ -100,7 +100,7 @@ def prepare_rows(rows: datasets.Dataset, chain: RowChain, split: str, fingerprin
     """
     declared = chain.adapter.columns(chain.options).all
     present = [column for column in declared if column in rows.column_names]
-    rows = rows.select_columns(present)  # never carry unread columns through an expensive pass
+    rows = rows.select_columns(present)  # never take unread columns through an expensive pass
 
     def prepare(batch: dict[str, list]) -> dict[str, list]:
         count = len(batch[present[0]])

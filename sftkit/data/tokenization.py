@@ -134,7 +134,7 @@ def _completion_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerB
 
 def text_with_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                     settings: TokenizeSettings) -> tuple[str, list[tuple[int, int]] | None, bool]:
-    """The text to tokenize, the spans that carry loss (None: every token does), and whether it is a rendered
+    """The text to tokenize, the spans that are trained (None: every token is), and whether it is a rendered
     conversation (tokenized without the tokenizer's own special tokens, which the template already wrote)."""
     if "messages" in record:
         messages = training_messages(record["messages"], settings, tokenizer.eos_token)
