@@ -65,10 +65,28 @@ def content_digest(paths: list[str]) -> str:
     changes the content is other data."""
     digest = xxhash.xxh3_128()
     for path in paths:
-        digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 24):
-                digest.update(chunk)
+        digest.update(os.path.basename(path).encode() + b"\0" + _file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    """One file's bytes, hashed once per version of the file (gigabytes take seconds to read): the digest is kept
+    under the file's identity, its inode, size, and modification and change times. No edit, copy or restore
+    keeps the change time, so a file whose content changed is read again."""
+    status = os.stat(path)
+    identity = (f"{os.path.abspath(path)}|{status.st_dev}|{status.st_ino}|{status.st_size}|{status.st_mtime_ns}|"
+                f"{status.st_ctime_ns}")
+    kept = cache_root().parent / "digests" / xxhash.xxh3_128_hexdigest(identity.encode())
+    if kept.is_file():
+        return kept.read_text()
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_name(f"{kept.name}.{os.getpid()}")
+    partial.write_text(digest.hexdigest())
+    partial.replace(kept)
     return digest.hexdigest()
 
 
