@@ -79,8 +79,8 @@ def test_a_streamed_run_trains_skips_bad_rows_and_lists_them(tmp_path):
     sources[1].write_text("\n".join(lines) + "\n")
     recipe = write_recipe(
         tmp_path / "r.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path / "out"), report_to="none",
-        datasets=[{"path": str(sources[1])}], streaming=True, max_steps=60, per_device_train_batch_size=4,
-        on_invalid="skip", max_invalid_fraction=0.5, save_strategy="no", eval_strategy="no", logging_steps=20)
+        datasets=[{"path": str(sources[1])}], streaming=True, max_steps=25, per_device_train_batch_size=4,
+        on_invalid="skip", max_invalid_fraction=0.5, save_strategy="no", eval_strategy="no", logging_steps=25)
     result = subprocess.run([sys.executable, "-m", "sftkit", "--config", str(recipe)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
