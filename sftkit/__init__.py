@@ -14,7 +14,9 @@ from sftkit.errors import SftkitError
 from sftkit.hookspecs import hookimpl
 from sftkit.records import (
     EMPTY_CONTENT,
+    INVALID_WEIGHT,
     MALFORMED_TOOL_CALL,
+    REASONING_KEYS,
     ROLES,
     UNKNOWN_ROLE,
     Conversation,
@@ -37,13 +39,14 @@ from sftkit.records import (
     tool_call,
     tool_calls,
     tool_definitions,
+    turn_fields,
 )
 
 __version__ = "0.1.0"
 __all__ = [
-    "CONTRACT", "EMPTY_CONTENT", "MALFORMED_TOOL_CALL", "ROLES", "UNKNOWN_ROLE", "Adapter", "Columns",
+    "CONTRACT", "EMPTY_CONTENT", "INVALID_WEIGHT", "MALFORMED_TOOL_CALL", "REASONING_KEYS", "ROLES", "UNKNOWN_ROLE", "Adapter", "Columns",
     "Conversation", "Detection", "Function", "Message", "NoOptions", "Option", "PromptCompletion", "Record", "Role",
     "RowError", "SftkitError", "Text", "ToolCall", "attach_tools", "check_role_map", "detect_turns", "hookimpl", "load_json",
     "messages_from_turns", "name_tool_turns", "role_of", "short", "text", "tool_call", "tool_calls",
-    "tool_definitions",
+    "tool_definitions", "turn_fields",
 ]

@@ -3,7 +3,9 @@
 A record is one of:
 
 - a conversation: ``{"messages": [Message, ...], "tools": [...]}`` (``tools`` optional: JSON-schema function
-  definitions); an assistant message may hold ``tool_calls``, a ``tool`` message answers one;
+  definitions); an assistant message may hold ``tool_calls`` (each with the ``id`` the data gives it), its
+  ``reasoning_content`` and a ``weight`` (0: not trained); a ``tool`` message answers one (``tool_call_id``).
+  Any other field a turn has travels with it to the chat template, which may read it;
 - ``{"prompt": str | [Message, ...], "completion": str | [Message, ...]}``;
 - ``{"text": str}``.
 
@@ -15,7 +17,7 @@ its own for text, roles and tool calls.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal, Required, TypedDict, get_args
 
 from sftkit.contract import Detection, RowError
@@ -25,6 +27,10 @@ ROLES: tuple[str, ...] = get_args(Role)
 EMPTY_CONTENT = "empty content"
 UNKNOWN_ROLE = "unknown role"
 MALFORMED_TOOL_CALL = "malformed tool call"
+INVALID_WEIGHT = "invalid weight"
+# Where datasets keep an assistant's reasoning: Qwen3 and DeepSeek-R1 (and vLLM's API) call it reasoning_content,
+# gpt-oss thinking, OpenAI's newer API reasoning. Records hold it as reasoning_content; the template gets every name.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 # Speaker names in wide use, in any case (Human, GPT, User, ASSISTANT), and the role each means.
 WELL_KNOWN_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                     "gpt": "assistant", "tool": "tool", "observation": "tool"}
@@ -35,16 +41,20 @@ class Function(TypedDict):
     arguments: dict[str, Any]
 
 
-class ToolCall(TypedDict):
-    type: Literal["function"]
-    function: Function
+class ToolCall(TypedDict, total=False):
+    id: str  # the call's id, which the tool turn that answers it names (Mistral's templates read both)
+    type: Required[Literal["function"]]
+    function: Required[Function]
 
 
 class Message(TypedDict, total=False):
     role: Required[Role]
     content: Required[str]
+    reasoning_content: str  # assistant messages: the reasoning before the reply
     tool_calls: list[ToolCall]  # assistant messages that call tools
+    weight: Literal[0, 1]  # assistant messages: 0 leaves the turn untrained (OpenAI's fine-tuning format)
     name: str  # tool messages: the tool that answered
+    tool_call_id: str  # tool messages: the id of the call answered
 
 
 class Conversation(TypedDict, total=False):
@@ -94,7 +104,8 @@ def tool_call(call: Any, where: str) -> dict[str, Any]:
     """One tool call as ``{"type": "function", "function": {"name", "arguments": dict}}``.
 
     Accepts the OpenAI form (``{"id", "type", "function": {"name", "arguments": str | dict}}``) and the bare
-    ``{"name", "arguments"}`` form of LLaMA-Factory / Glaive; ``arguments`` given as a JSON string is parsed.
+    ``{"name", "arguments"}`` form of LLaMA-Factory / Glaive; ``arguments`` given as a JSON string is parsed. The
+    call's ``id``, where the data has one, is kept.
     """
     if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
         function = call["function"]
@@ -118,7 +129,13 @@ def tool_call(call: Any, where: str) -> dict[str, Any]:
             f"{where}: the arguments of tool call {name!r} must be a JSON object, got {short(arguments)}",
             reason=MALFORMED_TOOL_CALL,
         )
-    return {"type": "function", "function": {"name": name, "arguments": dict(arguments)}}
+    canonical: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": dict(arguments)}}
+    if isinstance(call, Mapping) and call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise RowError(f"{where}: tool call {name!r} has a non-text id {short(call['id'])}",
+                           reason=MALFORMED_TOOL_CALL)
+        canonical["id"] = call["id"]
+    return canonical
 
 
 def tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
@@ -171,15 +188,19 @@ def attach_tools(record: dict[str, Any], row: Mapping[str, Any], column: str | N
 
 
 def name_tool_turns(messages: list[dict[str, Any]]) -> None:
-    """Give each tool turn without a name the name of the call it answers (calls and results pair up in order)."""
-    pending: list[str] = []
+    """Give each tool turn without a name the name of the call it answers: the call its ``tool_call_id`` names, else
+    the next one unanswered (calls and results pair up in order)."""
+    pending: list[dict[str, Any]] = []
     for message in messages:
         if message["role"] == "assistant" and message.get("tool_calls"):
-            pending = [call["function"]["name"] for call in message["tool_calls"]]
+            pending = list(message["tool_calls"])
         elif message["role"] == "tool":
-            name = pending.pop(0) if pending else None
-            if name is not None and "name" not in message:
-                message["name"] = name
+            answered = message.get("tool_call_id")
+            call = next((call for call in pending if answered is not None and call.get("id") == answered),
+                        pending[0] if pending else None)
+            if call is not None:
+                pending.remove(call)
+                message.setdefault("name", call["function"]["name"])
         else:
             pending = []
 
@@ -233,8 +254,53 @@ def check_role_map(role_map: Mapping[str, Any], allowed: Sequence[str]) -> None:
             raise ValueError(f"role_map maps {speaker!r} to {role!r}; roles are {'|'.join(allowed)}")
 
 
+def weight(value: Any, where: str, role: str) -> int | None:
+    """A turn's ``weight`` (OpenAI's fine-tuning format): 1 trains an assistant turn, 0 leaves it untrained; None when
+    the turn has none. Anything else is a RowError, so a typo never trains a turn that was meant to be left out."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        if value == 1 and role != "assistant":
+            raise RowError(f"{where} ({role}) has weight 1, but only assistant turns are trained; drop its weight",
+                           reason=INVALID_WEIGHT)
+        return int(value)
+    raise RowError(f"{where} has weight {short(value)}; a weight is 0 (the turn is not trained) or 1 (it is)",
+                   reason=INVALID_WEIGHT)
+
+
+def reasoning(turn: Mapping[str, Any], where: str) -> str | None:
+    """The reasoning a turn carries under any of its usual names (``REASONING_KEYS``), or None."""
+    found = {key: turn[key] for key in REASONING_KEYS if turn.get(key) is not None}
+    for key, value in found.items():
+        if not isinstance(value, str):
+            raise RowError(f"{where}: {key} must be text (the reasoning before the reply), got {short(value)}")
+    texts = {value for value in found.values() if value.strip()}
+    if len(texts) > 1:
+        raise RowError(f"{where} holds different reasoning under {' and '.join(found)}; keep one")
+    return texts.pop() if texts else None
+
+
+def turn_fields(turn: Mapping[str, Any], where: str, role: str, read: Collection[str]) -> dict[str, Any]:
+    """Everything a turn carries besides what the adapter has ``read`` (its role, text, tool calls), as a message
+    holds it: its weight, its reasoning as ``reasoning_content``, and every other field as it is, for the chat
+    template to read (the id of the tool call a tool turn answers, a speaker's name, ...)."""
+    fields: dict[str, Any] = {}
+    for key, value in turn.items():
+        if key in read or key in REASONING_KEYS or key == "weight" or value is None:
+            continue
+        if key in ("name", "tool_call_id") and not isinstance(value, str):
+            raise RowError(f"{where}: {key} must be text, got {short(value)}")
+        fields[key] = value
+    if (text := reasoning(turn, where)) is not None:
+        fields["reasoning_content"] = text
+    if (trained := weight(turn.get("weight"), where, role)) is not None:
+        fields["weight"] = trained
+    return fields
+
+
 def messages_from_turns(turns: Any, column: str, role_map: Mapping[str, str]) -> list[dict[str, Any]]:
-    """``{role, content[, tool_calls][, name]}`` turns to canonical messages; raises RowError naming the turn."""
+    """``{role, content[, tool_calls]}`` turns, with any other fields (``turn_fields``), to canonical messages; raises
+    RowError naming the turn."""
     if not isinstance(turns, list) or not turns:
         raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} turns, got {short(turns)}")
     messages = []
@@ -261,11 +327,10 @@ def messages_from_turns(turns: Any, column: str, role_map: Mapping[str, str]) ->
             content = ""
         if not isinstance(content, str):
             raise RowError(f"{where} ({speaker}) must have text 'content', got {short(content)}")
-        message: dict[str, Any] = {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role, "content": content,
+                                   **turn_fields(turn, where, role, ("role", "content", "tool_calls"))}
         if calls:
             message["tool_calls"] = tool_calls(calls, where)
-        if role == "tool" and isinstance(turn.get("name"), str) and turn["name"]:
-            message["name"] = turn["name"]
         messages.append(message)
     name_tool_turns(messages)
     return messages

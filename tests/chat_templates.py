@@ -76,6 +76,20 @@ CHATQA = (  # Llama 3 ChatQA: plain "User:" / "Assistant:" lines, no end of turn
     "{{ 'Assistant: ' + message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# Mistral's tool-calling templates (v0.3 and later), condensed: each tool call is written with its id, which must be
+# nine characters, and each tool result names the call it answers.
+MISTRAL_TOOLS = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST]' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined %}{{ '[TOOL_CALLS][' }}"
+    "{% for call in message['tool_calls'] %}{% if call['id'] is not defined or call['id'] | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments'], 'id': call['id']} | tojson }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}{{ ']' + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% elif message['role'] == 'tool' %}{{ '[TOOL_RESULTS]' + {'content': message['content'], "
+    "'call_id': message['tool_call_id']} | tojson + '[/TOOL_RESULTS]' }}{% endif %}{% endfor %}"
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,9 @@ FAMILIES = {
     "vicuna": Family(VICUNA, "<s>", "</s>", reply=(" ", "</s>")),
     "alpaca": Family(ALPACA, None, "</s>", reply=("", "</s>")),
     "chatqa": Family(CHATQA, "<|begin_of_text|>", "<|end_of_text|>", adds_bos=True, reply=(" ", "<|end_of_text|>")),
+    "mistral-tools": Family(MISTRAL_TOOLS, "<s>", "</s>", ("[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+                                                           "[/TOOL_RESULTS]"), adds_bos=True, system=False,
+                            reply=("", "</s>")),
 }
 
 

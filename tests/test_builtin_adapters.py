@@ -93,11 +93,12 @@ def test_messages_openai_tool_calls_with_string_arguments_become_dicts():
     assert record["messages"][1] == {
         "role": "assistant",
         "content": "",
-        "tool_calls": [call("get_weather", city="Paris"), call("get_time")],
+        "tool_calls": [{**call("get_weather", city="Paris"), "id": "c1"}, {**call("get_time"), "id": "c2"}],
     }
-    # tool turns keep their name, or get the name of the call they answer (calls and results pair in order)
-    assert record["messages"][2] == {"role": "tool", "content": "18C", "name": "get_weather"}
-    assert record["messages"][3] == {"role": "tool", "content": "12:00", "name": "clock"}
+    # tool turns keep their name and the id of the call they answer (which Mistral's templates read), or get the name
+    # of the call they answer
+    assert record["messages"][2] == {"role": "tool", "content": "18C", "tool_call_id": "c1", "name": "get_weather"}
+    assert record["messages"][3] == {"role": "tool", "content": "12:00", "tool_call_id": "c2", "name": "clock"}
     assert record["tools"] == [wrapped(WEATHER_TOOL), wrapped(TIME_TOOL)]
 
 

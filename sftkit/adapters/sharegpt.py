@@ -3,6 +3,7 @@
 Also LLaMA-Factory's sharegpt format: the column and key names are options (its ``tags``), a ``system`` column
 holds the system prompt, a ``tools`` column the function definitions, and the speakers ``function_call`` and
 ``observation`` are the assistant's tool calls (JSON ``{"name", "arguments"}``, or a list of them) and their results.
+A turn's ``weight`` (0: not trained), its reasoning and any other field it has travel with it (``sftkit.turn_fields``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sftkit import (
     role_of,
     short,
     tool_calls,
+    turn_fields,
 )
 
 FUNCTION_CALL = "function_call"  # the special role: an assistant turn whose value is the JSON of its tool calls
@@ -99,12 +101,14 @@ class ShareGPTAdapter(Adapter):
                     reason=UNKNOWN_ROLE,
                 )
             content = turn[content_key]
+            fields = turn_fields(turn, f"turn {position}", "assistant" if role == FUNCTION_CALL else role,
+                                 (role_key, content_key))
             if role == FUNCTION_CALL:
                 calls = tool_calls(content, f"turn {position} ({speaker})")
                 if calling is not None:  # consecutive function_call turns: one assistant turn calling several tools
                     calling["tool_calls"].extend(calls)
                 else:
-                    calling = {"role": "assistant", "content": "", "tool_calls": calls}
+                    calling = {"role": "assistant", "content": "", **fields, "tool_calls": calls}
                     messages.append(calling)
                 continue
             calling = None
@@ -115,7 +119,7 @@ class ShareGPTAdapter(Adapter):
                     f"the row has both a system column {system_column!r} and a system turn 0; "
                     "keep one (set dataset_options system_column: null to ignore the column)"
                 )
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": content, **fields})
         name_tool_turns(messages)
         return attach_tools({"messages": messages}, row, options.tools_column)
 

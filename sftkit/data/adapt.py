@@ -13,7 +13,7 @@ import datasets
 from sftkit.contract import CONTRACT, Adapter, Columns, Detection, RowError
 from sftkit.errors import SftkitError
 from sftkit.plugins import InstalledAdapter, Registry
-from sftkit.records import ROLES
+from sftkit.records import INVALID_WEIGHT, ROLES
 from sftkit.values import Mismatch, coerce, type_name
 
 logger = logging.getLogger(__name__)
@@ -85,11 +85,12 @@ def _check_tool_calls(position: int, calls: Any) -> None:
         and isinstance(call.get("function"), Mapping)
         and isinstance(call["function"].get("name"), str)
         and isinstance(call["function"].get("arguments"), Mapping)
+        and isinstance(call.get("id", ""), str)
         for call in calls
     ):
         raise RowError(
-            f"turn {position} has malformed tool_calls {calls!r:.120}; each needs function.name (text) and "
-            "function.arguments (a mapping)",
+            f"turn {position} has malformed tool_calls {calls!r:.120}; each needs function.name (text), "
+            "function.arguments (a mapping) and, if it has one, a text id",
             reason="malformed tool call",
         )
 
@@ -106,6 +107,20 @@ def _check_messages(messages: Any, what: str) -> None:
             _check_tool_calls(position, message["tool_calls"])
         elif not isinstance(message.get("content"), str) or not message["content"].strip():
             raise RowError(f"turn {position} ({role}) is empty", reason="empty content")
+        weight = message.get("weight")
+        if weight is not None and (weight not in (0, 1) or (weight == 1 and role != "assistant")):
+            raise RowError(f"turn {position} ({role}) has weight {weight!r}; a weight is 0 (not trained) or 1 "
+                           "(trained), and only assistant turns are trained", reason=INVALID_WEIGHT)
+        for key in ("reasoning_content", "tool_call_id"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise RowError(f"turn {position} ({role}): {key} must be text, got {message[key]!r:.80}")
+
+
+def _check_trained(messages: list[Mapping[str, Any]], what: str) -> None:
+    """Some assistant turn of ``messages`` is trained (``weight`` 0 leaves one out)."""
+    replies = [message for message in messages if message["role"] == "assistant"]
+    if replies and all(message.get("weight") == 0 for message in replies):
+        raise RowError(f"every assistant turn of the {what} has weight 0, so nothing trains", reason="no trained turn")
 
 
 def check_record(record: Mapping[str, Any]) -> None:
@@ -119,6 +134,7 @@ def check_record(record: Mapping[str, Any]) -> None:
         if roles[-1] != "assistant":
             raise RowError(f"the conversation ends on a {roles[-1]} turn, not an assistant turn",
                            reason="does not end on a trained turn")
+        _check_trained(messages, "conversation")
     elif "prompt" in record and "completion" in record:
         for part in ("prompt", "completion"):
             value = record[part]
@@ -128,8 +144,11 @@ def check_record(record: Mapping[str, Any]) -> None:
             else:
                 _check_messages(value, part)
         completion = record["completion"]
-        if not isinstance(completion, str) and completion[-1]["role"] != "assistant":
-            raise RowError("the completion does not end on an assistant turn", reason="does not end on a trained turn")
+        if not isinstance(completion, str):
+            if completion[-1]["role"] != "assistant":
+                raise RowError("the completion does not end on an assistant turn",
+                               reason="does not end on a trained turn")
+            _check_trained(completion, "completion")
     elif isinstance(record.get("text"), str):
         if not record["text"].strip():
             raise RowError("text is empty", reason="empty content")
