@@ -7,6 +7,7 @@ add_generation_prompt=True)`` gives, and generation stops at the end-of-turn tok
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from sftkit.contract import RowError
 from sftkit.data.account import account_lines
 from sftkit.data.bad_rows import enforce
 from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
-from sftkit.data.templates import reply_end, tools_of
+from sftkit.data.templates import as_templates_read, reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
@@ -64,8 +65,8 @@ def inference_prompt(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase)
         return None
     if not prompt:
         return None  # a conversation that starts with the reply: inference sends the template's own opening
-    return list(tokenizer.apply_chat_template(prompt, tools=tools_of(record), add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    return list(tokenizer.apply_chat_template(as_templates_read(prompt), tools=tools_of(record),
+                                              add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def _same_as_inference(example: dict[str, Any], record: dict[str, Any],
@@ -158,8 +159,9 @@ def _shown_rows(data: PreparedData, tokenizer: PreTrainedTokenizerBase, count: i
     for position in valid[:count]:
         example = data.train.rows[position]
         trained = sum(label != IGNORE for label in example["labels"][1:])
+        noted = "".join(f"; {count} {note}" for note, count in Counter(example["notes"]).items())
         lines.append(f"\n--- train row {example['row']}: {trained} of {len(example['input_ids'])} tokens trained "
-                     f"({marks}) ---")
+                     f"({marks}){noted} ---")
         lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
         try:
             difference = _same_as_inference(example, data.record(data.train, position), tokenizer)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sftkit.data.render_guard import check_rendering, missing_turns
+from sftkit.data.render_guard import check_rendering
+from sftkit.data.rendered import appearance
 from sftkit.data.tokenization import TokenizeSettings
 from sftkit.errors import SftkitError
 
@@ -52,13 +53,13 @@ def test_template_that_drops_turns_is_caught(tokenizer):
         tokenizer.chat_template = original
     message = str(error.value)
     assert "train row 0: turn 0 (system)" in message
-    assert "role_map" in message and "renders train row 0 as" in message
+    assert "chat_template_path" in message and "renders train row 0 as" in message  # known roles: another template
 
 
 def test_unmapped_sharegpt_roles_are_caught_with_qwen25_template(tokenizer):
     # What TRL 1.16 trains on when human/gpt roles reach Qwen2.5's template: the default system prompt only.
     unmapped = [{"role": "human", "content": "What is 2 + 2?"}, {"role": "gpt", "content": "2 + 2 = 4."}]
-    with pytest.raises(SftkitError, match="turn 0 \\(human\\).*missing from the rendering"):
+    with pytest.raises(SftkitError, match="(?s)turn 0 \\(human\\).*missing from the rendering.*role_map"):
         check_rendering(records(unmapped), tokenizer, SETTINGS, "train")
 
 
@@ -73,7 +74,7 @@ def test_trimming_and_dropped_reasoning_are_not_false_alarms():
         {"role": "user", "content": "Q2"},
         {"role": "assistant", "content": "<think>r2</think>A2"},
     ]
-    assert missing_turns(messages, rendered_by["reasoning"]) == []
+    assert appearance(messages, rendered_by["reasoning"]).missing == []
 
 
 def test_trimming_template_end_to_end(tokenizer):
@@ -96,8 +97,8 @@ def test_tool_calls_count_as_content():
         {"role": "user", "content": "Weather in Amberhold?"},
         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {}}}]},
     ]
-    assert missing_turns(messages, "user: Weather in Amberhold? assistant: <tool_call>get_weather</tool_call>") == []
-    assert missing_turns(messages, "user: Weather in Amberhold? assistant:") != []
+    assert appearance(messages, "user: Weather in Amberhold? assistant: <tool_call>get_weather</tool_call>").missing == []
+    assert appearance(messages, "user: Weather in Amberhold? assistant:").missing == [1]
 
 
 def test_render_check_rows_zero_checks_nothing():

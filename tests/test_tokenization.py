@@ -6,8 +6,13 @@ import pytest
 
 from sftkit.contract import RowError
 from sftkit.data.templates import rendering_tokenizer
-from sftkit.data.tokenization import IGNORE, TokenizeSettings, tokenize_record
-from sftkit.errors import SftkitError
+from sftkit.data.tokenization import (
+    IGNORE,
+    REASONING_HIDDEN,
+    REWRITTEN_TURN,
+    TokenizeSettings,
+    tokenize_record,
+)
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -114,21 +119,28 @@ def test_prompt_filling_max_length_leaves_nothing_to_train(tokenizer):
     assert error.value.reason == "no trained tokens"
 
 
-def test_template_that_rewrites_earlier_turns_is_a_clear_error(tokenizer):
+# Like Qwen3: only the last assistant turn keeps its reasoning, so an earlier reply is rewritten once a later one follows.
+DROPS_EARLIER_REASONING = (
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+REASONING_CHAT = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>add them up</think>A"},
+                  {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
+
+
+def test_a_reply_the_template_rewrites_later_is_left_untrained_and_noted(tokenizer):
+    """Training the rewritten reply would teach the model to answer without its reasoning: it is left out, and said."""
     original = tokenizer.chat_template
-    # Like Qwen3: only the last assistant turn keeps its reasoning, so prefixes are not preserved.
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% set c = m['content'] %}"
-        "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-        "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>r</think>A"},
-                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
+    tokenizer.chat_template = DROPS_EARLIER_REASONING
     try:
-        with pytest.raises(SftkitError, match="Set assistant_only_loss: false"):
-            tokenize_record({"messages": messages}, tokenizer, settings())
+        tokens = tokenize_record({"messages": REASONING_CHAT}, tokenizer, settings())
+        assert trained_runs(tokenizer, tokens) == ["B<|im_end|>"]
+        assert tokens["notes"] == [REWRITTEN_TURN, REASONING_HIDDEN]
         assert rendering_tokenizer(tokenizer) == (tokenizer, None)  # TRL knows no training version of it
+        every_token = tokenize_record({"messages": REASONING_CHAT}, tokenizer, settings(assistant_only_loss=False))
+        assert every_token["notes"] == [REASONING_HIDDEN]  # the reasoning removed from the earlier turn is reported
     finally:
         tokenizer.chat_template = original
 
@@ -142,8 +154,8 @@ def test_template_that_drops_earlier_reasoning_renders_with_trl_training_version
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"},
                 {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     try:
-        with pytest.raises(SftkitError, match="TRL has no training version"):  # not through the renderer: an error
-            tokenize_record({"messages": messages}, tokenizer, settings())
+        plain = tokenize_record({"messages": messages}, tokenizer, settings())  # not through TRL's version
+        assert REWRITTEN_TURN in plain["notes"] and len(trained_runs(tokenizer, plain)) == 1
         rendering, note = rendering_tokenizer(tokenizer)
         assert rendering is not tokenizer and tokenizer.chat_template == qwen3_chat_template  # the model's own stays
         assert "TRL's training version" in note

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
@@ -35,13 +37,15 @@ MIN_ROWS_FOR_FRACTION = 100  # max_invalid_fraction is judged mid-run once this 
 
 @dataclass
 class RowReport:
-    """How the rows of one split fared: counts by reason and the first few row indices of each."""
+    """How the rows of one split fared: invalid rows counted by reason, what was noted of the valid ones (turns left
+    untrained, reasoning not rendered, cuts to max_length) counted by note, and the first few rows of each."""
 
     split: str
     rows: int
     invalid: Counter = field(default_factory=Counter)
     examples: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     problems: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (reason, message)
+    noted: Counter = field(default_factory=Counter)
 
     @property
     def valid(self) -> int:
@@ -49,9 +53,11 @@ class RowReport:
 
     def lines(self) -> list[str]:
         out = [f"{self.split}: {self.rows:,} rows, {self.valid:,} valid"]
-        for reason, count in self.invalid.most_common():
-            shown = ", ".join(str(row) for row in self.examples[reason])
-            out.append(f"  {count:,} {reason} (rows {shown}{', ...' if count > len(self.examples[reason]) else ''})")
+        for label, counts in (("", self.invalid), ("noted: ", self.noted)):
+            for reason, count in counts.most_common():
+                rows = self.examples[reason]
+                shown = ", ".join(map(str, rows)) + (", ..." if count > len(rows) else "")
+                out.append(f"  {label}{count:,} {reason} (rows {shown})")
         return out
 
     def first_problem(self) -> str:
@@ -61,17 +67,25 @@ class RowReport:
 
 
 def report_rows(dataset: datasets.Dataset, split: str) -> RowReport:
-    """Count the rows that adapting or tokenizing marked ``invalid``."""
+    """Count the rows that adapting or tokenizing marked ``invalid``, and the notes of the valid ones; only the rows
+    that have either are read one by one (a large clean split costs no pass)."""
     report = RowReport(split, dataset.num_rows)
-    if dataset.data.column("invalid").null_count == dataset.num_rows:
-        return report  # every row valid: nothing to count (and no pass over a large split)
-    for row, (reason, message) in enumerate(zip(dataset["invalid"], dataset["problem"], strict=True)):
-        if reason is None:
-            continue
-        report.invalid[reason] += 1
-        if len(report.examples[reason]) < SHOWN_ROWS:
-            report.examples[reason].append(row)
-            report.problems[row] = (reason, message)
+    table = dataset.with_format("arrow")[:]
+    invalid, notes = table.column("invalid"), table.column("notes")
+    with_notes = pc.greater(pc.list_value_length(notes), 0).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(pc.is_valid(invalid).to_numpy(zero_copy_only=False) | with_notes)
+    problems = table.column("problem").take(rows).to_pylist()
+    for row, reason, problem, row_notes in zip(rows.tolist(), invalid.take(rows).to_pylist(), problems,
+                                               notes.take(rows).to_pylist(), strict=True):
+        if reason is not None:
+            report.invalid[reason] += 1
+            if len(report.examples[reason]) < SHOWN_ROWS:
+                report.examples[reason].append(row)
+                report.problems[row] = (reason, problem)
+        for note in row_notes:
+            report.noted[note] += 1
+            if row not in report.examples[note] and len(report.examples[note]) < SHOWN_ROWS:
+                report.examples[note].append(row)
     return report
 
 

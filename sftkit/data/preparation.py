@@ -136,6 +136,7 @@ class PreparedData:
                 **{f"{split.name}_rows": len(split.on_demand) if split.on_demand else split.report.valid
                    for split in splits},
                 "invalid_rows": {split.name: dict(split.report.invalid) for split in splits},
+                "noted": {split.name: dict(split.report.noted) for split in splits},
                 "eval": self.eval_origin,
                 "render_guard_rows": self.rendered,
                 "from_cache": self.from_cache,

@@ -1,13 +1,14 @@
-"""Validate: render a sample with the chat template and stop before training if turns vanish.
+"""Validate early: render a sample with the chat template and stop before any row is prepared if turns vanish.
 
 A chat template renders only the roles it knows. TRL 1.16 with Qwen2.5's template turns every
 ``human``/``gpt`` row into the default system prompt alone and trains on that without a word.
-This guard renders what will train and compares it with what the data says.
+Every row is checked the same way as it is prepared (``sftkit.data.tokenization``); this guard
+looks at a sample first, so that a template that loses turns everywhere stops the run at once,
+with the rendering to look at, instead of as thousands of invalid rows.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,47 +16,32 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.contract import RowError
+from sftkit.data.rendered import appearance
 from sftkit.data.templates import render, tools_of
 from sftkit.data.tokenization import TokenizeSettings, training_messages
 from sftkit.errors import SftkitError
+from sftkit.records import ROLES
 
-REASONING = re.compile(r"<think>.*?</think>", re.DOTALL)
-WHITESPACE = re.compile(r"\s+")
 SHOWN_PROBLEMS = 3
 
 
 @dataclass
 class Problem:
     row: int
-    what: str
+    turn: int
+    role: str
+    content: Any
 
 
-def _normalise(text: str) -> str:
-    """Templates may trim, re-indent or drop earlier reasoning: compare without any of that."""
-    return WHITESPACE.sub("", REASONING.sub("", text))
-
-
-def _expected_pieces(message: Mapping[str, Any]) -> list[str]:
-    """What of a turn must appear in the rendering: its text, and the name of each tool it calls."""
-    pieces = [message["content"]] if isinstance(message.get("content"), str) else []
-    for call in message.get("tool_calls") or []:
-        function = call.get("function", call)
-        pieces.append(function.get("name", ""))
-    return [piece for piece in (_normalise(piece) for piece in pieces) if piece]
-
-
-def missing_turns(messages: Sequence[Mapping[str, Any]], rendered: str) -> list[str]:
-    """Turns whose content does not appear, in order, in the rendered text."""
-    haystack = _normalise(rendered)
-    position, missing = 0, []
-    for index, message in enumerate(messages):
-        for piece in _expected_pieces(message):
-            found = haystack.find(piece, position)
-            if found < 0:
-                missing.append(f"turn {index} ({message['role']}): {message.get('content')!r:.60}")
-                break
-            position = found + len(piece)
-    return missing
+def _hint(problems: list[Problem]) -> str:
+    """What to do: map roles a template cannot know, or use a template that renders the roles it drops."""
+    unknown = sorted({problem.role for problem in problems if problem.role not in ROLES})
+    if unknown:
+        return (f"A template drops turns whose role it does not know ({', '.join(unknown)}): map the data's roles with "
+                "dataset_options (for example role_map) or use a chat template that renders every role.")
+    dropped = sorted({problem.role for problem in problems})
+    return (f"The chat template does not render these {'/'.join(dropped)} turns as the data has them (a role or a "
+            "form, such as tool calls, it leaves out): set chat_template_path to a template that renders them.")
 
 
 def sample_indices(num_rows: int, count: int) -> list[int]:
@@ -86,21 +72,20 @@ def check_rendering(records: Sequence[tuple[int, Mapping[str, Any]]], tokenizer:
                 "the data is conversational but the tokenizer has no chat template; set chat_template_path in the "
                 "recipe to a .jinja file, a tokenizer directory or a Hub model id that has one"
             )
+        messages = training_messages(conversation, settings, tokenizer.eos_token)
         try:
-            renderings[row] = render(tokenizer, training_messages(conversation, settings, tokenizer.eos_token),
-                                     tools_of(record))
+            renderings[row] = render(tokenizer, messages, tools_of(record))
         except RowError:
             continue
-        problems += [Problem(row, f"{turn} is missing from the rendering")
-                     for turn in missing_turns(conversation, renderings[row])]
+        problems += [Problem(row, turn, conversation[turn]["role"], conversation[turn].get("content"))
+                     for turn in appearance(messages, renderings[row]).missing]
     if problems:
-        shown = "\n".join(f"  {split} row {problem.row}: {problem.what}" for problem in problems[:SHOWN_PROBLEMS])
+        shown = "\n".join(f"  {split} row {problem.row}: turn {problem.turn} ({problem.role}): {problem.content!r:.60} "
+                          "is missing from the rendering" for problem in problems[:SHOWN_PROBLEMS])
         first = problems[0].row
         raise SftkitError(
             f"render guard: {len({problem.row for problem in problems})} of {len(renderings)} sampled {split} "
             f"examples lose turns in the chat template:\n{shown}\n"
-            f"The chat template renders {split} row {first} as:\n{renderings[first][:800]}\n"
-            "A template drops turns whose role it does not know: map the data's roles with dataset_options "
-            "(for example role_map) or use a chat template that renders every role."
+            f"The chat template renders {split} row {first} as:\n{renderings[first][:800]}\n{_hint(problems)}"
         )
     return len(renderings)

@@ -6,7 +6,9 @@ time, as the trainer draws it), a packed run's share, ``sftkit check`` and ``sft
 1. the adapter converts the raw row (``Adapter.convert``) into a canonical record;
 2. the record is checked (roles, content, tool calls, a trained turn at the end);
 3. the chat template renders it (conversations) and the tokenizer tokenizes it;
-4. labels are masked from the trained spans, and the length policy (``max_length``, ``long_rows``) applied.
+4. labels are masked from the trained spans, and the length policy (``max_length``, ``long_rows``) applied;
+   what a reader should know about a row that trains (turns left untrained, reasoning the template does not
+   render, a cut to ``max_length``) is noted with it.
 
 Whatever code that is not sftkit's raises on a row (an adapter's bug, a template's ``raise_exception``, a
 tokenizer) becomes that row's ``RowError``, with a reason and the original message, and follows the
@@ -35,6 +37,7 @@ PREPARED = datasets.Features(
         "length": datasets.Value("int32"),  # before truncation; 0 for rows that did not tokenize
         "invalid": datasets.Value("string"),  # the reason, for a row that cannot train
         "problem": datasets.Value("string"),  # what exactly is wrong with it
+        "notes": datasets.Sequence(datasets.Value("string")),  # what is worth knowing about a row that trains
     }
 )
 
@@ -67,7 +70,7 @@ class RowChain:
         return to_record(self.adapter, self.options, {column: row.get(column) for column in declared})
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | RowError]:
-        """Every step for each of ``rows``: ``{input_ids, labels, length}``, or the RowError saying why not."""
+        """Every step for each of ``rows``: ``{input_ids, labels, length, notes}``, or the RowError saying why not."""
         records: list[dict[str, Any] | RowError] = []
         for row in rows:
             try:
@@ -87,6 +90,7 @@ def as_columns(results: Sequence[dict[str, Any] | RowError]) -> dict[str, list]:
         out["length"].append(getattr(error, "length", 0) if error else result["length"])
         out["invalid"].append(error.reason if error else None)
         out["problem"].append(str(error) if error else None)
+        out["notes"].append([] if error else result["notes"])
     return out
 
 

@@ -18,6 +18,7 @@ from trl.chat_template_utils import get_training_chat_template
 
 from sftkit.contract import RowError
 from sftkit.errors import SftkitError
+from sftkit.records import REASONING_KEYS
 
 REJECTED_BY_TEMPLATE = "rejected by chat template"
 
@@ -27,11 +28,24 @@ def tools_of(record: Mapping[str, Any]) -> list | None:
     return json.loads(tools) if isinstance(tools, str) else tools
 
 
+def as_templates_read(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates read them: the reasoning under each name templates use (Qwen3 reads
+    reasoning_content, gpt-oss thinking), sftkit's own ``weight`` left out."""
+    out = []
+    for message in messages:
+        view = {key: value for key, value in message.items() if key != "weight"}
+        if message.get("reasoning_content") is not None:
+            for key in REASONING_KEYS:
+                view.setdefault(key, message["reasoning_content"])
+        out.append(view)
+    return out
+
+
 def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], tools: list | None,
            generation_prompt: bool = False) -> str:
     """The template's text for ``messages``; whatever the template raises becomes a RowError for the row."""
     try:
-        return tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+        return tokenizer.apply_chat_template(as_templates_read(messages), tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as error:  # noqa: BLE001 - the template's code (jinja raise_exception, a KeyError, ...) judged the row
         raise RowError(f"the chat template rejects this conversation: {type(error).__name__}: {error}",
@@ -62,19 +76,6 @@ def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if ids and ids[0] in special_token_ids(tokenizer) else None
 
 
-def prefix_length(text: str, prefix: str, what: str) -> int:
-    """Where ``prefix`` ends in ``text``; a template that renders it otherwise rewrites earlier turns."""
-    if not text.startswith(prefix):
-        raise SftkitError(
-            f"loss masking: the chat template does not render {what} as a prefix of the whole conversation "
-            "(it rewrites earlier turns), so the trained part of each turn cannot be located, and TRL has no "
-            "training version of this template. Set assistant_only_loss: false (and completion_only_loss: false) "
-            "to train on every token, or set chat_template_path to a template that renders conversations "
-            "incrementally."
-        )
-    return len(prefix)
-
-
 # A conversation whose earlier turns a template may rewrite once later turns follow (Qwen3 drops their reasoning).
 PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nR\n</think>\n\nA"},
          {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]
@@ -94,10 +95,10 @@ def rendering_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedT
     """The tokenizer that renders training rows, and a note when it is not the model's own.
 
     A template that rewrites earlier turns once later ones follow hides what the data says (earlier
-    reasoning is dropped) and leaves trained turns impossible to locate. Where TRL ships a training
-    version of such a template (earlier turns kept as written), rows are rendered with it; the model
-    keeps its own template for inference. Other templates stay as they are: a row they rewrite is a
-    clear error naming the fix.
+    reasoning is dropped). Where TRL ships a training version of such a template (earlier turns kept as
+    written), rows are rendered with it, so every turn trains; the model keeps its own template for
+    inference. Other templates stay as they are: a reply they rewrite is left untrained, and noted
+    (``sftkit.data.tokenization``).
     """
     if not tokenizer.chat_template:
         return tokenizer, None

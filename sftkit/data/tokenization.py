@@ -1,4 +1,5 @@
-"""Tokenize and mask: a canonical record becomes ``input_ids`` and ``labels`` (-100 where no loss is taken).
+"""Tokenize and mask: a canonical record becomes ``input_ids`` and ``labels`` (-100 where no loss is taken), with
+notes of what a reader of the run should know about the row.
 
 Loss masking is computed from character spans of the rendered text, so it needs no
 ``{% generation %}`` markers in the chat template: an assistant turn is everything the template
@@ -6,6 +7,11 @@ adds between the prompt for that turn (``add_generation_prompt=True``) and the t
 token, inclusive. The end-of-turn token is therefore trained (the model learns to stop) and the
 template's formatting around it is not. A token is trained when its characters overlap a trained
 span, so a completion's first word keeps its loss even when the prompt ends in the space before it.
+
+Every row is checked as it is rendered, not a sample: a turn the template drops, or a reply that would train
+without its text or its tool calls, makes the row invalid. A turn with ``weight: 0`` is not trained; a reply the
+template rewrites once later turns follow is left untrained; reasoning the template does not render, and rows cut
+to ``max_length``, are noted.
 
 Text and string prompt/completion rows are tokenized as TRL tokenizes them, with the tokenizer's
 special tokens (the BOS of Llama, Mistral and Gemma tokenizers); rendered conversations without,
@@ -15,17 +21,31 @@ since their template writes its own.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.contract import RowError
-from sftkit.data.templates import prefix_length, render, reply_end, tools_of
+from sftkit.data import rendered
+from sftkit.data.templates import render, reply_end, tools_of
 
 IGNORE = -100
 TOKENIZER_FAILED = "tokenizer error"
 SPLITTING_STRATEGIES = ("bfd_split", "wrapped")  # packing strategies that keep a long row's overflow
+Span = tuple[int, int]
+
+# Why a row cannot train (the bad-row report counts rows by these).
+TURN_DROPPED = "turn dropped by the chat template"
+TOOL_CALLS_DROPPED = "tool calls dropped by the chat template"
+PROMPT_MISMATCH = "reply does not follow its prompt"
+REWRITTEN_UNTRAINED = "weight 0 turn rewritten by the chat template"
+# What is worth knowing about a row that trains (counted the same way, by occurrence).
+UNTRAINED_TURN = "assistant turns left untrained (weight 0)"
+REWRITTEN_TURN = "assistant turns the chat template rewrites once later turns follow (left untrained)"
+REASONING_HIDDEN = "assistant turns whose reasoning the chat template does not render"
+TRUNCATED = "rows cut to max_length"
+STOP_CUT = "rows cut to max_length inside a trained reply (its stop marker not trained)"
 
 
 @dataclass(frozen=True)
@@ -40,11 +60,13 @@ class TokenizeSettings:
     completion_only_loss: bool | None
     end_of_turn: str | None  # the token text that ends an assistant reply, e.g. "<|im_end|>"
     eos_after_replies: bool  # the template marks no end of a reply: the EOS is appended to each, and trained
+    stop_token_ids: tuple[int, ...] = ()  # the tokens that end a reply or a text (end of turn, EOS)
 
     @classmethod
     def from_recipe(cls, recipe: Any, tokenizer: PreTrainedTokenizerBase) -> TokenizeSettings:
         args = recipe.training
         end_of_turn, eos_after_replies, _ = reply_end(tokenizer)
+        stops = [tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None, tokenizer.eos_token_id]
         return cls(
             max_length=args.max_length,
             truncate=args.max_length is not None and not (args.packing
@@ -55,6 +77,7 @@ class TokenizeSettings:
             completion_only_loss=args.completion_only_loss,
             end_of_turn=end_of_turn,
             eos_after_replies=eos_after_replies,
+            stop_token_ids=tuple(dict.fromkeys(token for token in stops if token is not None)),
         )
 
 
@@ -86,69 +109,169 @@ def _common_prefix(text: str, other: str) -> int:
     return length
 
 
-def conversation_spans(
-    messages: Sequence[Mapping[str, Any]], tools: list | None, tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn in it.
+@dataclass
+class Rendering:
+    """A record as text to tokenize, and which of its characters train."""
 
-    A turn starts where its prompt (the conversation before it, with the generation prompt) ends, and ends at its
-    end-of-turn token. A conversation that starts with an assistant turn starts after what the template puts
-    before any turn (a default system prompt, a header), which is not trained.
+    text: str
+    trained: list[Span] | None  # the spans that train; None: every character does
+    untrained: list[Span] = field(default_factory=list)  # never trained, even when every other character is
+    conversation: bool = True  # rendered by the chat template: tokenized without the tokenizer's special tokens
+    notes: list[str] = field(default_factory=list)
+
+
+MARK = "\x00"  # a reply's text no template writes, to find where a reply goes in a rendering
+
+
+def _reply(messages: Sequence[Mapping[str, Any]], index: int, tools: list | None,
+           tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None) -> tuple[str, str]:
+    """Assistant turn ``index`` as the model writes it at inference: (what the template renders before it, the reply
+    through its end-of-turn marker), from the conversation up to and including it.
+
+    The reply starts where the prompt inference sends for it (the conversation before it, with the generation
+    prompt) ends. A conversation that starts with an assistant turn has no prompt: its reply starts after what the
+    template writes before any turn (a default system prompt, a header), which is not trained.
+    """
+    own = render(tokenizer, messages[: index + 1], tools)
+    if not index:
+        start = _common_prefix(own, render(tokenizer, [{"role": "assistant", "content": MARK}], tools))
+    else:
+        prompt = render(tokenizer, messages[:index], tools, generation_prompt=True)
+        start = len(prompt) if own.startswith(prompt) else _start_after_rewrite(messages, index, tools, tokenizer,
+                                                                                  prompt, own)
+    return own[:start], own[start:_through_end_of_turn(own, start, len(own), end_of_turn)]
+
+
+def _start_after_rewrite(messages: Sequence[Mapping[str, Any]], index: int, tools: list | None,
+                         tokenizer: PreTrainedTokenizerBase, prompt: str, own: str) -> int:
+    """Where reply ``index`` starts in ``own`` when the template renders the earlier turns otherwise once a reply
+    follows them (gpt-oss drops earlier reasoning once a final answer follows): right after the generation prompt,
+    as it stands before a marker reply in the same place. A reply the generation prompt does not open (a template
+    that prompts with ``<think>`` but renders replies without it) cannot be told from its prompt: a RowError."""
+    context = render(tokenizer, messages[:index], tools)
+    generation = prompt[len(context):] if prompt.startswith(context) else ""
+    marked = render(tokenizer, [*messages[:index], {"role": "assistant", "content": MARK}], tools)
+    begin = marked.rfind(generation, 0, max(marked.find(MARK), 0)) if generation else -1
+    if begin >= 0 and own.startswith(marked[: begin + len(generation)]):
+        return begin + len(generation)
+    if generation and own.startswith(context):
+        difference = f"with {generation!r}, where the chat template renders the turn as {own[len(context):][:80]!r}"
+    else:
+        same = _common_prefix(own, prompt)
+        difference = (f"with {prompt[same:same + 60]!r} where the chat template renders {own[same:same + 60]!r} "
+                      f"(after {own[max(0, same - 40):same]!r})")
+    raise RowError(
+        f"assistant turn {index}: inference prompts it {difference}, so a model "
+        "trained on this row would be prompted with text it never saw before a reply. Make the data match the "
+        "template (for example, reasoning in reasoning_content where the template opens each reply with a reasoning "
+        "block), or set chat_template_path to a template that renders replies as it prompts for them",
+        reason=PROMPT_MISMATCH)
+
+
+def _check_reply(reply: str, message: Mapping[str, Any], index: int) -> None:
+    """A reply that trains must show its text and its tool calls: a template that drops them would train an empty
+    reply (its end-of-turn marker alone)."""
+    if rendered.shows(reply, message):
+        return
+    if message.get("tool_calls") and rendered.shows(reply, {"content": message.get("content")}):
+        raise RowError(f"assistant turn {index}: the chat template dropped this turn's tool calls, so the reply would "
+                       f"train as {reply!r:.120}; use a template that renders tool calls (chat_template_path)",
+                       reason=TOOL_CALLS_DROPPED)
+    raise RowError(f"assistant turn {index}: the chat template dropped this reply, which would train as "
+                   f"{reply!r:.120}", reason=TURN_DROPPED)
+
+
+def conversation_rendering(messages: Sequence[Mapping[str, Any]], tools: list | None,
+                           tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings, trained: Sequence[bool],
+                           every_token: bool) -> Rendering:
+    """The rendered conversation, checked to show every turn, and which of it trains: the assistant turns
+    ``trained`` marks, each as the model writes it at inference (``_reply``) through its end-of-turn marker; or, with
+    ``every_token``, everything but the turns left untrained (``weight: 0``).
+
+    Each reply is taken from the rendering of the conversation up to it and found, in order, in the whole
+    rendering. A template that renders each conversation as a prefix of the next has it right after its prompt; one
+    that moves earlier context (a system prompt into the last user turn) has it further on. One that rewrites a
+    reply once later turns follow (dropping its reasoning, say) has it nowhere: that turn is left untrained and
+    noted, since training it would teach the rewritten reply. With ``every_token``, replies are located only where
+    a turn is left untrained or calls tools; the rest is checked in the whole rendering.
     """
     text = render(tokenizer, messages, tools)
-    spans = []
+    seen = rendered.appearance(messages, text)
+    if seen.missing:
+        index = seen.missing[0]
+        role = messages[index]["role"]
+        raise RowError(f"turn {index} ({role}) is missing from the chat template's rendering of the row (the template "
+                       f"may not render the {role} role or this turn's form); the row renders as {text!r:.200}",
+                       reason=TOOL_CALLS_DROPPED if messages[index].get("tool_calls") else TURN_DROPPED)
+    out = Rendering(text, None if every_token else [])
+    locate = not every_token or any(message.get("weight") == 0 or message.get("tool_calls") for message in messages)
+    cursor = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if index:
-            start = prefix_length(text, render(tokenizer, messages[:index], tools, generation_prompt=True),
-                                  "the prompt")
-        else:  # no prompt to render: the reply starts where its content does, after the template's own opening
-            marked = [{**message, "content": "\x00"}, *messages[1:]]
-            start = _common_prefix(text, render(tokenizer, marked, tools))
-        # Where this turn's own rendering and the whole conversation part ways: the next turn, or a closing the
-        # template writes only at the very end of a conversation (Phi-3's EOS). The turn's end-of-turn token must
-        # come before that; if not, the template rewrote this turn once later turns followed.
-        own = render(tokenizer, messages[: index + 1], tools)
-        end = max(start, _common_prefix(text, own))
-        if end < len(own) and not (end_of_turn and text.find(end_of_turn, start, end) >= 0):
-            prefix_length(text, own, "a conversation's first turns")  # raises: the turn was rewritten
-        spans.append((start, _through_end_of_turn(text, start, end, end_of_turn)))
-    return text, spans
+        if message.get("weight") == 0:
+            out.notes.append(UNTRAINED_TURN)
+        if not locate or not (trained[index] or every_token):
+            if index in seen.reasoning_hidden:
+                out.notes.append(REASONING_HIDDEN)
+            continue
+        context, reply = _reply(messages, index, tools, tokenizer, settings.end_of_turn)
+        if text.startswith(context) and text.startswith(reply, len(context)):
+            start = len(context)
+        else:
+            start = text.find(reply, cursor)
+        if start < 0:
+            if every_token and not trained[index]:
+                raise RowError(f"assistant turn {index} has weight 0, but the chat template rewrites it once later "
+                               "turns follow, so it cannot be left out of training", reason=REWRITTEN_UNTRAINED)
+            if not every_token:
+                out.notes.append(REWRITTEN_TURN)
+            if index in seen.reasoning_hidden:
+                out.notes.append(REASONING_HIDDEN)
+            continue
+        span = (start, start + len(reply))
+        cursor = span[1]
+        if trained[index]:
+            _check_reply(reply, message, index)
+        if not rendered.shows_reasoning(reply, message):
+            out.notes.append(REASONING_HIDDEN)
+        if every_token and not trained[index]:
+            out.untrained.append(span)
+        elif not every_token and trained[index]:
+            out.trained.append(span)
+    return out
 
 
-def _completion_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                      settings: TokenizeSettings) -> tuple[str, list[tuple[int, int]]]:
-    prompt, completion = record["prompt"], record["completion"]
-    if isinstance(prompt, str):
-        text = prompt + completion
-        if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
-            text += tokenizer.eos_token
-        return text, [(len(prompt), len(text))]
-    tools = tools_of(record)
-    completion = training_messages(completion, settings, tokenizer.eos_token)
-    text = render(tokenizer, [*prompt, *completion], tools)
-    start = prefix_length(text, render(tokenizer, prompt, tools, generation_prompt=True), "the prompt")
-    return text, [(start, _through_end_of_turn(text, start, len(text), settings.end_of_turn))]
+def _plain(text: str, prompt: str | None, tokenizer: PreTrainedTokenizerBase, train_prompt: bool) -> Rendering:
+    """Text (after a text prompt, if any) tokenized as TRL tokenizes it: the tokenizer's special tokens, the EOS at
+    the end; a text prompt is not trained unless ``train_prompt``."""
+    whole = (prompt or "") + text
+    if tokenizer.eos_token and not whole.endswith(tokenizer.eos_token):
+        whole += tokenizer.eos_token
+    trained = None if prompt is None or train_prompt else [(len(prompt), len(whole))]
+    return Rendering(whole, trained, conversation=False)
 
 
-def text_with_spans(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
-                    settings: TokenizeSettings) -> tuple[str, list[tuple[int, int]] | None, bool]:
-    """The text to tokenize, the spans that are trained (None: every token is), and whether it is a rendered
-    conversation (tokenized without the tokenizer's own special tokens, which the template already wrote)."""
+def rendering_of(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                 settings: TokenizeSettings) -> Rendering:
+    """The text to tokenize for a canonical record and which of it trains."""
     if "messages" in record:
         messages = training_messages(record["messages"], settings, tokenizer.eos_token)
-        if not settings.assistant_only_loss:
-            return render(tokenizer, messages, tools_of(record)), None, True
-        text, spans = conversation_spans(messages, tools_of(record), tokenizer, settings.end_of_turn)
-        return text, spans, True
+        trained = [message["role"] == "assistant" and message.get("weight") != 0 for message in messages]
+        return conversation_rendering(messages, tools_of(record), tokenizer, settings, trained,
+                                      every_token=not settings.assistant_only_loss)
     if "prompt" in record:
-        text, spans = _completion_spans(record, tokenizer, settings)
-        return text, (None if settings.completion_only_loss is False else spans), not isinstance(record["prompt"], str)
-    text = record["text"]
-    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
-        text += tokenizer.eos_token
-    return text, None, False
+        prompt, completion = record["prompt"], record["completion"]
+        every_token = settings.completion_only_loss is False
+        if isinstance(prompt, str):
+            return _plain(completion, prompt, tokenizer, every_token)
+        completion = training_messages(completion, settings, tokenizer.eos_token)
+        trained = [message["role"] == "assistant" and message.get("weight") != 0
+                   and (every_token or position >= len(prompt))
+                   for position, message in enumerate([*prompt, *completion])]
+        return conversation_rendering([*prompt, *completion], tools_of(record), tokenizer, settings, trained,
+                                      every_token)
+    return _plain(record["text"], None, tokenizer, True)
 
 
 class TokenizedRowError(RowError):
@@ -159,22 +282,30 @@ class TokenizedRowError(RowError):
         self.length = length
 
 
-def _labelled(input_ids: list[int], offsets: list[tuple[int, int]] | None, spans: list[tuple[int, int]] | None,
+def _overlaps(offset: tuple[int, int], spans: Sequence[Span]) -> bool:
+    """A token trains with a span when its characters overlap it (offsets are [start, end) in the text)."""
+    return any(offset[0] < end and offset[1] > start for start, end in spans)
+
+
+def _labelled(input_ids: list[int], offsets: list[tuple[int, int]] | None, rendering: Rendering,
               settings: TokenizeSettings) -> dict[str, Any]:
     """Labels from the trained character spans, then the max_length rule and the nothing-to-train check."""
-    if spans is None:
+    trained, untrained = rendering.trained, rendering.untrained
+    if trained is None and not untrained:
         labels = list(input_ids)
-    else:  # trained when its characters overlap a span (a token's offsets are [start, end) in the text)
-        labels = [
-            token if any(offset[0] < end and offset[1] > start for start, end in spans) else IGNORE
-            for token, offset in zip(input_ids, offsets, strict=True)
-        ]
-    length, limit = len(input_ids), settings.max_length
+    else:
+        labels = [token if (trained is None or _overlaps(offset, trained)) and not _overlaps(offset, untrained)
+                  else IGNORE for token, offset in zip(input_ids, offsets, strict=True)]
+    notes, length, limit = list(rendering.notes), len(input_ids), settings.max_length
     if limit is not None and length > limit:
         if settings.long_rows == "skip":
             raise TokenizedRowError(f"{length} tokens, more than max_length {limit}", "too long", length)
         if settings.truncate:
-            kept = slice(-limit, None) if settings.truncation_mode == "keep_end" else slice(None, limit)
+            kept, cut = ((slice(-limit, None), slice(None, -limit)) if settings.truncation_mode == "keep_end"
+                         else (slice(None, limit), slice(limit, None)))
+            notes.append(TRUNCATED)
+            if any(label in settings.stop_token_ids for label in labels[cut]):
+                notes.append(STOP_CUT)
             input_ids, labels = input_ids[kept], labels[kept]
     if all(label == IGNORE for label in labels[1:]):
         raise TokenizedRowError(
@@ -183,7 +314,7 @@ def _labelled(input_ids: list[int], offsets: list[tuple[int, int]] | None, spans
             "no trained tokens",
             length,
         )
-    return {"input_ids": list(input_ids), "labels": labels, "length": length}
+    return {"input_ids": list(input_ids), "labels": labels, "length": length, "notes": notes}
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special_tokens: bool,
@@ -206,30 +337,32 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special_tokens
 
 def tokenize_records(records: Sequence[Mapping[str, Any] | RowError], tokenizer: PreTrainedTokenizerBase,
                      settings: TokenizeSettings) -> list[dict[str, Any] | RowError]:
-    """Many records with one batched tokenizer call per kind (the fast path); a record that cannot train, or was
-    already an error, gives its RowError."""
+    """Many records with one batched tokenizer call per kind (the fast path): ``{input_ids, labels, length, notes}``
+    each, or the RowError of a record that cannot train (or was already an error)."""
     results: list[dict[str, Any] | RowError] = list(records)
-    prepared: dict[int, tuple[str, list[tuple[int, int]] | None, bool]] = {}
+    renderings: dict[int, Rendering] = {}
     for position, record in enumerate(records):
         if isinstance(record, RowError):
             continue
         try:
-            prepared[position] = text_with_spans(record, tokenizer, settings)
+            renderings[position] = rendering_of(record, tokenizer, settings)
         except RowError as error:
             results[position] = error
-    for rendered in (True, False):  # conversations without the tokenizer's special tokens, plain text with them
-        positions = [position for position, (_, _, kind) in prepared.items() if kind == rendered]
+    for conversation in (True, False):  # conversations without the tokenizer's special tokens, plain text with them
+        positions = [position for position, rendering in renderings.items() if rendering.conversation == conversation]
         if not positions:
             continue
-        offsets = any(prepared[position][1] is not None for position in positions)
-        encoded = _encode(tokenizer, [prepared[position][0] for position in positions], not rendered, offsets)
+        offsets = any(renderings[position].trained is not None or renderings[position].untrained
+                      for position in positions)
+        encoded = _encode(tokenizer, [renderings[position].text for position in positions], not conversation,
+                          offsets)
         for position, tokens in zip(positions, encoded, strict=True):
             if isinstance(tokens, RowError):
                 results[position] = tokens
                 continue
             try:
-                results[position] = _labelled(tokens["input_ids"], tokens.get("offset_mapping"),
-                                              prepared[position][1], settings)
+                results[position] = _labelled(tokens["input_ids"], tokens.get("offset_mapping"), renderings[position],
+                                              settings)
             except RowError as error:
                 results[position] = error
     return results

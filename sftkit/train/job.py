@@ -150,7 +150,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     totals = trainer.totals()  # every process takes part
     if state.is_main_process:
         on_demand = data.train.on_demand is not None
-        print(f"\nsftkit: training finished\n{summarise(trainer, totals, written, on_demand, data.accounts)}", flush=True)
+        summary = summarise(trainer, totals, written, on_demand, data.accounts, data.train.report.noted)
+        print(f"\nsftkit: training finished\n{summary}", flush=True)
         seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if on_demand else {}
         add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})

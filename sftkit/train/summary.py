@@ -3,6 +3,7 @@ answer."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from sftkit.data.account import SourceAccount, account_lines
@@ -16,9 +17,10 @@ def _losses(log_history: list[dict[str, Any]], key: str) -> tuple[float | None, 
 
 
 def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str, str], on_demand: bool,
-              accounts: list[SourceAccount]) -> str:
-    """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process; a mixture adds
-    each source's account of the train rows and its held-out loss."""
+              accounts: list[SourceAccount], noted: Counter) -> str:
+    """A few lines for the terminal; ``totals`` are the trainer's counts summed over every process; ``noted``, what
+    preparation noted of the train rows (a lazy run's: of its sample); a mixture adds each source's account of the
+    train rows and its held-out loss."""
     seen, trained = totals["tokens_fed"], totals["tokens_trained"]
     history = trainer.state.log_history
     runtime = next((entry["train_runtime"] for entry in reversed(history) if "train_runtime" in entry), None)
@@ -29,6 +31,9 @@ def summarise(trainer: SftkitTrainer, totals: dict[str, int], written: dict[str,
     if on_demand:
         lines.append(f"rows           {totals['rows_drawn']:,} drawn and prepared on demand, "
                      f"{totals['rows_invalid']:,} invalid")
+    over = " (in the sample prepared before step 1)" if on_demand else ""
+    lines += [f"{'noted' if index == 0 else '':<14} {count:,} {note}{over}"
+              for index, (note, count) in enumerate(noted.most_common())]
     if runtime:
         lines.append(f"throughput     {seen / runtime:,.0f} tokens/s over {runtime:.1f} s")
     if first is not None:
