@@ -168,3 +168,18 @@ def test_eval_rows_are_cut_to_max_length_and_packed_like_train_rows(tmp_path, ca
     assert max(len(ids) for ids in packed["input_ids"]) <= 256
 
 
+
+
+def test_an_upgrade_of_what_renders_or_tokenizes_rows_is_a_new_key(tmp_path, cache, sharegpt_rows, monkeypatch):
+    """jinja2, transformers' chat-template code and tokenizers each change what a row renders or tokenizes to."""
+    from sftkit.data import cache as preparation_cache
+
+    data = write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows)
+    prepare(tmp_path, data, prepare="eager")
+    versions = preparation_cache.library_versions()
+    assert set(versions) == {"transformers", "tokenizers", "jinja2"}
+    for library in versions:
+        upgraded = {**versions, library: versions[library] + ".post1"}
+        monkeypatch.setattr(preparation_cache, "library_versions", lambda upgraded=upgraded: upgraded)
+        prepare(tmp_path, data, prepare="eager")
+    assert entries(cache) == 4

@@ -1,7 +1,7 @@
 """The preparation cache: tokenized rows on disk, keyed by everything that changes them.
 
-A second run with the same data, adapter, tokenizer, chat template and token settings loads the
-prepared rows at once. Any change in those gives another key, so a stale cache is never read.
+A second run with the same data, adapter, tokenizer, chat template, token settings and versions of the
+libraries that render and tokenize rows loads the prepared rows at once. Any change in those gives another key, so a stale cache is never read.
 Processes that share the cache directory wait on a file lock, not a collective: the first one
 prepares and the others load, however long preparation takes.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -56,9 +57,20 @@ def code_digest(adapter_types: Iterable[type]) -> str:
     return digest.hexdigest()
 
 
+# Libraries whose upgrade can change what a row renders or tokenizes to: the chat template's engine and its filters
+# (jinja2, transformers' apply_chat_template), and the tokenizer.
+RENDERING_LIBRARIES = ("transformers", "tokenizers", "jinja2")
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in RENDERING_LIBRARIES}
+
+
 def preparation_key(parts: dict[str, Any], code: str) -> str:
-    """A short digest of every input to preparation, given as ``parts``, and of the code that runs it."""
-    payload = json.dumps({"sftkit": __version__, "code": code, **parts}, sort_keys=True, default=str)
+    """A short digest of every input to preparation, given as ``parts``, of the code that runs it, and of the
+    versions of the libraries that render and tokenize rows."""
+    payload = json.dumps({"sftkit": __version__, "code": code, "libraries": library_versions(), **parts},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
