@@ -70,12 +70,13 @@ class SftkitArguments:
     long_rows: typing.Literal["truncate", "skip"] = field(
         default="truncate", metadata={"help": "rows longer than max_length: cut to max_length, or skip as invalid"}
     )
-    lm_head_loss: typing.Literal["auto", "trl", "torch", "cce", "liger"] = field(
+    lm_head_loss: typing.Literal["auto", "trl", "torch", "cce", "liger", "logits"] = field(
         default="auto",
         metadata={"help": "what computes the training loss from the hidden states, never building the logits: TRL's "
                   "fused head (logs entropy and token accuracy too), torch's chunked linear_cross_entropy, "
-                  "cut-cross-entropy or Liger's kernel; auto: the first of torch, cce, liger that runs on a GPU, "
-                  "else trl"},
+                  "cut-cross-entropy or Liger's kernel; or logits: the model's own forward, building them. A path "
+                  "that does not reproduce the loaded model's head (logit scale, cap, bias, adapter) gives way to "
+                  "one that does; auto: the first of liger, cce, torch that runs on a GPU, else trl"},
     )
     fixed_batch_shape: bool | None = field(
         default=None,
@@ -240,6 +241,11 @@ def _check_together(values: dict[str, Any], recipe_path: str) -> None:
         fail("model_name_or_path is required (a Hub model id or a local directory)")
     if values.get("packing") and "max_length" in values and values["max_length"] is None:
         fail("packing needs max_length (the length of a packed row); set it, or remove packing")
+    if values.get("eval_packing") and not values.get("packing"):
+        fail("eval_packing: true packs the held-out rows, but only a packed run's batches keep packed rows apart "
+             "(positions restart at each row, no attention across rows): without packing, the rows of a held-out "
+             "sequence would attend to each other and the tokens at their boundaries be scored. Add packing: true, "
+             "or remove eval_packing")
     if values.get("packing_strategy") and not values.get("packing"):
         fail("packing_strategy is set but packing is not enabled; add packing: true or remove packing_strategy")
     if values.get("do_train") is False:

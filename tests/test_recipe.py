@@ -103,6 +103,7 @@ def test_env_sets_environment_variables(tmp_path):
         ("global_batch_size: 8\ngradient_accumulation_steps: 2\n", "both set"),
         ("bf16: true\nfp16: true\n", "choose one"),
         ("packing_strategy: bfd\n", "packing is not enabled"),
+        ("eval_packing: true\n", "attend to each other.*Add packing: true, or remove eval_packing"),
         ("test_split_size: 1.5\n", "test_split_size must be"),
         ("datasets:\n  - path: x.json\n", "use one of them"),
     ],

@@ -113,7 +113,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     if args.torch_compile:
         compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)
         logger.info("speed: torch_compile: %d decoder layers compiled, each on its own", compiled)
-    trainer.data_collator = _collator(trainer, recipe, tokenizer.pad_token_id)
+    trainer.data_collator = _collator(trainer, recipe)
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
@@ -168,6 +168,8 @@ def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     args.model_init_kwargs = model_init_kwargs(recipe)
     args.remove_unused_columns = False  # the trainer's rows hold what the collators read, and row ids they pass on
+    if args.padding_free and not args.packing:  # TRL refuses rows it has not cut; sftkit has cut them to max_length
+        args.max_length = None
     if "logging_nan_inf_filter" not in recipe.values:  # the loss guard stops at such a loss instead of hiding it
         args.logging_nan_inf_filter = False
     if data.eval is None and args.eval_strategy != IntervalStrategy.NO:
@@ -220,10 +222,11 @@ def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
     return TrainerRows(train, keys, trainable(evaluation), {name: trainable(rows) for name, rows in by_source.items()})
 
 
-def _collator(trainer: SftkitTrainer, recipe: Recipe, pad_token_id: int) -> Any:
+def _collator(trainer: SftkitTrainer, recipe: Recipe) -> Any:
     """TRL's collator, then: the tokens counted, one batch shape for torch.compile, invalid rows left out and passed
-    on, and the ids of the rows trained."""
+    on, and the ids of the rows trained. Padding uses TRL's pad token (the EOS of a tokenizer without one)."""
     collator, args = trainer.data_collator, recipe.training
+    pad_token_id = collator.pad_token_id
     fixed_shape = recipe.sftkit.fixed_batch_shape
     if fixed_shape and not collator.padding_free:
         collator.pad_to_multiple_of = args.max_length  # rows padded to max_length; the attention mask hides it
