@@ -17,7 +17,7 @@ from sftkit.contract import RowError
 from sftkit.data.account import account_lines
 from sftkit.data.bad_rows import enforce
 from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
-from sftkit.data.templates import as_templates_read, reply_end, tools_of
+from sftkit.data.templates import as_templates_read, rendering_tokenizer, reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
@@ -84,7 +84,7 @@ def _same_as_inference(example: dict[str, Any], record: dict[str, Any],
 
 def _stops(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, conversational: bool) -> str:
     """What generation stops at once the run has saved its generation config, against what was trained."""
-    trained, appended, _ = reply_end(tokenizer) if conversational else (None, False, None)
+    trained, appended, _ = reply_end(rendering_tokenizer(tokenizer)[0]) if conversational else (None, False, None)
     try:
         config = GenerationConfig.from_pretrained(model_path(recipe))
     except OSError:  # a model without a generation config: transformers derives it from the model config

@@ -3,6 +3,7 @@ special tokens, BOS rule and chat template (as the family's tokenizer_config.jso
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from helpers import TINY_MODEL
@@ -137,4 +138,19 @@ def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos)])
     tokenizer.chat_template = family.template
+    return tokenizer
+
+
+SPECIAL = re.compile(r"<\|[^|<>\s]+\|>|<｜[^｜]+｜>|\[/?[A-Z_]+\]|<start_of_turn>|<end_of_turn>")
+
+
+def template_tokenizer(template: str, bos: str | None, eos: str) -> PreTrainedTokenizerFast:
+    """The embedded vocabulary with a real model's chat template, and as special tokens the markers the template
+    writes (``<|im_end|>``, ``<｜Assistant｜>``, ``[INST]``, ...), its BOS and its EOS."""
+    base = AutoTokenizer.from_pretrained(embedded.resolve(TINY_MODEL))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer)
+    specials = sorted(set(SPECIAL.findall(template)) - {bos, eos})
+    named = {"eos_token": eos, "pad_token": eos, **({"bos_token": bos} if bos else {})}
+    tokenizer.add_special_tokens({**named, "additional_special_tokens": specials})
+    tokenizer.chat_template = template
     return tokenizer

@@ -21,6 +21,7 @@ from sftkit.data import rendered
 from sftkit.data.rows import RowChain
 from sftkit.data.templates import rendering_tokenizer
 from sftkit.data.tokenization import (
+    CONTEXT_DIFFERS,
     IGNORE,
     PROMPT_MISMATCH,
     REASONING_HIDDEN,
@@ -272,6 +273,7 @@ def test_a_template_that_moves_earlier_context_trains_each_reply_as_written(toke
                 {"role": "assistant", "content": "Amberhold."}]
     result = tokenize_record({"messages": messages}, moving, settings())
     assert trained_runs(moving, result) == ["5.<|im_end|>", "Amberhold.<|im_end|>"]
+    assert result["notes"] == [CONTEXT_DIFFERS]  # the first reply, whose prompt carried the system prompt
 
 
 # ---------------------------------------------------------------- cuts to max_length are noted
@@ -289,3 +291,19 @@ def test_a_cut_inside_a_reply_is_noted_with_its_lost_stop_marker(tokenizer):
     kept_end = tokenize_record({"messages": shorter}, tokenizer, settings(max_length=20, truncation_mode="keep_end",
                                                                           stop_token_ids=stop))
     assert kept_end["notes"] == [TRUNCATED]  # the prompt was cut; the reply keeps its stop marker
+
+
+# Like the DeepSeek-V3 tool template of a serving project: its indentation leaks into replies, not into the prompt.
+INDENTED_REPLIES = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m['role'] == 'assistant' %}    {% else %}\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_prompt_that_differs_from_the_reply_only_in_whitespace_is_refused_with_the_difference(tokenizer):
+    indented = with_template(tokenizer, INDENTED_REPLIES)
+    messages = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5."}]
+    with pytest.raises(RowError) as error:
+        tokenize_record({"messages": messages}, indented, settings())
+    assert error.value.reason == PROMPT_MISMATCH
+    assert "differ only in whitespace" in str(error.value) and "'    5.<|im_end|>\\n'" in str(error.value)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template
 
@@ -68,6 +69,9 @@ def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         rendered = tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
         )
+    except jinja2.TemplateSyntaxError as error:
+        raise SftkitError(f"the chat template is not valid Jinja: {error.message} (line {error.lineno} of the "
+                          "template). Fix it, or set chat_template_path to a template that is.") from None
     except Exception as error:  # noqa: BLE001 - a template that cannot render one exchange cannot train anything
         raise SftkitError(f"the chat template cannot render a user turn followed by an assistant turn: {error}. "
                           "Set chat_template_path to a template that can.") from None
@@ -117,7 +121,8 @@ def rendering_tokenizer(tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedT
     rendering.chat_template = template
     return rendering, ("chat template: the model's template drops parts of earlier turns (such as their reasoning) "
                        "once later turns follow; training rows are rendered with TRL's training version of it, "
-                       "which keeps every turn as the data has it (the saved model keeps its own template)")
+                       "which keeps earlier turns as the data has them (a reply it still rewrites is left untrained "
+                       "and counted; the saved model keeps its own template)")
 
 
 def reply_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, bool, str | None]:

@@ -44,6 +44,7 @@ REWRITTEN_UNTRAINED = "weight 0 turn rewritten by the chat template"
 UNTRAINED_TURN = "assistant turns left untrained (weight 0)"
 REWRITTEN_TURN = "assistant turns the chat template rewrites once later turns follow (left untrained)"
 REASONING_HIDDEN = "assistant turns whose reasoning the chat template does not render"
+CONTEXT_DIFFERS = "assistant turns trained after context the template renders otherwise when prompting for them"
 TRUNCATED = "rows cut to max_length"
 STOP_CUT = "rows cut to max_length inside a trained reply (its stop marker not trained)"
 
@@ -125,21 +126,22 @@ MARK = "\x00"  # a reply's text no template writes, to find where a reply goes i
 
 def _reply(messages: Sequence[Mapping[str, Any]], index: int, tools: list | None,
            tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None) -> tuple[str, str]:
-    """Assistant turn ``index`` as the model writes it at inference: (what the template renders before it, the reply
-    through its end-of-turn marker), from the conversation up to and including it.
+    """Assistant turn ``index`` as the model writes it at inference: (the prompt inference sends for it, the reply
+    through its end-of-turn marker), from the rendering of the conversation up to and including it.
 
-    The reply starts where the prompt inference sends for it (the conversation before it, with the generation
-    prompt) ends. A conversation that starts with an assistant turn has no prompt: its reply starts after what the
-    template writes before any turn (a default system prompt, a header), which is not trained.
+    The reply starts where the prompt (the conversation before it, with the generation prompt) ends. A conversation
+    that starts with an assistant turn has no prompt: its reply starts after what the template writes before any
+    turn (a default system prompt, a header), which is not trained.
     """
     own = render(tokenizer, messages[: index + 1], tools)
     if not index:
         start = _common_prefix(own, render(tokenizer, [{"role": "assistant", "content": MARK}], tools))
+        prompt = own[:start]
     else:
         prompt = render(tokenizer, messages[:index], tools, generation_prompt=True)
         start = len(prompt) if own.startswith(prompt) else _start_after_rewrite(messages, index, tools, tokenizer,
                                                                                   prompt, own)
-    return own[:start], own[start:_through_end_of_turn(own, start, len(own), end_of_turn)]
+    return prompt, own[start:_through_end_of_turn(own, start, len(own), end_of_turn)]
 
 
 def _start_after_rewrite(messages: Sequence[Mapping[str, Any]], index: int, tools: list | None,
@@ -154,18 +156,27 @@ def _start_after_rewrite(messages: Sequence[Mapping[str, Any]], index: int, tool
     begin = marked.rfind(generation, 0, max(marked.find(MARK), 0)) if generation else -1
     if begin >= 0 and own.startswith(marked[: begin + len(generation)]):
         return begin + len(generation)
+    same = _common_prefix(own, prompt)
+    shown = f"{prompt[same:same + 60]!r} where the chat template renders {own[same:same + 60]!r} (after " \
+            f"{own[max(0, same - 40):same]!r})"
+    if rendered.normalise(own).startswith(rendered.normalise(prompt)):
+        raise RowError(
+            f"assistant turn {index}: the prompt inference sends for it and the chat template's rendering of the turn "
+            f"differ only in whitespace: inference sends {shown}, so a model trained on this row would learn "
+            "whitespace inference never sends. Fix the template's whitespace (jinja's {%- and -%}) and set "
+            "chat_template_path to the fixed template", reason=PROMPT_MISMATCH)
     if generation and own.startswith(context):
-        difference = f"with {generation!r}, where the chat template renders the turn as {own[len(context):][:80]!r}"
+        shown = f"{generation!r}, where the chat template renders the turn as {own[len(context):][:80]!r}"
+    if "<think>" in prompt[same:]:
+        hint = ("The template opens each reply with <think> and reads the reasoning only from the reply's text: write "
+                "it there, as <think>...</think> before the answer")
     else:
-        same = _common_prefix(own, prompt)
-        difference = (f"with {prompt[same:same + 60]!r} where the chat template renders {own[same:same + 60]!r} "
-                      f"(after {own[max(0, same - 40):same]!r})")
+        hint = ("The template writes into the prompt what it does not write before the reply once the reply is there "
+                "(such as a system prompt added only when prompting)")
     raise RowError(
-        f"assistant turn {index}: inference prompts it {difference}, so a model "
-        "trained on this row would be prompted with text it never saw before a reply. Make the data match the "
-        "template (for example, reasoning in reasoning_content where the template opens each reply with a reasoning "
-        "block), or set chat_template_path to a template that renders replies as it prompts for them",
-        reason=PROMPT_MISMATCH)
+        f"assistant turn {index}: inference prompts it with {shown}, so a model trained on this row would be prompted "
+        f"with text it never saw before a reply. {hint}; or set chat_template_path to a template that renders replies "
+        "as it prompts for them", reason=PROMPT_MISMATCH)
 
 
 def _check_reply(reply: str, message: Mapping[str, Any], index: int) -> None:
@@ -190,7 +201,8 @@ def conversation_rendering(messages: Sequence[Mapping[str, Any]], tools: list | 
 
     Each reply is taken from the rendering of the conversation up to it and found, in order, in the whole
     rendering. A template that renders each conversation as a prefix of the next has it right after its prompt; one
-    that moves earlier context (a system prompt into the last user turn) has it further on. One that rewrites a
+    that moves earlier context (a system prompt into the last user turn) has it further on, after context
+    inference would send otherwise (noted). One that rewrites a
     reply once later turns follow (dropping its reasoning, say) has it nowhere: that turn is left untrained and
     noted, since training it would teach the rewritten reply. With ``every_token``, replies are located only where
     a turn is left untrained or calls tools; the rest is checked in the whole rendering.
@@ -215,11 +227,9 @@ def conversation_rendering(messages: Sequence[Mapping[str, Any]], tools: list | 
             if index in seen.reasoning_hidden:
                 out.notes.append(REASONING_HIDDEN)
             continue
-        context, reply = _reply(messages, index, tools, tokenizer, settings.end_of_turn)
-        if text.startswith(context) and text.startswith(reply, len(context)):
-            start = len(context)
-        else:
-            start = text.find(reply, cursor)
+        prompt, reply = _reply(messages, index, tools, tokenizer, settings.end_of_turn)
+        as_prompted = text.startswith(prompt) and text.startswith(reply, len(prompt))
+        start = len(prompt) if as_prompted else text.find(reply, cursor)
         if start < 0:
             if every_token and not trained[index]:
                 raise RowError(f"assistant turn {index} has weight 0, but the chat template rewrites it once later "
@@ -233,6 +243,8 @@ def conversation_rendering(messages: Sequence[Mapping[str, Any]], tools: list | 
         cursor = span[1]
         if trained[index]:
             _check_reply(reply, message, index)
+            if not as_prompted:
+                out.notes.append(CONTEXT_DIFFERS)
         if not rendered.shows_reasoning(reply, message):
             out.notes.append(REASONING_HIDDEN)
         if every_token and not trained[index]:

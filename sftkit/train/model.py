@@ -8,7 +8,7 @@ from typing import Any
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit import embedded
-from sftkit.data.templates import end_of_turn_token_id
+from sftkit.data.templates import end_of_turn_token_id, rendering_tokenizer
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
 
@@ -93,8 +93,9 @@ def model_init_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def stop_on_end_of_turn(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """Add the end-of-turn token to the end tokens, so the tuned model stops after its answer."""
-    token_id = end_of_turn_token_id(tokenizer)
+    """Add the end-of-turn token to the end tokens, so the tuned model stops after its answer: the one training
+    trains after each reply, with the template training rows are rendered with (``rendering_tokenizer``)."""
+    token_id = end_of_turn_token_id(rendering_tokenizer(tokenizer)[0])
     if token_id is None:
         return None
     current = generation_config.eos_token_id
