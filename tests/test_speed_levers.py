@@ -17,7 +17,7 @@ import sftkit.train.attention
 from sftkit.errors import SftkitError
 from sftkit.train.attention import VARLEN, use_varlen_attention
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED, CountingCollator
-from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
+from sftkit.train.head_loss import LABEL_POSITIONS, Head, add_head_loss
 
 TOLERANCE = 1e-5
 
@@ -66,9 +66,9 @@ def _packed_batch(positions: bool = False) -> dict:
 def test_head_loss_is_the_summed_cross_entropy_of_the_trained_positions():
     batch = _packed_batch(positions=True)
     model = _tiny("sdpa")
-    add_head_loss(model, "torch")
+    add_head_loss(model, Head())  # a plain head (tests/test_head_loss.py probes the others)
     summed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                   sftkit_head_loss=True, **{LABEL_POSITIONS: batch[LABEL_POSITIONS]})
+                   sftkit_head_loss="torch", **{LABEL_POSITIONS: batch[LABEL_POSITIONS]})
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     reference = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="sum")
     torch.testing.assert_close(summed, reference, atol=TOLERANCE, rtol=TOLERANCE)

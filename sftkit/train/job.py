@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype,
 from sftkit.train.checkpoints import latest_checkpoint
 from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
+from sftkit.train.head_loss import KERNELS
 from sftkit.train.launcher import partial_batch_note
 from sftkit.train.levers import prove_levers
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
@@ -57,6 +59,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
     # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
     preflight(recipe)  # what would doom the run, before any data or weights load
+    loss_path = head_loss(recipe)  # an adapter on lm_head fails here, before any data is read
     if state.is_main_process and recipe.sftkit.overwrite_output_dir and args.resume_from_checkpoint is None:
         clear_for_overwrite(args.output_dir)
     tokenizer, added_tokens = settle_tokenizer(recipe)
@@ -105,7 +108,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         known_invalid=data.train.invalid_row_ids(),
         order=EpochOrder(rows.keys, order_seed(args)),
         recipe_values=recipe.values,
-        head_loss=head_loss(recipe),
+        head_loss=loss_path,
+        head_loss_chosen="lm_head_loss" in recipe.chosen_levers,
         grad_norm_limit=recipe.sftkit.grad_norm_limit,
         eval_by_source=rows.eval_by_source,
         callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
@@ -121,6 +125,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     dropped = prove_levers(trainer, recipe)  # a chosen lever that fails here gives way to the plain path
     if dropped and state.is_main_process:
         add_to_run_record(args.output_dir, "levers_dropped", {lever: recipe.values[lever] for lever in dropped})
+    if state.is_main_process:  # what computes the loss, once the model's head has been inspected
+        why = {"why": trainer.head_loss_why} if trainer.head_loss_why else {}
+        add_to_run_record(args.output_dir, "lm_head_loss_used", {"path": trainer.head_loss or "trl", **why})
     stop = StopOnSignal(several_processes=state.num_processes > 1)
     trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -237,17 +244,24 @@ def _collator(trainer: SftkitTrainer, recipe: Recipe) -> Any:
 
 
 def head_loss(recipe: Recipe) -> str | None:
-    """The kernel that computes the training loss from the hidden states; None for TRL's own fused head."""
-    chosen, args = recipe.sftkit.lm_head_loss, recipe.training
-    if chosen == "trl":
-        return None
+    """The path asked to compute the training loss (a kernel, ``logits`` or ``trl``; the trainer checks it against
+    the loaded model's head), or None where only TRL's own loss computes what the recipe asks."""
+    chosen, args, targets = recipe.sftkit.lm_head_loss, recipe.training, recipe.model.lora_target_modules
+    if recipe.model.use_peft and targets is not None and (
+            "lm_head" in targets if isinstance(targets, list) else re.fullmatch(targets, "lm_head")):
+        # TRL's SFTTrainer would refuse it only once the model is loaded and the data prepared.
+        raise SftkitError("lora_target_modules includes lm_head: TRL computes the loss from lm_head.weight directly, "
+                          "so a LoRA adapter on the LM head would never train, and TRL refuses it. Remove lm_head "
+                          "from lora_target_modules; to train the head, list it in lora_modules_to_save instead "
+                          "(trained in full).")
     if args.loss_type != "nll" or args.label_smoothing_factor:  # losses of the whole distribution: TRL's head has it
-        logger.info("speed: lm_head_loss %s computes the plain cross-entropy; loss_type %s and label_smoothing_factor "
-                    "%g need TRL's fused head (lm_head_loss: trl), which is used", chosen, args.loss_type,
-                    args.label_smoothing_factor)
+        if chosen != "trl":
+            logger.info("speed: lm_head_loss %s computes the plain cross-entropy; loss_type %s and "
+                        "label_smoothing_factor %g need TRL's fused head (lm_head_loss: trl), which is used", chosen,
+                        args.loss_type, args.label_smoothing_factor)
         return None
-    if is_deepspeed_zero3_enabled():  # the head's weight is sharded outside its own forward: TRL gathers it
+    if is_deepspeed_zero3_enabled() and chosen in KERNELS:  # the head's weight is sharded outside its own forward
         logger.info("speed: lm_head_loss %s computes the loss from the head's weight, which ZeRO-3 shards; using "
                     "TRL's fused head (lm_head_loss: trl), which gathers it", chosen)
-        return None
+        return "trl"
     return chosen

@@ -24,6 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
+from sftkit.train.head_loss import KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def prove_levers(trainer: Any, recipe: Recipe) -> list[str]:
     """Run the proof; drop the chosen levers that fail it (on every process), fail on an asked-for one. Returns the
     levers dropped."""
     levers = in_effect(recipe)
+    if trainer.head_loss not in KERNELS:  # the model's head took an exact path of its own: no kernel to prove
+        levers.pop("lm_head_loss", None)
     if not levers:
         return []
     if is_deepspeed_zero3_enabled() or trainer.is_fsdp_enabled:
@@ -126,7 +129,11 @@ def _drop_attention(trainer: Any) -> None:
 
 
 def _drop_head_loss(trainer: Any) -> None:
-    trainer.head_loss = None  # the model's forward without the flag is its own (TRL's fused head)
+    trainer.head_loss = trainer.exact_fallback()  # TRL's head where it reproduces the model's, else its own logits
+    trainer.head_loss_why = "the kernel failed on this machine before the first step"
+    if trainer.head_loss is not None:
+        logger.warning("speed: TRL's fused head does not reproduce this model's head either (%s): the loss is "
+                       "computed from the model's own logits", trainer.head.trl_differs)
 
 
 def _drop_fused_optimizer(trainer: Any) -> None:

@@ -144,18 +144,21 @@ def _tokens_per_micro_step(values: dict[str, Any], config: Any) -> int:
 
 
 def _resolve_head_loss(values: dict[str, Any], notes: list[str], cuda: bool) -> None:
-    """The training loss from the hidden states; the logits are never built whichever kernel computes it."""
+    """The training loss from the hidden states, the logits never built: a kernel that runs here. The trainer checks
+    it against the loaded model's head (sftkit.train.head_loss) and takes an exact path where it differs."""
     asked = values.get("lm_head_loss", "auto")
-    if asked == "trl":
+    if asked in ("trl", "logits"):
         return
     if asked == "auto":
-        # TRL's fused head keeps its entropy and accuracy logs on a CPU, where the kernels gain nothing.
+        # TRL's fused head keeps its entropy and accuracy logs on a CPU, where the kernels gain nothing. The first
+        # kernel that runs takes the most of a head (liger and cce: a bias and a cap; torch: a bias).
         chosen = next((kernel for kernel in KERNELS if kernel_available(kernel, cuda) is None), "trl") if cuda \
             else "trl"
         values["lm_head_loss"] = chosen
         if chosen != "trl":
-            notes.append(f"speed: the loss is computed by the {chosen} linear cross-entropy kernel (no logits; "
-                         "TRL's entropy and token accuracy are not logged); set lm_head_loss to choose")
+            notes.append(f"speed: the loss is computed by the {chosen} linear cross-entropy kernel where it "
+                         "reproduces the model's head (no logits; TRL's entropy and token accuracy are not logged); "
+                         "set lm_head_loss to choose")
         return
     if (why := kernel_available(asked, cuda)) is not None:
         values["lm_head_loss"] = "trl"

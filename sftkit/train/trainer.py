@@ -1,5 +1,5 @@
-"""TRL's SFTTrainer, counting what it trains on, computing the loss without logits, and applying the bad-row
-policy (``sftkit.data.bad_rows``) to rows met mid-run.
+"""TRL's SFTTrainer, counting what it trains on, computing the loss without logits where that reproduces the model's
+own head (``sftkit.train.head_loss``), and applying the bad-row policy (``sftkit.data.bad_rows``) to rows met mid-run.
 
 Nothing here waits for the GPU between steps: token counts arrive with each batch as integers
 (``sftkit.train.counting``), and the counters of several processes are summed only when they are logged.
@@ -7,6 +7,7 @@ Nothing here waits for the GPU between steps: token counts arrive with each batc
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,32 +19,49 @@ from trl import SFTTrainer
 
 from sftkit.data.bad_rows import INVALID_KEY, ROW_IDS, ROWS_KEY, MidRunRows, RowPolicy, summed
 from sftkit.data.order import EpochOrder
+from sftkit.errors import SftkitError
 from sftkit.train.checkpoints import STAGING_DIR, publish, write_checkpoint_record
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
-from sftkit.train.head_loss import LABEL_POSITIONS, add_head_loss
+from sftkit.train.head_loss import (
+    KERNELS,
+    LABEL_POSITIONS,
+    LOGITS,
+    add_head_loss,
+    exact_path,
+    inspect_head,
+    kernel_features,
+)
 from sftkit.train.loss_guard import LossGuard
+
+logger = logging.getLogger(__name__)
+
+# What computes the loss, for the log, by lm_head_loss path.
+PATH_NAMES = {"trl": "TRL's fused head (lm_head_loss: trl; no logits either)",
+              LOGITS: "the model's own logits (lm_head_loss: logits; exact for any head, but the logits are built)",
+              **{kernel: f"the {kernel} kernel" for kernel in KERNELS}}
 
 
 class SftkitTrainer(SFTTrainer):
     """SFTTrainer that counts the training tokens fed and trained, and the rows drawn and found invalid.
 
-    ``head_loss``: a kernel of ``sftkit.train.head_loss`` that computes the training loss from the hidden states,
-    or None for TRL's own fused head (which also logs entropy and token accuracy).
+    ``head_loss``: the path asked to compute the training loss: a kernel of ``sftkit.train.head_loss`` (from the
+    hidden states), ``logits`` (the model's own), or ``trl`` (TRL's fused head, which also logs entropy and token
+    accuracy); None where only TRL's own loss computes what the arguments ask (loss_type, label smoothing). The loaded
+    model's head decides whether it reproduces the model's loss; if not, the exact path that does is taken, with a
+    warning, or with a note where sftkit chose the path for this machine (``head_loss_chosen``).
+    ``self.head_loss`` is the path taken, None for TRL's.
     """
 
     def __init__(self, *args: Any, order: EpochOrder, recipe_values: dict[str, Any], on_invalid: str = "error",
                  max_invalid_fraction: float = 0.0, known_invalid: set[int] | None = None,
-                 head_loss: str | None = None, grad_norm_limit: float | None = None,
+                 head_loss: str | None = "trl", head_loss_chosen: bool = False, grad_norm_limit: float | None = None,
                  eval_by_source: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.order = order  # the training order, read by every epoch
         self.eval_by_source = eval_by_source or {}  # a mixture's held-out rows, source by source
         self.recipe_values = recipe_values  # recorded in every checkpoint
         self.staging = False  # while a checkpoint is written: into the staging folder
         super().__init__(*args, **kwargs)
-        self.head_loss = head_loss
-        if head_loss is not None:
-            add_head_loss(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
-                          head_loss)
+        self._choose_head_loss(head_loss, head_loss_chosen)
         self.tokens_fed = self.tokens_trained = 0
         self.step_rows: list[int] = []
         self.guard = LossGuard(self.args.device, grad_norm_limit, overflow_is_normal=self.args.fp16)
@@ -70,6 +88,8 @@ class SftkitTrainer(SFTTrainer):
         invalid, drawn = inputs.pop(INVALID_KEY, []), inputs.pop(ROWS_KEY, None)
         self.step_rows += inputs.pop(ROW_IDS, [])  # the rows of the optimizer step under way
         if not model.training:
+            if self.head_loss == LOGITS and not return_outputs:  # TRL's fused head does not reproduce this model's
+                return self._head_loss(model, inputs, positions, num_items_in_batch, trained)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.tokens_fed += fed
         self.tokens_trained += trained
@@ -78,13 +98,42 @@ class SftkitTrainer(SFTTrainer):
             computed = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self.guard.watch_loss(computed[0] if return_outputs else computed, self.state.global_step + 1)
             return computed
-        summed_loss = model(**inputs, sftkit_head_loss=True, **{LABEL_POSITIONS: positions})
+        loss = self._head_loss(model, inputs, positions, num_items_in_batch, trained)
+        self.guard.watch_loss(loss, self.state.global_step + 1)
+        return loss
+
+    def _choose_head_loss(self, asked: str | None, chosen: bool) -> None:
+        """Inspect the loaded model's head (after PEFT) and take the path that reproduces its loss."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.head = inspect_head(model)
+        add_head_loss(model, self.head)  # the path is chosen per call: a dropped lever switches it
+        wanted = asked or "trl"
+        path, self.head_loss_why = exact_path(wanted, self.head, kernel_features(wanted) if wanted in KERNELS else ())
+        if asked is None and path != "trl":
+            if self.args.loss_type != "nll":
+                raise SftkitError(f"loss_type {self.args.loss_type} is computed by TRL's fused head, which does not "
+                                  f"reproduce this model's head: {self.head_loss_why}. Use loss_type: nll.")
+            path, self.head_loss_why = "trl", None  # label smoothing: TRL's loss comes from the model's own logits
+        self.head_loss = None if path == "trl" else path
+        if self.head_loss_why is not None:
+            logger.log(logging.INFO if chosen else logging.WARNING, "speed: lm_head_loss %s does not reproduce this "
+                       "model's head: %s; the loss is computed by %s", wanted, self.head_loss_why, PATH_NAMES[path])
+        elif path in KERNELS and self.head.describe() != "hidden @ W.T":
+            logger.info("speed: lm_head_loss %s computes this model's logits as %s", path, self.head.describe())
+
+    def exact_fallback(self) -> str | None:
+        """The exact path that replaces a kernel failing on this machine: None for TRL's head where it reproduces the
+        model's head (``self.head.trl_differs`` says why not), else the model's own logits."""
+        return None if self.head.trl_differs is None else LOGITS
+
+    def _head_loss(self, model: torch.nn.Module, inputs: dict[str, Any], positions: torch.Tensor,
+                   num_items_in_batch: Any, trained: int) -> torch.Tensor:
+        summed_loss = model(**inputs, sftkit_head_loss=self.head_loss, **{LABEL_POSITIONS: positions})
         # As TRL divides: by the tokens of the whole optimizer step (all processes, when averaged across them).
         tokens = num_items_in_batch if num_items_in_batch is not None else trained
         loss = summed_loss / torch.as_tensor(tokens, device=summed_loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        self.guard.watch_loss(loss, self.state.global_step + 1)
         return loss
 
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
