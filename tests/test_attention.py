@@ -33,6 +33,7 @@ def model(attention: str) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM._from_config(config, attn_implementation=attention).eval()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_flex_attention_computes_in_the_autocast_dtype_and_keeps_packed_rows_apart(seen_dtypes):
     ids = torch.randint(0, 1000, (1, 30))
@@ -48,6 +49,7 @@ def test_flex_attention_computes_in_the_autocast_dtype_and_keeps_packed_rows_apa
     torch.testing.assert_close(packed, reference, atol=2e-2, rtol=0)  # the numerics of sdpa under autocast
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_outside_autocast_flex_attention_is_left_as_it_is(seen_dtypes):
     model("flex_attention")(input_ids=torch.randint(0, 1000, (1, 8)), use_cache=False)

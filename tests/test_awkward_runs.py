@@ -17,6 +17,8 @@ from sftkit import embedded
 from sftkit.data.preparation import PREFLIGHT_ROWS
 from sftkit.data.render_guard import sample_indices
 
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
+
 QUICKSTART = ROOT / "configs/recipes/quickstart.yaml"
 
 

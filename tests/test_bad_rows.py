@@ -107,6 +107,7 @@ def test_a_resumed_run_keeps_the_rows_met_before_it_stopped_and_lists_none_twice
     assert len((tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_training_skips_bad_rows_and_records_them(tmp_path):
     rows = rows_with(["unknown role", "does not end on a trained turn"], good=30)
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -144,6 +145,7 @@ def _lazy_run(tmp_path, *overrides: str, bad: list | None = None,
     return result, output
 
 
+@pytest.mark.slow
 def test_lazy_run_stops_cleanly_at_a_bad_row_after_saving_a_checkpoint(tmp_path):
     result, output = _lazy_run(tmp_path)
     assert result.returncode == 2
@@ -154,6 +156,7 @@ def test_lazy_run_stops_cleanly_at_a_bad_row_after_saving_a_checkpoint(tmp_path)
     assert lines and all(line["met"] == "mid-run" and line["reason"] == "unknown role" for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])  # a GPU run prepares rows in data-loading workers by default
 def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path, workers):
     result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8",
@@ -168,6 +171,7 @@ def test_lazy_run_skips_bad_rows_mid_run_and_counts_them(tmp_path, workers):
     assert record["result"]["rows_drawn"] == drawn and record["result"]["rows_invalid"] == invalid
 
 
+@pytest.mark.slow
 def test_rows_the_chat_template_rejects_mid_run_are_skipped_not_a_crash(tmp_path):
     """A strict template (Mistral's: roles alternate, no system turn) raises on rows outside the pre-flight sample:
     each is a row error with the template's message, skipped and listed, and the run finishes."""
@@ -184,6 +188,7 @@ def test_rows_the_chat_template_rejects_mid_run_are_skipped_not_a_crash(tmp_path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_rows_met_mid_run_by_every_process_are_listed(tmp_path):
     """Two processes: the rows each one meets are counted and listed once, by the main process."""
     result, output = _lazy_run(tmp_path, "--on_invalid", "skip", "--max_invalid_fraction", "0.8",

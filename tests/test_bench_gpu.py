@@ -10,7 +10,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, python_without
+
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
 
 _spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
 bench_gpu = importlib.util.module_from_spec(_spec)

@@ -28,6 +28,8 @@ from helpers import ROOT, TINY_MODEL, write_recipe
 from sftkit.errors import SftkitError
 from sftkit.recipe import load_recipe
 
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
+
 LOSS_TOLERANCE = 1e-5
 LOGIT_TOLERANCE = 1e-4
 CPU_CONFIGS = ROOT / "configs" / "accelerate" / "cpu"

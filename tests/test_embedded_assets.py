@@ -97,6 +97,7 @@ def test_model_loads_and_runs(tokenizer) -> None:
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_builder_is_deterministic(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "build_embedded.py"), "--out", str(tmp_path)],

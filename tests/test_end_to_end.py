@@ -131,6 +131,7 @@ def test_answers_stop_at_the_end_of_turn_when_the_generation_config_lacks_it(tra
     assert len(stream.writes) > 2 and stream.text().strip() == reply.text  # streamed in pieces, as generated
 
 
+@pytest.mark.slow
 def test_the_readmes_chat_line_answers_offline(trained):
     output, _ = trained
     [line] = [line for line in (ROOT / "README.md").read_text().splitlines()
@@ -142,6 +143,7 @@ def test_the_readmes_chat_line_answers_offline(trained):
     assert f"sftkit: chat: {output}" in result.stderr
 
 
+@pytest.mark.slow
 def test_check_shows_what_trains_without_training(tmp_path):
     result = run(sys.executable, "-m", "sftkit", "check", "--config", str(QUICKSTART), "--rows", "1",
                  "--output_dir", str(tmp_path / "never"))
@@ -151,6 +153,7 @@ def test_check_shows_what_trains_without_training(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_reasoning_in_earlier_turns_trains_with_a_qwen3_template(tmp_path):
     """Qwen3's own template would drop the first turn's reasoning; the rows keep it, and it is trained."""
     import trl
@@ -169,6 +172,7 @@ def test_reasoning_in_earlier_turns_trains_with_a_qwen3_template(tmp_path):
     assert "[[<think>\nadd one to" in result.stdout and "And doubled?<|im_end|>\n<|im_start|>assistant\n[[" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_data_stops_check_and_train_with_the_row_named(tmp_path):
     rows = [sharegpt_row(0, ("human", "hi"), ("gpt", "hello")), sharegpt_row(1, ("human", "hi"), ("robot", "x"))]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -196,6 +200,7 @@ def test_adapters_lists_name_distribution_version_and_description():
     assert "sftkit 0.1.0" in line and "human -> user" in line
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_global_batch(tmp_path):
     """DDP over gloo on the CPU: the same global_batch_size means half the accumulation on two processes."""
     result = run(
@@ -210,6 +215,7 @@ def test_two_processes_split_the_global_batch(tmp_path):
     assert result.stdout.count("sftkit: training finished") == 1  # one summary, from the main process
 
 
+@pytest.mark.slow
 def test_lora_without_peft_is_one_line_that_says_what_to_install(tmp_path):
     """On a Python without peft (this one, less peft), use_peft stops before anything loads, naming the extra."""
     result = subprocess.run(
@@ -223,6 +229,7 @@ def test_lora_without_peft_is_one_line_that_says_what_to_install(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_lora_with_peft_installed(tmp_path):
     pytest.importorskip("peft")
     result = run(

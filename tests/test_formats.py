@@ -38,6 +38,7 @@ def test_check_shows_what_training_trains(tmp_path, path):
         assert "the prompt is token for token what inference sends" in block
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[path.stem for path in RECIPES])
 def test_the_recipe_trains(tmp_path, path):
     result = subprocess.run([sys.executable, "-m", "sftkit", "--config", str(path), "--output_dir", str(tmp_path),

@@ -31,6 +31,8 @@ from sftkit.errors import SftkitError
 from sftkit.k8s.bundle import MOUNT_DIR
 from sftkit.k8s.launch import accelerate_arguments, launch_command, rendezvous_from_environment
 
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
+
 LOSS_TOLERANCE = 1e-5
 LOGIT_TOLERANCE = 1e-4
 OPERATOR_PORT = 29500  # PET_MASTER_PORT of the torch-distributed runtime; the PyTorchJob's port is rendered the same

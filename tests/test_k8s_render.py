@@ -208,6 +208,7 @@ def test_every_pod_gets_the_recipe_shared_memory_gpus_the_volume_and_the_token(r
         "MULTI_GPU", 2, 16)
 
 
+@pytest.mark.slow
 def test_standard_output_is_the_yaml_for_kubectl_and_notes_go_to_stderr(recipe):
     result = subprocess.run(
         [sys.executable, "-m", "sftkit", "k8s", "render", "--config", str(recipe), "--nodes", "2", "--gpus-per-node",

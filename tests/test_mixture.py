@@ -83,6 +83,7 @@ def test_rows_are_drawn_at_random_and_held_out_rows_never_train(tmp_path):
     assert len(drawn) < 270 and drawn.max() > 250 and drawn.min() < 20
 
 
+@pytest.mark.slow
 def test_a_mixture_trains_and_accounts_for_every_source(tmp_path):
     recipe = mixture_recipe(tmp_path, max_steps=4, per_device_train_batch_size=4, logging_steps=2, eval_steps=2,
                             eval_strategy="steps", eval_samples=0, save_strategy="no")

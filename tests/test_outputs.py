@@ -165,6 +165,7 @@ def test_chat_says_what_is_wrong_with_the_model_directory(lora, tmp_path, capsys
     assert f"set base_model_name_or_path in {moved / 'adapter_config.json'}" in error and "Traceback" not in error
 
 
+@pytest.mark.slow
 def test_trackers_write_locally_and_a_run_without_matplotlib_says_so_once(tmp_path):
     """TensorBoard's event files and trackio's database land on this machine, where the log says; on a Python
     without matplotlib the run draws no picture, says so once, and finishes."""

@@ -63,6 +63,7 @@ def test_it_is_listed_with_its_contract_version_as_the_page_shows(author):
     assert listed
 
 
+@pytest.mark.slow
 def test_it_is_auto_detected_and_trains(author):
     checked = sftkit(author, "check", "--config", "qa.yaml", "--no-color")
     assert checked.returncode == 0, checked.stderr[-2000:]
@@ -73,6 +74,7 @@ def test_it_is_auto_detected_and_trains(author):
     assert "sftkit: training finished" in trained.stdout
 
 
+@pytest.mark.slow
 def test_its_own_tests_pass_against_the_installed_distribution(author):
     env = {**os.environ, "PYTHONPATH": str(author / "site")}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
@@ -81,6 +83,7 @@ def test_its_own_tests_pass_against_the_installed_distribution(author):
     assert result.returncode == 0, result.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_the_errors_on_the_page_are_what_users_get(author):
     shown = [line.removeprefix("sftkit: error: ") for line in PAGE.read_text().splitlines()
              if line.startswith("sftkit: error: ")]

@@ -70,6 +70,7 @@ def test_adapters_lists_dolly_with_its_distribution(dolly_site: Path, tmp_path: 
     assert "context_position: one of 'after', 'before', default \"after\": where a non-empty context goes" in result.stdout
 
 
+@pytest.mark.slow
 def test_trains_on_auto_detected_dolly_data(dolly_site: Path, tmp_path: Path) -> None:
     data = tmp_path / "dolly.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in dolly_rows(40)))
@@ -94,6 +95,7 @@ def test_trains_on_auto_detected_dolly_data(dolly_site: Path, tmp_path: Path) ->
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_data_without_the_optional_column_trains_and_without_a_required_one_is_one_clear_error(
         dolly_site: Path, tmp_path: Path) -> None:
     rows = [{key: value for key, value in row.items() if key != "context"} for row in dolly_rows(20)]
@@ -111,6 +113,7 @@ def test_data_without_the_optional_column_trains_and_without_a_required_one_is_o
             "instruction, answer)") in result.stderr
 
 
+@pytest.mark.slow
 def test_template_tests_pass_against_the_installed_distribution(dolly_site: Path, tmp_path: Path) -> None:
     # importlib mode keeps the template's directory off sys.path: sftkit_dolly comes from the install.
     arguments = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib", str(TEMPLATE / "tests")]

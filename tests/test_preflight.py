@@ -38,6 +38,7 @@ def copied_model(tmp_path, edit_config=None, keep_template: bool = True):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_an_unreachable_model_says_how_to_point_at_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SftkitError, match=r"model_name_or_path no-such-org/no-such-model: cannot be read .*"

@@ -263,6 +263,7 @@ def test_env_read_at_import_is_refused_when_it_comes_too_late(tmp_path):
         load_recipe(str(recipe_with(tmp_path, "env:\n  HF_HUB_OFFLINE: 'maybe'\n")))
 
 
+@pytest.mark.slow
 def test_the_command_applies_env_before_the_libraries_read_it(tmp_path):
     """HF_HUB_OFFLINE set by the recipe reaches the Hub client: a Hub dataset fails at once as offline."""
     import subprocess

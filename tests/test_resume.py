@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from sftkit.train.checkpoints import latest_checkpoint
 
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
+
 MAX_STEPS = 6
 PREPARATIONS = {"lazy": {"prepare": "lazy"}, "eager": {"prepare": "eager"}, "packed": {"packing": True},
                 "streamed mixture": {"streaming": True}}

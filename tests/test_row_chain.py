@@ -174,6 +174,7 @@ def test_check_shows_what_the_paths_train(tmp_path):
         assert "the prompt is token for token what inference sends" in block
 
 
+@pytest.mark.slow
 def test_the_saved_model_keeps_the_template_its_rows_were_rendered_with(tmp_path):
     import subprocess
     import sys

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import ROOT, TINY_MODEL, write_recipe
 
 from sftkit.train.checkpoints import latest_checkpoint
+
+pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
 
 MAX_STEPS = 8
 

@@ -230,6 +230,7 @@ def _train(tmp_path, name: str, *overrides: str) -> tuple[list[float], float, st
     return [entry["loss"] for entry in steps], steps[-1]["num_tokens"], result.stderr
 
 
+@pytest.mark.slow
 def test_compiled_packed_training_compiles_once_and_trains_the_same(tmp_path):
     plain_losses, plain_tokens, _ = _train(tmp_path, "plain")
     losses, tokens, log = _train(tmp_path, "compiled", "--torch_compile", "true")

@@ -36,6 +36,7 @@ def _train(tmp_path, name: str, *overrides: str) -> tuple[list[float], float, st
     return [entry["loss"] for entry in steps], steps[-1]["num_tokens"], result.stderr
 
 
+@pytest.mark.slow
 def test_torch_head_loss_trains_the_losses_of_trls_head(tmp_path):
     """Padded batches of eight conversations, only the replies trained: the kernel projects the trained positions
     alone and divides by the same token count as TRL."""

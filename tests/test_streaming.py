@@ -71,6 +71,7 @@ def test_streaming_says_what_it_needs(tmp_path):
             streamed_recipe(tmp_path, **values)
 
 
+@pytest.mark.slow
 def test_a_streamed_run_trains_skips_bad_rows_and_lists_them(tmp_path):
     sources = three_sources(tmp_path)
     lines = sources[1].read_text().splitlines()
