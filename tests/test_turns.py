@@ -117,6 +117,23 @@ def test_reasoning_reaches_a_template_that_renders_it(tokenizer, where):
     assert result["notes"] == []
 
 
+# A template that reads an assistant turn's reasoning as ``reasoning`` (OpenAI's newer name; gpt-oss reads thinking).
+READS_REASONING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.reasoning is defined %}[{{ m.reasoning }}] {% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("where", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_reaches_a_template_under_the_name_it_reads(tokenizer, where):
+    template = family_tokenizer("chatml")
+    template.chat_template = READS_REASONING
+    messages = [{"role": "user", "content": "What is 17 * 3?"},
+                {"role": "assistant", where: "Seventeen times three.", "content": "51."}]
+    result = one(chain(template), {"messages": messages})
+    assert trained_runs(template, result) == ["[Seventeen times three.] 51.<|im_end|>"] and result["notes"] == []
+
+
 def test_reasoning_a_template_does_not_render_is_counted(tokenizer):
     messages = [{"role": "user", "content": "What is 17 * 3?"},
                 {"role": "assistant", "reasoning_content": "Seventeen times three is fifty-one.", "content": "51."}]
