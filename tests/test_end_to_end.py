@@ -277,3 +277,14 @@ def test_a_model_whose_generation_config_lacks_the_end_of_turn_token_learns_to_s
     train(recipe)
     saved = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
     assert end_of_turn in saved and end_of_text in saved
+
+
+@pytest.mark.slow
+def test_an_error_under_the_readmes_accelerate_launch_is_one_message_without_a_traceback(tmp_path):
+    """The README's launch line (accelerate launch -q ...): sftkit's own error, and no launcher traceback after it."""
+    [line] = [line for line in (ROOT / "README.md").read_text().splitlines()[:8] if "accelerate launch" in line]
+    launch = shlex.split(line[line.index("accelerate launch"):])
+    result = run(*launch, "--output_dir", str(tmp_path / "out"), "--max_steps", "0", "--num_train_epochs", "0")
+    assert result.returncode != 0
+    assert "sftkit: error: recipe" in result.stderr and "would train nothing" in result.stderr
+    assert "Traceback" not in result.stderr

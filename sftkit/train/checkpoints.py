@@ -11,6 +11,7 @@ differences listed.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from sftkit.redaction import redact
 
 STAGING_DIR = ".sftkit-staging"
 CHECKPOINT_RECORD = "sftkit_checkpoint.yaml"
+COUNTS_FILE = "sftkit_counts.json"  # tokens fed and trained, rows drawn and invalid, all processes summed
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Keys a resumed run may change: where and how often it writes, how it is watched, and how fast it computes (the
@@ -130,3 +132,14 @@ def publish(staged: Path, output_dir: Path) -> Path:
     if not any(staged.parent.iterdir()):
         staged.parent.rmdir()
     return final
+
+
+def write_counts(checkpoint: Path, counts: dict[str, int]) -> None:
+    """What the run had counted at this checkpoint, so that a resumed run's counts go on from it."""
+    (checkpoint / COUNTS_FILE).write_text(json.dumps(counts))
+
+
+def read_counts(checkpoint: Path) -> dict[str, int]:
+    """The counts a checkpoint holds; none for one written before sftkit kept them."""
+    path = checkpoint / COUNTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -35,6 +35,7 @@ from sftkit.train.launcher import partial_batch_note
 from sftkit.train.levers import prove_levers
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
 from sftkit.train.preflight import clear_for_overwrite, preflight
+from sftkit.train.rerun import at_end, rerun_of_an_ended_run, trained_steps
 from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
 from sftkit.train.shutdown import StopOnSignal, leave_together
 from sftkit.train.summary import summarise
@@ -59,6 +60,15 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
     # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
     preflight(recipe)  # what would doom the run, before any data or weights load
+    if args.resume_from_checkpoint is not None:
+        checkpoint = Path(args.resume_from_checkpoint)
+        if at_end(checkpoint, args):  # the same command again after the run's last step: nothing trains twice
+            rerun_of_an_ended_run(checkpoint, output_dir, state.is_main_process)
+            leave_together()
+            return
+        step, last = trained_steps(checkpoint)
+        logger.info("resuming from %s (step %d of %d)", checkpoint.name, step, args.max_steps if args.max_steps > 0
+                    else last)
     loss_path = head_loss(recipe)  # an adapter on lm_head fails here, before any data is read
     if state.is_main_process and recipe.sftkit.overwrite_output_dir and args.resume_from_checkpoint is None:
         clear_for_overwrite(args.output_dir)

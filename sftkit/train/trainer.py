@@ -20,7 +20,7 @@ from trl import SFTTrainer
 from sftkit.data.bad_rows import INVALID_KEY, ROW_IDS, ROWS_KEY, MidRunRows, RowPolicy, summed
 from sftkit.data.order import EpochOrder
 from sftkit.errors import SftkitError
-from sftkit.train.checkpoints import STAGING_DIR, publish, write_checkpoint_record
+from sftkit.train.checkpoints import STAGING_DIR, publish, read_counts, write_checkpoint_record, write_counts
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
 from sftkit.train.head_loss import (
     KERNELS,
@@ -159,6 +159,7 @@ class SftkitTrainer(SFTTrainer):
         are deleted after that, by step (``sftkit.train.checkpoints``)."""
         output_dir, name = Path(self.args.output_dir), f"checkpoint-{self.state.global_step}"
         staged = output_dir / STAGING_DIR / name
+        counts = self.totals()  # every process takes part
         if self.args.should_save and staged.exists():  # left by a run killed while saving
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
@@ -173,11 +174,32 @@ class SftkitTrainer(SFTTrainer):
                 self.state.best_model_checkpoint = str(output_dir / Path(self.state.best_model_checkpoint).name)
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
             write_checkpoint_record(staged, self.recipe_values, self.accelerator.num_processes)
+            write_counts(staged, counts)
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             publish(staged, output_dir)
             rotate_checkpoints(str(output_dir), limit, self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """The parent's training; a resumed run's counts (tokens, rows) go on from its checkpoint's, held by the main
+        process so that the sum over processes is the run's."""
+        if resume_from_checkpoint is not None and self.accelerator.is_main_process:
+            counts = read_counts(Path(resume_from_checkpoint))
+            self.tokens_fed += counts.get("tokens_fed", 0)
+            self.tokens_trained += counts.get("tokens_trained", 0)
+            self.rows.drawn += counts.get("rows_drawn", 0)
+            self.rows.invalid += counts.get("rows_invalid", 0)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A tied head is not stored in a checkpoint (its weight is the input embedding's): not a missing key."""
+        names: dict[int, list[str]] = {}
+        for name, parameter in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), []).append(name)
+        tied = {name for group in names.values() if len(group) > 1 for name in group}
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[key for key in load_result.missing_keys if key not in tied]))
 
     def _get_train_sampler(self, train_dataset: Any = None) -> EpochOrder:
         """The training order of ``sftkit.data.order``: the same rows next, however the run was prepared or resumed."""
