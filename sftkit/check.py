@@ -19,9 +19,10 @@ from sftkit.data.bad_rows import enforce
 from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
 from sftkit.data.templates import as_templates_read, rendering_tokenizer, reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
+from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
-from sftkit.train.preflight import check_model, check_output_dir
+from sftkit.train.preflight import check_hub, check_model, check_output_dir
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
 PLAIN_MARKS = ("[[", "]]")
@@ -111,8 +112,10 @@ def _conversational(data: PreparedData) -> bool:
 
 def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     """Describe what would train, then raise SftkitError if the run could not start (preflight) or the bad-row policy
-    would stop it. The model is checked first, as the data needs its tokenizer; output_dir last, after the data
-    it would train is described."""
+    would stop it. Trackers, the Hub and the model are checked first, as training checks them before any data;
+    output_dir last, after the data it would train is described."""
+    check_trackers(recipe.training)
+    check_hub(recipe.training)
     config = check_model(recipe)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer, enforce_policy=False)

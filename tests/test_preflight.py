@@ -4,8 +4,10 @@ run, a disk too small for a checkpoint, conversations without a chat template.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -21,7 +23,9 @@ QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 
 
 def recipe(tmp_path, **overrides):
-    return load_recipe(str(QUICKSTART), {"output_dir": str(tmp_path / "out"), **overrides})
+    """The quickstart's recipe, without its overwrite_output_dir (a recipe of one's own has none)."""
+    return load_recipe(str(QUICKSTART), {"output_dir": str(tmp_path / "out"), "overwrite_output_dir": False,
+                                         **overrides})
 
 
 def copied_model(tmp_path, edit_config=None, keep_template: bool = True):
@@ -107,3 +111,30 @@ def test_conversations_without_a_chat_template_say_how_to_set_one(tmp_path):
     with pytest.raises(SftkitError, match="has no chat template to render them .* Set chat_template_path"):
         check(recipe(tmp_path, model_name_or_path=copied_model(tmp_path, keep_template=False),
                      dataset_name=str(write_jsonl(tmp_path / "rows.jsonl", rows))), 0, colour=False)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"report_to": "tensorbord"}, "report_to: 'tensorbord' is not a tracker; did you mean tensorboard?"),
+    ({"report_to": "wandb"}, "report_to: wandb is not installed"),
+    ({"push_to_hub": True}, "push_to_hub: true needs a Hugging Face token"),
+])
+def test_check_predicts_what_training_refuses_before_any_data_is_read(tmp_path, monkeypatch, overrides, says):
+    """sftkit check says what training would refuse, and both refuse before the data (missing here) is read."""
+    if "wandb" in overrides.get("report_to", "") and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token saved by a login
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    bad = recipe(tmp_path, dataset_name=str(tmp_path / "missing.jsonl"), **overrides)
+    with pytest.raises(SftkitError, match=re.escape(says)):
+        check(bad, 1, colour=False)
+    from sftkit.train.job import train
+
+    with pytest.raises(SftkitError, match=re.escape(says)):
+        train(bad)
+
+
+def test_push_to_hub_with_a_token_but_no_hub_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SftkitError, match="push_to_hub: true, but HF_HUB_OFFLINE is set"):
+        preflight(recipe(tmp_path, dataset_name=str(tmp_path / "missing.jsonl"), push_to_hub=True))

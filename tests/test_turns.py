@@ -324,3 +324,14 @@ def test_a_prompt_that_differs_from_the_reply_only_in_whitespace_is_refused_with
         tokenize_record({"messages": messages}, indented, settings())
     assert error.value.reason == PROMPT_MISMATCH
     assert "differ only in whitespace" in str(error.value) and "'    5.<|im_end|>\\n'" in str(error.value)
+
+
+def test_a_row_too_large_to_tokenize_in_bounded_memory_is_an_invalid_row(tokenizer):
+    from sftkit.data.tokenization import ROW_CHARACTERS, TOO_LARGE
+
+    huge = [{"role": "user", "content": "Summarise."}, {"role": "assistant", "content": "word " * (ROW_CHARACTERS // 5)}]
+    with pytest.raises(RowError) as error:
+        tokenize_record({"messages": huge}, tokenizer, settings(max_length=128))
+    assert error.value.reason == TOO_LARGE and "1,048,5" in str(error.value)
+    with pytest.raises(RowError, match="characters of text"):
+        tokenize_record({"text": "x" * (ROW_CHARACTERS + 1)}, tokenizer, settings(max_length=128))

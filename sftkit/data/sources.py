@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import datasets.data_files
 import numpy as np
 import xxhash
 
@@ -117,6 +118,9 @@ def load_raw(name: str, config: str | None, streaming: bool = False,
             digest = content_digest(_local_files(Path(path)))
             return datasets.load_dataset(path, name=config, cache_dir=str(cache_root().parent / "sources" / digest),
                                          **hub_arguments), digest
+    except datasets.data_files.EmptyDatasetError:
+        raise SftkitError(f"dataset {name}: the directory holds no data files ({', '.join(BUILDERS)}); point "
+                          "dataset_name at a file, a glob of files, or a directory that holds them") from None
     except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
         raise SftkitError(f"dataset {name}: could not read it: {error}") from None
     if is_glob:

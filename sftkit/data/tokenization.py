@@ -32,6 +32,10 @@ from sftkit.data.templates import render, reply_end, tools_of
 
 IGNORE = -100
 TOKENIZER_FAILED = "tokenizer error"
+TOO_LARGE = "too large"
+# Text a row may hold (1 MiB of characters): rendering and tokenizing one row takes about 250 bytes of memory a
+# character, so a 50 MB row would take 12 GB before max_length could cut it.
+ROW_CHARACTERS = 1 << 20
 SPLITTING_STRATEGIES = ("bfd_split", "wrapped")  # packing strategies that keep a long row's overflow
 Span = tuple[int, int]
 
@@ -356,6 +360,12 @@ def tokenize_records(records: Sequence[Mapping[str, Any] | RowError], tokenizer:
     for position, record in enumerate(records):
         if isinstance(record, RowError):
             continue
+        if (size := _characters(record)) > ROW_CHARACTERS:
+            results[position] = RowError(
+                f"the row holds {size:,} characters of text, more than the {ROW_CHARACTERS:,} a row may hold (its "
+                "tokens would take gigabytes of memory before max_length cut them); split such a text into rows of "
+                "its own", reason=TOO_LARGE)
+            continue
         try:
             renderings[position] = rendering_of(record, tokenizer, settings)
         except RowError as error:
@@ -378,6 +388,17 @@ def tokenize_records(records: Sequence[Mapping[str, Any] | RowError], tokenizer:
             except RowError as error:
                 results[position] = error
     return results
+
+
+def _characters(value: Any) -> int:
+    """The characters of text a record holds, in every field."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(_characters(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_characters(item) for item in value)
+    return 0
 
 
 def tokenize_record(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,

@@ -28,7 +28,29 @@ CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
 
 def preflight(recipe: Recipe) -> None:
     """Raise SftkitError, saying what to do, for a run that cannot succeed; log what deserves a warning."""
+    check_hub(recipe.training)
     check_output_dir(recipe, check_model(recipe))
+
+
+def check_hub(args: Any) -> None:
+    """push_to_hub: a token and a Hub that accepts it, found before any data is read, not after training."""
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import constants, get_token, whoami
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise SftkitError("push_to_hub: true, but HF_HUB_OFFLINE is set, so the model could not be pushed: unset it, "
+                          "or remove push_to_hub and upload output_dir later (hf upload REPO output_dir)")
+    token = args.hub_token or get_token()
+    if token is None:
+        raise SftkitError("push_to_hub: true needs a Hugging Face token with write access: run `hf auth login`, or "
+                          "set HF_TOKEN in the environment (or in the recipe's env:); or remove push_to_hub")
+    try:
+        whoami(token=token)
+    except Exception as error:  # noqa: BLE001 - no network, a refused token: either way nothing could be pushed
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SftkitError(f"push_to_hub: the Hugging Face Hub cannot be reached with this token ({reason}); check "
+                          "the network and the token, or remove push_to_hub and upload output_dir later") from None
 
 
 def check_model(recipe: Recipe) -> Any:
