@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sftkit import __version__
+from sftkit.contract import DEBUG_ENV
 from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.values import CommandLineValue
 
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftkit", allow_abbrev=False,
         description="Supervised fine-tuning of causal language models from one recipe file.",
-        epilog="sftkit --config RECIPE.yaml (no command) trains. sftkit COMMAND --help says more.")
+        epilog="sftkit --config RECIPE.yaml (no command) trains. sftkit COMMAND --help says more. --debug (or "
+               f"{DEBUG_ENV}=1), with any command: a plugin's exception stops sftkit with its traceback.")
     parser.add_argument("--version", action="version", version=f"sftkit {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _recipe_command(commands, "train", "fine-tune as the recipe says (also: python -m sftkit, accelerate launch -m "
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in arguments:  # any command, anywhere on the line; the variable reaches launched processes too
+        arguments.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     if arguments and arguments[0].startswith("--") and arguments[0] not in ("--help", "--version"):
         arguments.insert(0, "train")  # sftkit --config RECIPE.yaml, python -m sftkit, accelerate launch -m sftkit
     parser = build_parser()

@@ -3,8 +3,8 @@
 An adapter declares its name, its options (a frozen dataclass whose fields are the ``dataset_options``
 keys, each declared with ``Option(default, help)``), the columns it reads, and how it converts one raw
 row into a canonical record. sftkit checks the options once before any row, checks that the data has
-the required columns, hands ``convert`` each row with exactly the declared columns, and renders,
-tokenizes and masks the records itself.
+the required columns, hands ``convert`` each row with exactly the declared columns (a ``RowView``: reading
+another is an error naming it), and renders, tokenizes and masks the records itself.
 
 Versions: a plugin states the contract it was written for (``Adapter.contract``). sftkit loads a plugin
 written for the same major version and a minor version no newer than its own; a minor version only
@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from sftkit.errors import SftkitError
+
 CONTRACT = "1.0"
+# The reason a row is counted under when the adapter's output is not what the contract promises.
+BROKEN_CONTRACT = "adapter broke the contract"
+# Set (or `sftkit --debug`): an exception raised by a plugin's code stops sftkit with its traceback, for its author.
+DEBUG_ENV = "SFTKIT_DEBUG"
 
 
 class RowError(ValueError):
@@ -56,6 +63,42 @@ class Columns:
     @property
     def all(self) -> tuple[str, ...]:
         return (*self.required, *self.optional)
+
+
+class RowView(Mapping[str, Any]):
+    """The row ``convert`` receives: exactly the columns the adapter declared, a missing optional one as None.
+
+    Reading any other column (``row[...]``, ``row.get(...)``, ``... in row``) raises ``SftkitError`` naming the
+    adapter and the column: such a column is dropped before sftkit reads a row, so the read would give nothing in
+    every row, whatever the data holds. It stops the run rather than rejecting the row, because the fault is the
+    adapter's code, the same for every row, and not the data's.
+    """
+
+    __slots__ = ("_adapter", "_values")
+
+    def __init__(self, adapter: str, columns: Sequence[str], row: Mapping[str, Any]) -> None:
+        self._adapter = adapter
+        self._values = {column: row.get(column) for column in columns}
+
+    def __getitem__(self, column: str) -> Any:
+        try:
+            return self._values[column]
+        except KeyError:
+            declared = ", ".join(map(repr, self._values)) or "none"
+            raise SftkitError(
+                f"adapter {self._adapter!r} read column {column!r}, which its columns() does not declare (it declares "
+                f"{declared}), so it would read nothing in every row: add {column!r} to the required or optional "
+                "columns that columns() returns"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"RowView({self._values!r})"
 
 
 def Option(default: Any = None, help: str = "") -> Any:
@@ -102,7 +145,8 @@ class Adapter:
         """Once per run, before any row: raise ``ValueError`` with what is wrong with an option's value."""
 
     def convert(self, row: Mapping[str, Any], options: Any) -> dict[str, Any]:
-        """One raw row (the declared columns, missing optional ones as None) -> a canonical record, or ``RowError``."""
+        """One raw row (a ``RowView`` of the declared columns, missing optional ones as None) -> a canonical record
+        (a dict), or ``RowError``."""
         raise NotImplementedError
 
 
@@ -127,3 +171,27 @@ def compatible(contract: str) -> bool:
         return False
     ours_major, ours_minor = (int(part) for part in CONTRACT.split("."))
     return major == ours_major and minor <= ours_minor
+
+
+def options_problem(adapter: Adapter) -> str | None:
+    """What is wrong with an adapter's ``Options`` as the contract declares them, or None: checked when the adapter
+    registers, so that a wrong declaration is reported by name instead of failing ``sftkit adapters`` or a run."""
+    options = adapter.Options
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        return (f"adapter {adapter.name!r}: Options is {options!r}, not a dataclass; declare it as a "
+                "@dataclass(frozen=True) class whose fields are `key: type = sftkit.Option(default, \"help\")`")
+    try:
+        typing.get_type_hints(options)
+    except Exception as error:  # noqa: BLE001 - any failure to read an annotation is the same declaration problem
+        return (f"adapter {adapter.name!r}: the types of its Options fields cannot be read ({type(error).__name__}: "
+                f"{error}); import every name they use at module level")
+    if missing := [spec.name for spec in dataclasses.fields(options) if option_default(spec) is dataclasses.MISSING]:
+        return (f"adapter {adapter.name!r}: Options field {', '.join(map(repr, missing))} has no default; declare "
+                "each field as `key: type = sftkit.Option(default, \"help\")`")
+    return None
+
+
+def debugging() -> bool:
+    """Whether a plugin's exception should keep its traceback (``SFTKIT_DEBUG=1``, ``sftkit --debug``) rather than
+    become a one-line error: how an adapter's author finds the line that failed."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")

@@ -7,7 +7,8 @@ A plugin is a module with a function decorated by ``sftkit.hookimpl``::
         register(MyAdapter())
 
 Third-party distributions expose that module through the ``sftkit`` entry-point group; sftkit's own
-adapters register through exactly the same hook.
+adapters register through exactly the same hook. A plugin whose function is not marked, or is named for a
+hook that is not here, would register nothing: sftkit names it, and the hook, instead (``plugins.add_plugin``).
 """
 
 from __future__ import annotations

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.metadata
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import pluggy
 
 from sftkit import __version__, hookspecs
-from sftkit.contract import CONTRACT, Adapter, compatible, option_help
+from sftkit.contract import CONTRACT, Adapter, compatible, debugging, option_help, options_problem
 from sftkit.errors import SftkitError
 
 logger = logging.getLogger(__name__)
@@ -45,13 +48,66 @@ class Registry:
         )
 
 
-def _entry_points_to_load() -> list[importlib.metadata.EntryPoint]:
+def _normalized(distribution: str) -> str:
+    """A distribution's name as pip compares them: sftkit_qa, sftkit.qa and SFTKit-QA are sftkit-qa."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _entry_points_to_load(broken: dict[str, str]) -> list[importlib.metadata.EntryPoint]:
+    """The entry points to load: all, or those of the distributions LOAD_PLUGINS_ENV names; a name that no installed
+    distribution with a plugin has is reported in ``broken``, so that a typo is not a plugin silently missing."""
     entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     allowed = os.environ.get(LOAD_PLUGINS_ENV)
     if allowed is None:
         return entry_points
-    names = {name.strip() for name in allowed.split(",") if name.strip()}
-    return [ep for ep in entry_points if ep.dist is not None and ep.dist.name in names]
+    names = {_normalized(name.strip()) for name in allowed.split(",") if name.strip()}
+    installed = sorted({ep.dist.name for ep in entry_points if ep.dist is not None})
+    for name in sorted(names - {_normalized(distribution) for distribution in installed}):
+        _refuse(broken, name, f"{LOAD_PLUGINS_ENV} names {name}, but no installed distribution of that name has an "
+                f"sftkit plugin (those that do: {', '.join(installed) or 'none'}); install it, or correct the name")
+    return [ep for ep in entry_points if ep.dist is not None and _normalized(ep.dist.name) in names]
+
+
+def _refuse(broken: dict[str, str], distribution: str, problem: str) -> None:
+    """A plugin left out: listed by ``sftkit adapters`` and by the error for an adapter name not found, and warned."""
+    broken[distribution] = problem
+    logger.warning("sftkit plugin %s left out: %s", distribution, problem)
+
+
+def add_plugin(manager: pluggy.PluginManager, plugin: Any, name: str) -> str | None:
+    """Register a plugin module; what is wrong with it when it gives sftkit nothing (then it is left out).
+
+    pluggy alone registers a plugin whose hook is misspelt or lacks ``@sftkit.hookimpl`` as one that implements
+    nothing, and refuses one whose hook takes parameters the hook does not pass with a traceback; each is said here,
+    by the hook's name. A misspelt hook beside a right one is a warning.
+    """
+    specs = {hook: caller.spec.argnames for hook, caller in vars(manager.hook).items() if caller.spec is not None}
+    hooks = sorted(specs)
+    signatures = ", ".join(f"{hook}({', '.join(specs[hook])})" for hook in hooks)
+    try:
+        manager.register(plugin, name=name)
+    except pluggy.PluginValidationError as error:
+        manager.unregister(plugin)  # pluggy keeps a plugin it refused half-registered
+        return f"{'; '.join(str(error).splitlines()[1:])}: sftkit's hooks are {signatures}"
+    implemented = [caller.name for caller in manager.get_hookcallers(plugin) or []]
+    unknown = [_unknown_hook(hook, hooks, signatures) for hook in implemented if hook not in hooks]
+    if len(unknown) < len(implemented):
+        for problem in unknown:
+            logger.warning("sftkit plugin %s: %s", name, problem)
+        return None
+    manager.unregister(plugin)
+    if unknown:
+        return "; ".join(unknown)
+    unmarked = [hook for hook in hooks if callable(getattr(plugin, hook, None))]
+    if unmarked:
+        return f"its {', '.join(unmarked)} is not marked with @sftkit.hookimpl, so sftkit never calls it"
+    return f"it implements no sftkit hook: define {signatures}, marked with @sftkit.hookimpl"
+
+
+def _unknown_hook(hook: str, hooks: list[str], signatures: str) -> str:
+    close = difflib.get_close_matches(hook, hooks, n=1)
+    return f"it implements {hook!r}, which is not an sftkit hook" + (
+        f": did you mean {close[0]!r}?" if close else f" (sftkit's hooks: {signatures})")
 
 
 @functools.cache
@@ -60,15 +116,17 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, str]]:
     manager = pluggy.PluginManager("sftkit")
     manager.add_hookspecs(hookspecs)
     broken: dict[str, str] = {}
-    for entry_point in _entry_points_to_load():
+    for entry_point in _entry_points_to_load(broken):
         distribution = entry_point.dist.name if entry_point.dist else entry_point.value
         try:
             plugin = entry_point.load()
-        except Exception as error:  # noqa: BLE001 - a broken plugin must not take the others down: report it by name
-            broken[distribution] = f"{type(error).__name__}: {error}"
-            logger.warning("sftkit plugin %s (%s) failed to load: %s", distribution, entry_point.value, error)
+        except Exception as error:  # a broken plugin must not take the others down: report it by name
+            if debugging():
+                raise
+            _refuse(broken, distribution, f"{type(error).__name__}: {error}")
             continue
-        manager.register(plugin, name=f"{distribution}:{entry_point.name}")
+        if (problem := add_plugin(manager, plugin, f"{distribution}:{entry_point.name}")) is not None:
+            _refuse(broken, distribution, f"plugin {entry_point.value}: {problem}")
     for module_name in BUILTIN_PLUGINS:
         manager.register(importlib.import_module(module_name), name=f"sftkit:{module_name}")
     return manager, broken
@@ -101,12 +159,15 @@ def collect_adapters(manager: pluggy.PluginManager, broken: dict[str, str]) -> R
             if not adapter.name:
                 raise SftkitError(f"plugin {distribution} registered an adapter without a name: {adapter!r}")
             if not compatible(adapter.contract):  # reported like a plugin that fails to import; the others still load
-                found.broken[distribution] = (
+                _refuse(found.broken, distribution, (
                     f"adapter {adapter.name!r} is written for sftkit's adapter contract {adapter.contract}, and this "
                     f"sftkit ({__version__}) speaks contract {CONTRACT} (a plugin needs the same major version and a "
                     f"minor one no newer): install a version of {distribution} for contract "
                     f"{CONTRACT.split('.')[0]}.x, or a sftkit that speaks {adapter.contract}"
-                )
+                ))
+                return
+            if (problem := options_problem(adapter)) is not None:  # else `sftkit adapters` and every run would fail
+                _refuse(found.broken, distribution, problem)
                 return
             if adapter.name in found.adapters:
                 other = found.adapters[adapter.name].distribution
@@ -121,6 +182,8 @@ def collect_adapters(manager: pluggy.PluginManager, broken: dict[str, str]) -> R
         except SftkitError:
             raise
         except Exception as error:
+            if debugging():
+                raise
             raise SftkitError(f"plugin {distribution} failed while registering adapters: {error!r}") from error
     return found
 

@@ -247,11 +247,12 @@ def detect_turns(default_column: str, keys: tuple[str, ...], columns: Sequence[s
     return None
 
 
-def check_role_map(role_map: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    """For ``Adapter.check``: every role a role map names is one of ``allowed``."""
+def check_role_map(role_map: Mapping[str, Any], allowed: Sequence[str], option: str = "role_map") -> None:
+    """For ``Adapter.check``: every role a role map names is one of ``allowed``; ``option`` is the name the adapter
+    gives the map among its ``dataset_options``, which the error names."""
     for speaker, role in role_map.items():
         if role not in allowed:
-            raise ValueError(f"role_map maps {speaker!r} to {role!r}; roles are {'|'.join(allowed)}")
+            raise ValueError(f"{option} maps {speaker!r} to {role!r}; roles are {'|'.join(allowed)}")
 
 
 def weight(value: Any, where: str, role: str) -> int | None:
@@ -298,9 +299,11 @@ def turn_fields(turn: Mapping[str, Any], where: str, role: str, read: Collection
     return fields
 
 
-def messages_from_turns(turns: Any, column: str, role_map: Mapping[str, str]) -> list[dict[str, Any]]:
+def messages_from_turns(turns: Any, column: str, role_map: Mapping[str, str],
+                        option: str = "role_map") -> list[dict[str, Any]]:
     """``{role, content[, tool_calls]}`` turns, with any other fields (``turn_fields``), to canonical messages; raises
-    RowError naming the turn."""
+    RowError naming the turn. ``option`` is the name of the adapter's ``dataset_options`` key that extends
+    ``role_map``: an unknown speaker is the data's, and its error says to map it there."""
     if not isinstance(turns, list) or not turns:
         raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} turns, got {short(turns)}")
     messages = []
@@ -313,7 +316,7 @@ def messages_from_turns(turns: Any, column: str, role_map: Mapping[str, str]) ->
         if role is None:
             raise RowError(
                 f"{where} has unknown role {speaker!r}; map it with "
-                f"dataset_options: {{role_map: {{{speaker}: user|assistant|system|tool}}}}",
+                f"dataset_options: {{{option}: {{{speaker}: user|assistant|system|tool}}}}",
                 reason=UNKNOWN_ROLE,
             )
         content = turn.get("content")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
 
-from sftkit.contract import CONTRACT, Adapter, Columns, Detection, RowError
+from sftkit.contract import BROKEN_CONTRACT, CONTRACT, Adapter, Columns, Detection, RowError, debugging
 from sftkit.errors import SftkitError
 from sftkit.plugins import InstalledAdapter, Registry
-from sftkit.records import INVALID_WEIGHT, ROLES
+from sftkit.records import INVALID_WEIGHT, ROLES, short
 from sftkit.values import Mismatch, coerce, type_name
 
 logger = logging.getLogger(__name__)
@@ -28,26 +28,50 @@ def choose_adapter(dataset_format: str, dataset: datasets.Dataset,
     if dataset_format != "auto":
         return registry.get(dataset_format), "named by dataset_format", {}
     rows = dataset.select(range(min(DETECTION_ROWS, dataset.num_rows))).to_list()
-    matches = []
+    matches, left_out = [], []
     for name, installed in sorted(registry.adapters.items()):
-        found = installed.adapter.detect(dataset.column_names, rows)
-        if found:
-            detection = found if isinstance(found, Detection) else Detection(found)
-            matches.append((installed, f"dataset_format auto: {name} ({detection.reason})", dict(detection.options)))
+        try:
+            found = detection(installed.adapter, dataset.column_names, rows)
+        except SftkitError as error:  # one plugin's bug must not stop the others from detecting
+            left_out.append(name)
+            logger.warning("dataset_format auto leaves out adapter %r (from %s %s), whose detect() failed: %s. Tell "
+                           "its authors, or set dataset_format.", name, installed.distribution, installed.version, error)
+            continue
+        if found is not None:
+            matches.append((installed, f"dataset_format auto: {name} ({found.reason})", dict(found.options)))
     if len(matches) == 1:
         return matches[0]
     adapters = ", ".join(sorted(registry.adapters))
     if not matches:
+        failed = f" ({', '.join(left_out)} left out: detect() failed)" if left_out else ""
         raise SftkitError(
             f"dataset_format auto: no installed adapter recognises columns {dataset.column_names}. "
-            f"Installed adapters: {adapters}. Set dataset_format to one of them (with dataset_options to name the "
-            "columns), or install a plugin for this format."
+            f"Installed adapters: {adapters}{failed}. Set dataset_format to one of them (with dataset_options to name "
+            "the columns), or install a plugin for this format."
         )
     names = ", ".join(installed.adapter.name for installed, _, _ in matches)
     raise SftkitError(
         f"dataset_format auto: several adapters recognise columns {dataset.column_names}: {names}. "
         "Set dataset_format to the one you mean."
     )
+
+
+def detection(adapter: Adapter, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> Detection | None:
+    """What the adapter's ``detect`` says of this data, as a Detection, or None when it does not fit. A ``detect``
+    that raises or returns something else is a plugin's bug: SftkitError naming the adapter (``SFTKIT_DEBUG=1``
+    lets its exception through, with its traceback)."""
+    try:
+        found = adapter.detect(columns, rows)
+    except Exception as error:  # the plugin's code: reported by the adapter's name
+        if debugging():
+            raise
+        raise SftkitError(f"adapter {adapter.name!r}: detect() raised {type(error).__name__}: {error}") from None
+    if found is None or isinstance(found, Detection):
+        return found
+    if isinstance(found, str):
+        return Detection(found) if found else None
+    raise SftkitError(f"adapter {adapter.name!r}: detect() returned {found!r:.80}; the adapter contract {CONTRACT} asks "
+                      "for the reason it fits (text), a sftkit.Detection, or None")
 
 
 def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> Any:
@@ -95,14 +119,18 @@ def _check_tool_calls(position: int, calls: Any) -> None:
         )
 
 
-def _check_messages(messages: Any, what: str) -> None:
+def _check_messages(messages: Any, what: str, adapter: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise RowError(f"{what} must be a non-empty list of turns", reason="empty content")
     for position, message in enumerate(messages):
         role = message.get("role") if isinstance(message, Mapping) else None
         if role not in ROLES:
-            raise RowError(f"turn {position} has role {role!r}; canonical roles are {', '.join(ROLES)}",
-                           reason="unknown role")
+            # The data's speakers are the adapter's to map (an unknown one is its own row error, with the option
+            # that maps it): a role outside the canonical ones here is the adapter's output, not the data.
+            made = f"role {role!r}" if isinstance(message, Mapping) else f"{short(message)}, not a mapping,"
+            raise RowError(f"adapter {adapter!r} made turn {position} of the {what} with {made} where the contract "
+                           f"asks for a role among {', '.join(ROLES)}: check the adapter's options (such as a role "
+                           "map), else its code; the data is not at fault", reason=BROKEN_CONTRACT)
         if message.get("tool_calls"):
             _check_tool_calls(position, message["tool_calls"])
         elif not isinstance(message.get("content"), str) or not message["content"].strip():
@@ -123,11 +151,12 @@ def _check_trained(messages: list[Mapping[str, Any]], what: str) -> None:
         raise RowError(f"every assistant turn of the {what} has weight 0, so nothing trains", reason="no trained turn")
 
 
-def check_record(record: Mapping[str, Any]) -> None:
-    """What every trainable record needs, whatever its adapter; raises RowError with the reason."""
+def check_record(record: Mapping[str, Any], adapter: str) -> None:
+    """What every trainable record needs, whatever its adapter (named in what breaks the contract); raises RowError
+    with the reason."""
     if "messages" in record:
         messages = record["messages"]
-        _check_messages(messages, "messages")
+        _check_messages(messages, "messages", adapter)
         roles = [message["role"] for message in messages]
         if "assistant" not in roles:
             raise RowError("the conversation has no assistant turn", reason="no assistant turn")
@@ -142,7 +171,7 @@ def check_record(record: Mapping[str, Any]) -> None:
                 if not value.strip():
                     raise RowError(f"{part} is empty", reason="empty content")
             else:
-                _check_messages(value, part)
+                _check_messages(value, part, adapter)
         completion = record["completion"]
         if not isinstance(completion, str):
             if completion[-1]["role"] != "assistant":
@@ -153,7 +182,8 @@ def check_record(record: Mapping[str, Any]) -> None:
         if not record["text"].strip():
             raise RowError("text is empty", reason="empty content")
     else:
-        raise RowError(f"the adapter produced {sorted(record)}; expected messages, prompt/completion or text")
+        raise RowError(f"adapter {adapter!r} made a record of {', '.join(map(repr, record)) or 'nothing'}, where the "
+                       "contract asks for messages, prompt and completion, or text", reason=BROKEN_CONTRACT)
 
 
 def declared_columns(adapter: Adapter, options: Any) -> Columns:

@@ -3,8 +3,8 @@
 Every way through the data uses it: eager preparation (in batched passes), lazy preparation (a row at a
 time, as the trainer draws it), a packed run's share, ``sftkit check`` and ``sftkit.testing``. The steps:
 
-1. the adapter converts the raw row (``Adapter.convert``) into a canonical record;
-2. the record is checked (roles, content, tool calls, a trained turn at the end);
+1. the adapter converts the raw row, seen as its declared columns alone (``RowView``), into a canonical record;
+2. the record is checked (a dict, roles, content, tool calls, a trained turn at the end);
 3. the chat template renders it (conversations) and the tokenizer tokenizes it;
 4. labels are masked from the trained spans, and the length policy (``max_length``, ``long_rows``) applied;
    what a reader should know about a row that trains (turns left untrained, reasoning the template does not
@@ -12,11 +12,13 @@ time, as the trainer draws it), a packed run's share, ``sftkit check`` and ``sft
 
 Whatever code that is not sftkit's raises on a row (an adapter's bug, a template's ``raise_exception``, a
 tokenizer) becomes that row's ``RowError``, with a reason and the original message, and follows the
-bad-row policy like any other invalid row.
+bad-row policy like any other invalid row; under ``SFTKIT_DEBUG=1`` an adapter's exception stops the run
+with its traceback instead. An adapter that reads a column it did not declare stops the run (``RowView``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +26,11 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from sftkit.contract import Adapter, RowError
-from sftkit.data.adapt import check_record
+from sftkit.contract import BROKEN_CONTRACT, DEBUG_ENV, Adapter, RowError, RowView, debugging
+from sftkit.data.adapt import check_record, declared_columns
 from sftkit.data.tokenization import TokenizeSettings, tokenize_records
 from sftkit.errors import SftkitError
+from sftkit.records import short
 
 ADAPTER_FAILED = "rejected by adapter"
 PREPARED = datasets.Features(
@@ -42,16 +45,23 @@ PREPARED = datasets.Features(
 )
 
 
-def to_record(adapter: Adapter, options: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
-    """Steps 1 and 2: the canonical record of a raw row; RowError when the row cannot be one."""
+def to_record(adapter: Adapter, options: Any, row: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """Steps 1 and 2: the canonical record of a raw row, which the adapter sees as its declared ``columns`` alone (a
+    ``RowView``); RowError when the row cannot be one."""
     try:
-        record = adapter.convert(row, options)
+        record = adapter.convert(RowView(adapter.name, columns, row), options)
     except (RowError, SftkitError):
         raise
-    except Exception as error:  # noqa: BLE001 - the adapter is a plugin's code: its failure is this row's
-        raise RowError(f"adapter {adapter.name!r} failed on this row: {type(error).__name__}: {error}",
-                       reason=ADAPTER_FAILED) from None
-    check_record(record)
+    except Exception as error:  # the adapter is a plugin's code: its failure is this row's
+        if debugging():
+            raise  # its author asked to see the line that failed
+        raise RowError(f"adapter {adapter.name!r} failed on this row: {type(error).__name__}: {error} "
+                       f"({DEBUG_ENV}=1 shows where)", reason=ADAPTER_FAILED) from None
+    if not isinstance(record, dict):
+        raise RowError(f"adapter {adapter.name!r} broke the adapter contract: its convert() returned "
+                       f"{short(record)}, where a record (a dict of messages, of prompt and completion, or of text) "
+                       "or a raised sftkit.RowError is due", reason=BROKEN_CONTRACT)
+    check_record(record, adapter.name)
     return record
 
 
@@ -64,10 +74,14 @@ class RowChain:
     tokenizer: PreTrainedTokenizerBase
     settings: TokenizeSettings
 
+    @functools.cached_property
+    def columns(self) -> tuple[str, ...]:
+        """The columns the adapter declared for these options: all it is handed of a row."""
+        return declared_columns(self.adapter, self.options).all
+
     def record(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Steps 1 and 2 (``to_record``) with this source's adapter and options, on the declared columns."""
-        declared = self.adapter.columns(self.options).all
-        return to_record(self.adapter, self.options, {column: row.get(column) for column in declared})
+        return to_record(self.adapter, self.options, row, self.columns)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | RowError]:
         """Every step for each of ``rows``: ``{input_ids, labels, length, notes}``, or the RowError saying why not."""
@@ -102,15 +116,13 @@ def prepare_rows(rows: datasets.Dataset, chain: RowChain, split: str, fingerprin
     again, so ``datasets`` never hands back a result of other code (it fingerprints a function by its closure,
     not by the code it calls).
     """
-    declared = chain.adapter.columns(chain.options).all
-    present = [column for column in declared if column in rows.column_names]
+    present = [column for column in chain.columns if column in rows.column_names]
     rows = rows.select_columns(present)  # never take unread columns through an expensive pass
 
     def prepare(batch: dict[str, list]) -> dict[str, list]:
         count = len(batch[present[0]])
-        # Every declared column, a missing optional one as None: the adapter reads what it declared, nothing else.
-        return as_columns(chain([{column: batch[column][i] if column in batch else None for column in declared}
-                                 for i in range(count)]))
+        # The chain hands the adapter its declared columns alone, a missing optional one as None (RowView).
+        return as_columns(chain([{column: batch[column][i] for column in present} for i in range(count)]))
 
     return rows.map(prepare, batched=True, remove_columns=present, features=PREPARED, num_proc=num_proc,
                     load_from_cache_file=False, new_fingerprint=fingerprint,
