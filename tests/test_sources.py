@@ -111,3 +111,55 @@ def test_mixture_entries_have_their_own_format_and_options(tmp_path, sharegpt_ro
     assert data.adapters[1].reason.startswith("dataset_format auto: alpaca")
     assert data.train.report.valid == 30
     assert recipe.values["datasets"][0]["dataset_format"] == "sharegpt"  # the run record keeps them
+
+
+def test_a_folder_without_data_files_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".notes").write_text("hidden, not data")
+    with pytest.raises(SftkitError, match="the directory holds no data files"):
+        load_raw(str(tmp_path / "empty"), None)
+
+
+def rows_with_bytes_that_are_not_utf8(tmp_path, sharegpt_rows, array: bool):
+    """Rows 3 and 17 hold bytes that are not UTF-8 text (a file saved in another encoding, a cut multi-byte
+    character), the rest are well formed."""
+    lines = [json.dumps(row, ensure_ascii=False).encode() for row in sharegpt_rows]
+    for bad in (3, 17):
+        lines[bad] = lines[bad].replace(b"What is", b"Qu\xe9 es")  # Latin-1, not UTF-8
+    if array:
+        path = tmp_path / "rows.json"
+        path.write_bytes(b"[" + b",\n".join(lines) + b"]")
+    else:
+        path = tmp_path / "rows.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json array"])
+@pytest.mark.parametrize("keys", [{"prepare": "eager"}, {"prepare": "lazy", "max_steps": 2},
+                                  {"streaming": True, "max_steps": 5}], ids=["eager", "lazy", "streamed"])
+def test_rows_that_are_not_utf8_are_invalid_rows_where_they_stand(tmp_path, sharegpt_rows, array, keys):
+    from test_row_chain import by_row
+
+    from sftkit.data.preparation import prepare_data
+    from sftkit.train.model import load_tokenizer
+
+    path = rows_with_bytes_that_are_not_utf8(tmp_path, sharegpt_rows, array)
+    data_keys = {"dataset_streaming": True} if keys.get("streaming") else {}
+    values = {"model_name_or_path": TINY_MODEL, "dataset_name": str(path), "output_dir": str(tmp_path / "out"),
+              "test_split_size": 0, "on_invalid": "skip", "max_invalid_fraction": 0.5, "report_to": "none",
+              **{key: value for key, value in keys.items() if key != "streaming"}, **data_keys}
+    recipe = load_recipe(str(write_recipe(tmp_path / "recipe.yaml", **values)))
+    data = prepare_data(recipe, load_tokenizer(recipe))
+    if keys.get("streaming"):
+        sample, lines = data.train.rows, data.sources[0].drawn["train"]  # the run's first rows, and their lines
+        reasons = {int(lines[row]): reason for row, reason in zip(sample["source_row"], sample["invalid"],
+                                                                  strict=True)}
+    else:
+        reasons = {row: value for row, value in by_row(data).items()}
+    unreadable = sorted(row for row, reason in reasons.items() if reason == "not UTF-8")
+    assert unreadable == [row for row in (3, 17) if row in reasons] and unreadable  # a stream's first rows: some
+    assert all(not isinstance(reason, str) for row, reason in reasons.items() if row not in (3, 17))
+    where = "line 4" if not array else "row 3"
+    if 3 in reasons and not keys.get("streaming") and keys["prepare"] == "eager":
+        assert any(where in message for reason, message in data.train.report.problems.values() if reason == "not UTF-8")

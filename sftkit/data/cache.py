@@ -23,6 +23,7 @@ import datasets
 from filelock import FileLock
 
 from sftkit import __version__
+from sftkit.contract import debugging
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,10 @@ def library_versions() -> dict[str, str]:
 
 def preparation_key(parts: dict[str, Any], code: str) -> str:
     """A short digest of every input to preparation, given as ``parts``, of the code that runs it, and of the
-    versions of the libraries that render and tokenize rows."""
-    payload = json.dumps({"sftkit": __version__, "code": code, "libraries": library_versions(), **parts},
-                         sort_keys=True, default=str)
+    versions of the libraries that render and tokenize rows. A debugging run (``SFTKIT_DEBUG``) prepares its rows
+    anew, so that an adapter's exception on any row shows its traceback."""
+    payload = json.dumps({"sftkit": __version__, "code": code, "libraries": library_versions(),
+                          "debug": debugging(), **parts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

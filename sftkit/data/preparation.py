@@ -328,9 +328,8 @@ def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: l
     """The trainer's rows in training order, each prepared when drawn; a prepared sample spread over them to check
     before step 1; and how many conversations of it the render guard rendered."""
     on_demand_sources = []
-    for source, chain, choice in zip(sources, chains, choices, strict=True):
-        columns = [column for column in choice.installed.adapter.columns(choice.options).all
-                   if column in source.train.column_names]
+    for source, chain in zip(sources, chains, strict=True):
+        columns = [column for column in chain.read if column in source.train.column_names]
         on_demand_sources.append(OnDemandSource(source.train.select_columns(columns), chain, source.name,
                                                 source.drawn.get("train")))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit.contract import BROKEN_CONTRACT, DEBUG_ENV, Adapter, RowError, RowView, debugging
 from sftkit.data.adapt import check_record, declared_columns
+from sftkit.data.sources import NOT_UTF8, UNREADABLE
 from sftkit.data.tokenization import TokenizeSettings, tokenize_records
 from sftkit.errors import SftkitError
 from sftkit.records import short
@@ -79,8 +80,16 @@ class RowChain:
         """The columns the adapter declared for these options: all it is handed of a row."""
         return declared_columns(self.adapter, self.options).all
 
+    @functools.cached_property
+    def read(self) -> tuple[str, ...]:
+        """What the chain reads of a raw row: the declared columns, and whether the row could be read at all."""
+        return (*self.columns, UNREADABLE)
+
     def record(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Steps 1 and 2 (``to_record``) with this source's adapter and options, on the declared columns."""
+        """Steps 1 and 2 (``to_record``) with this source's adapter and options, on the declared columns; a row that
+        is not UTF-8 text (``sftkit.data.sources``) is invalid before the adapter sees it."""
+        if problem := row.get(UNREADABLE):
+            raise RowError(problem, reason=NOT_UTF8)
         return to_record(self.adapter, self.options, row, self.columns)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any] | RowError]:
@@ -116,7 +125,7 @@ def prepare_rows(rows: datasets.Dataset, chain: RowChain, split: str, fingerprin
     again, so ``datasets`` never hands back a result of other code (it fingerprints a function by its closure,
     not by the code it calls).
     """
-    present = [column for column in chain.columns if column in rows.column_names]
+    present = [column for column in chain.read if column in rows.column_names]
     rows = rows.select_columns(present)  # never take unread columns through an expensive pass
 
     def prepare(batch: dict[str, list]) -> dict[str, list]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import itertools
+import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from sftkit.recipe import Recipe
 logger = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+UNREADABLE = "sftkit_unreadable"  # the column of a row that is not UTF-8 text: why (sftkit.data.rows refuses it)
+NOT_UTF8 = "not UTF-8"
 HEAD_ROWS = 64  # a stream's first rows, read to choose and check its adapter
 STREAMED_EVAL_ROWS = 2000  # the most rows of a streamed dataset's own test split held in memory for evaluation
 
@@ -66,29 +71,88 @@ def content_digest(paths: list[str]) -> str:
     changes the content is other data."""
     digest = xxhash.xxh3_128()
     for path in paths:
-        digest.update(os.path.basename(path).encode() + b"\0" + _file_digest(path).encode())
+        digest.update(os.path.basename(path).encode() + b"\0" + _file_facts(path)[0].encode())
     return digest.hexdigest()
 
 
-def _file_digest(path: str) -> str:
-    """One file's bytes, hashed once per version of the file (gigabytes take seconds to read): the digest is kept
-    under the file's identity, its inode, size, and modification and change times. No edit, copy or restore
-    keeps the change time, so a file whose content changed is read again."""
+def _file_facts(path: str) -> tuple[str, bool]:
+    """One file's digest, and whether it is UTF-8 text throughout, found in one read once per version of the file
+    (gigabytes take seconds to read): kept under the file's identity, its inode, size, and modification and change
+    times. No edit, copy or restore keeps the change time, so a file whose content changed is read again."""
     status = os.stat(path)
     identity = (f"{os.path.abspath(path)}|{status.st_dev}|{status.st_ino}|{status.st_size}|{status.st_mtime_ns}|"
                 f"{status.st_ctime_ns}")
     kept = cache_root().parent / "digests" / xxhash.xxh3_128_hexdigest(identity.encode())
-    if kept.is_file():
-        return kept.read_text()
-    digest = xxhash.xxh3_128()
+    if kept.is_file() and len(facts := kept.read_text().split()) == 2:
+        return facts[0], facts[1] == "utf-8"
+    digest, decoder, text = xxhash.xxh3_128(), codecs.getincrementaldecoder("utf-8")(), True
     with open(path, "rb") as file:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
+            if text:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    text = False
     kept.parent.mkdir(parents=True, exist_ok=True)
     partial = kept.with_name(f"{kept.name}.{os.getpid()}")
-    partial.write_text(digest.hexdigest())
+    partial.write_text(f"{digest.hexdigest()} {'utf-8' if text else 'bytes'}")
     partial.replace(kept)
-    return digest.hexdigest()
+    return digest.hexdigest(), text
+
+
+def _unreadable(where: str, error: UnicodeDecodeError) -> str:
+    return (f"{where} is not UTF-8 text (byte {error.object[error.start]:#04x} at position {error.start}); save the "
+            "file as UTF-8")
+
+
+def readable(files: list[str]) -> list[str]:
+    """The files to load: each JSON file that is not UTF-8 text throughout replaced by a copy (made once, kept in the
+    cache) in which every row that is not stands as a row of its own holding only ``UNREADABLE``, the reason, so
+    that it becomes an invalid row where it was, and the others load as they are. (A row's bytes that are not
+    UTF-8 would otherwise stop the run wherever the data path first reads its batch.)"""
+    out = []
+    for path in files:
+        digest, text = _file_facts(path)
+        if text or Path(path).suffix.lower() not in (".json", ".jsonl"):
+            out.append(path)
+            continue
+        copy = cache_root().parent / "readable" / f"{digest}.jsonl"
+        if not copy.is_file():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            partial = copy.with_name(f"{copy.name}.{os.getpid()}")
+            with partial.open("w", encoding="utf-8") as out_file:
+                for line in _readable_rows(path):
+                    out_file.write(line + "\n")
+            partial.replace(copy)
+        logger.warning("dataset %s: rows that are not UTF-8 text are invalid rows (reason %r)", path, NOT_UTF8)
+        out.append(str(copy))
+    return out
+
+
+def _readable_rows(path: str) -> Iterator[str]:
+    """The rows of a JSON Lines file (or of a JSON array), as JSON lines, a row that is not UTF-8 text replaced."""
+    name = Path(path).name
+    if Path(path).suffix.lower() == ".jsonl":
+        with open(path, "rb") as file:
+            for number, line in enumerate(file, start=1):
+                try:
+                    yield line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as error:
+                    yield json.dumps({UNREADABLE: _unreadable(f"line {number} of {name}", error)})
+        return
+    raw = Path(path).read_bytes()
+    for position, row in enumerate(json.loads(raw.decode("utf-8", errors="surrogateescape"))):
+        encoded = json.dumps(row, ensure_ascii=False)
+        try:
+            encoded.encode("utf-8")
+            yield encoded
+        except UnicodeEncodeError:
+            bad = encoded.encode("utf-8", errors="surrogateescape")
+            try:
+                bad.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield json.dumps({UNREADABLE: _unreadable(f"row {position} of {name}", error)})
 
 
 def _local_files(folder: Path) -> list[str]:
@@ -104,15 +168,16 @@ def load_raw(name: str, config: str | None, streaming: bool = False,
     path = embedded.resolve(name)
     is_glob = any(char in path for char in "*?[")
     files = [path] if Path(path).is_file() else sorted(glob.glob(path)) if is_glob else []
+    loaded = readable(files)
     try:
         if streaming and (files or Path(path).is_dir()):
             if files:
-                return datasets.load_dataset(_builder_for(files, name), data_files={"train": files},
+                return datasets.load_dataset(_builder_for(files, name), data_files={"train": loaded},
                                              streaming=True), None
             return datasets.load_dataset(path, name=config, streaming=True, **hub_arguments), None
         if files:
             digest = content_digest(files)
-            return datasets.load_dataset(_builder_for(files, name), data_files={"train": files},
+            return datasets.load_dataset(_builder_for(files, name), data_files={"train": loaded},
                                          cache_dir=str(cache_root().parent / "sources" / digest)), digest
         if Path(path).is_dir():
             digest = content_digest(_local_files(Path(path)))
