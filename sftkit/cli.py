@@ -51,22 +51,33 @@ def _setup_logging() -> None:
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
+# The recipe reader's bound (sftkit.recipe.MAX_RECIPE_BYTES, which imports TRL): a larger file is the reader's to refuse.
+ENVIRONMENT_READ_BYTES = 256 * 1024
+
+
 def _environment_first(config: str | None) -> None:
     """Set the recipe's env: variables before transformers, datasets and the Hub client are imported, since some
-    (HF_HOME, HF_HUB_OFFLINE, ...) are read at import. Resolving the recipe checks them again with the rest."""
+    (HF_HOME, HF_HUB_OFFLINE, ...) are read at import. Resolving the recipe checks them again with the rest. A file
+    this read cannot take (too large, not UTF-8, not YAML, a variable no environment can hold) is the recipe
+    reader's to report, with the file's name; and like the reader this read runs no code (a safe loader)."""
     if not config or not os.path.isfile(config):
         return
     import yaml
 
     try:
-        with open(config, encoding="utf-8") as file:
-            values = yaml.safe_load(file)
-    except yaml.YAMLError:
-        return  # the recipe reader reports it, with the file's name
+        with open(config, "rb") as file:
+            raw = file.read(ENVIRONMENT_READ_BYTES + 1)
+        values = None if len(raw) > ENVIRONMENT_READ_BYTES else yaml.safe_load(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return
     environment = values.get("env") if isinstance(values, dict) else None
     if isinstance(environment, dict):
         for name, value in environment.items():
-            os.environ[str(name)] = str(value)
+            if isinstance(value, (str, int, float)):  # a list or a mapping is the reader's to refuse
+                try:
+                    os.environ[str(name)] = str(value)
+                except (ValueError, OSError):  # "=" or a NUL byte in it, or no name: the reader names the variable
+                    continue
 
 
 def _recipe(options: argparse.Namespace) -> Any:
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = k8s.add_subparsers(title="commands", metavar="COMMAND").add_parser(
         "render", help="the ConfigMap and the job, as YAML for kubectl apply -f -", **cluster.RENDER)
     cluster.add_render_arguments(render)
-    render.set_defaults(run=cluster.run_render)
+    render.set_defaults(run=cluster.run_render, takes_recipe_keys=True)
     launch = commands.add_parser("launch", help="start this machine's share of a job (a pod, a SLURM node, one "
                                  "machine) with accelerate", **cluster.LAUNCH)
     cluster.add_launch_arguments(launch)
@@ -209,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in arguments:  # any command, anywhere on the line; the variable reaches launched processes too
-        arguments.remove("--debug")
-        os.environ[DEBUG_ENV] = "1"
+        at = arguments.index("--debug")
+        if at + 1 == len(arguments) or arguments[at + 1].startswith("--"):  # else the recipe key debug, with a value
+            arguments.pop(at)
+            os.environ[DEBUG_ENV] = "1"
     if arguments and arguments[0].startswith("--") and arguments[0] not in ("--help", "--version"):
         arguments.insert(0, "train")  # sftkit --config RECIPE.yaml, python -m sftkit, accelerate launch -m sftkit
     parser = build_parser()

@@ -2,8 +2,8 @@
 
 TRL's own parser ignores a misspelled key and trains with the default. Here every key is checked
 against the fields of ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
-``DatasetMixtureConfig`` (and sftkit's ``SftkitArguments``), every value against its field's type,
-and keys that only make sense together are checked together, all before anything is loaded.
+``DatasetMixtureConfig`` (and sftkit's ``SftkitArguments``), every value against its field's type
+and every number against its key's bound (``BOUNDS``), and keys that only make sense together are checked together, all before anything is loaded.
 Reading a recipe (``read_recipe``) touches nothing: no environment variable, no hardware probe, no
 file written. ``sftkit.resolve`` then settles what depends on the machine and the launcher.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import typing
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
-from sftkit.values import CommandLineValue, Mismatch, coerce, type_name
+from sftkit.values import Bound, CommandLineValue, Mismatch, coerce, type_name
 
 
 @dataclass
@@ -107,6 +108,32 @@ REJECTED_KEYS = {
                            "remove the key",
 }
 
+_COUNT, _SOME, _SIZE = Bound(0), Bound(1), Bound(0, low_open=True)  # 0 or more; 1 or more; a positive amount
+_FRACTION, _BELOW_ONE = Bound(0, 1), Bound(0, 1, high_open=True)
+_SEED = Bound(0, 2**32 - 1)  # numpy's seeds
+# Every numeric key and the numbers it makes sense with, checked in one place (read_recipe); tests/test_bounds.py
+# walks every numeric key of TRL's classes and sftkit's and fails on one missing here. Without these, TRL and
+# transformers take many nonsense numbers: max_steps: 0 trains num_train_epochs, max_length: -5 trains,
+# render_check_rows: -1 switches the render guard off, learning_rate: .nan trains on NaN.
+BOUNDS: dict[str, Bound] = {
+    "per_device_train_batch_size": _SOME, "per_device_eval_batch_size": _SOME, "gradient_accumulation_steps": _SOME,
+    "eval_accumulation_steps": _SOME, "global_batch_size": _SOME,
+    "max_steps": Bound(1, also=(-1,), meaning="-1 (train num_train_epochs)"), "num_train_epochs": _COUNT,
+    "learning_rate": _SIZE, "warmup_steps": _COUNT, "weight_decay": _COUNT, "adam_beta1": _BELOW_ONE,
+    "adam_beta2": _BELOW_ONE, "adam_epsilon": _COUNT, "max_grad_norm": _COUNT, "label_smoothing_factor": _BELOW_ONE,
+    "neftune_noise_alpha": _COUNT, "router_aux_loss_coef": _COUNT, "grad_norm_limit": _SIZE,
+    # Steps below 1 are a fraction of the run's steps.
+    "logging_steps": _SIZE, "eval_steps": _SIZE, "save_steps": _SIZE, "eval_delay": _COUNT,
+    "save_total_limit": _SOME, "torch_empty_cache_steps": _SOME,
+    "seed": _SEED, "data_seed": _SEED,
+    "dataloader_num_workers": _COUNT, "dataloader_prefetch_factor": _SOME, "dataset_num_proc": _SOME,
+    "ddp_bucket_cap_mb": _SOME, "ddp_timeout": _SOME, "local_rank": Bound(-1),
+    "max_length": _SOME, "pad_to_multiple_of": Bound(1, also=("auto",), meaning="'auto' (pads on Neuron only)"),
+    "lora_r": _SOME, "lora_alpha": _SOME, "lora_dropout": _BELOW_ONE,
+    "test_split_size": _COUNT,  # a fraction or a number of rows: checked further in _check_together
+    "render_check_rows": _COUNT, "eval_samples": _COUNT, "max_invalid_fraction": _FRACTION,
+}
+
 
 @dataclass(frozen=True)
 class CheckedRecipe:
@@ -149,19 +176,78 @@ def _recipe_fields() -> dict[str, tuple[type, Any]]:
 # ---------------------------------------------------------------- reading the file
 
 
+# A recipe is keys and values: data, chat templates and DeepSpeed configs live in files of their own. The bounds are
+# far above any real recipe and far below what hurts: YAML aliases let 600 bytes expand to gigabytes, and the YAML
+# reader takes seconds over a file of this size.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_VALUES = 100_000
+
+
 def read_recipe_file(path: str) -> dict[str, Any]:
+    """The recipe file's top-level mapping, read within bounds (size, encoding, values once aliases are expanded)."""
     file = Path(path)
     if not file.is_file():
         raise SftkitError(f"recipe {path}: no such file")
+    with file.open("rb") as stream:
+        raw = stream.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise SftkitError(f"recipe {path} is larger than {MAX_RECIPE_BYTES:,} bytes, too large for a recipe of keys "
+                          "and values: put data, chat templates and DeepSpeed configs in files of their own and name "
+                          "them by path")
     try:
-        values = yaml.safe_load(file.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SftkitError(f"recipe {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at position "
+                          f"{error.start}): save it as UTF-8") from None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses a control character here, before any parsing
     except yaml.YAMLError as error:
         raise SftkitError(f"recipe {path}: not valid YAML:\n{error}") from None
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, path)
+        values = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        raise SftkitError(f"recipe {path}: not valid YAML:\n{error}") from None
+    except RecursionError:
+        raise SftkitError(f"recipe {path}: its YAML nests deeper than a recipe can; write it as flat key: value "
+                          "lines") from None
+    finally:
+        loader.dispose()
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise SftkitError(f"recipe {path}: the top level must be a mapping of key: value, got {type(values).__name__}")
     return values
+
+
+def _check_expansion(root: yaml.Node, path: str) -> None:
+    """Refuse a document whose values, each alias (*name) counted where it is used, pass MAX_RECIPE_VALUES, or an
+    alias inside its own anchor: walked once per node, so an alias bomb is measured without being built."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the nodes being walked: the path from the root to here
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise SftkitError(f"recipe {path}: the YAML value at line {node.start_mark.line + 1} holds an alias of "
+                              "itself, which never ends; write the value out")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+    if sizes[id(root)] > MAX_RECIPE_VALUES:
+        raise SftkitError(f"recipe {path}: its YAML holds {sizes[id(root)]:,} values once each alias (*name) is "
+                          f"counted where it is used, more than the {MAX_RECIPE_VALUES:,} a recipe may hold; write "
+                          "the values out instead of nesting aliases")
 
 
 def _closest(key: str, candidates: typing.Iterable[str]) -> str:
@@ -172,20 +258,20 @@ def _closest(key: str, candidates: typing.Iterable[str]) -> str:
 ENTRY_ADAPTER_KEYS = ("dataset_format", "dataset_options")
 
 
-def _check_mixture(entries: list[dict[str, Any]], recipe_path: str) -> None:
+def _check_mixture(entries: list[dict[str, Any]], source: str) -> None:
     known = {f.name for f in dataclasses.fields(DatasetConfig)} | set(ENTRY_ADAPTER_KEYS)
     for position, entry in enumerate(entries):
         for key in entry:
             if key not in known:
                 raise SftkitError(
-                    f"recipe {recipe_path}: datasets[{position}] has unknown key {key!r}{_closest(key, known)} "
+                    f"{source}: datasets[{position}] has unknown key {key!r}{_closest(key, known)} "
                     f"(accepted: {', '.join(sorted(known))})"
                 )
         if "path" not in entry:
-            raise SftkitError(f"recipe {recipe_path}: datasets[{position}] needs a 'path'")
+            raise SftkitError(f"{source}: datasets[{position}] needs a 'path'")
         if not isinstance(entry.get("dataset_format", ""), str) or not isinstance(entry.get("dataset_options", {}), dict):
             raise SftkitError(
-                f"recipe {recipe_path}: datasets[{position}]: dataset_format must be a string and dataset_options a mapping"
+                f"{source}: datasets[{position}]: dataset_format must be a string and dataset_options a mapping"
             )
 
 
@@ -209,9 +295,11 @@ OPTIONAL_PACKAGES = {
 }
 
 
-def _check_together(values: dict[str, Any], recipe_path: str) -> None:
+def _check_together(values: dict[str, Any], source: str) -> None:
+    """Keys that only make sense together; ``source``: the recipe, and the command line's keys where it set some."""
+
     def fail(message: str) -> typing.NoReturn:
-        raise SftkitError(f"recipe {recipe_path}: {message}")
+        raise SftkitError(f"{source}: {message}")
 
     if "mixture" in values and not any(entry.get("fraction") is not None for entry in values.get("datasets", [])):
         fail("mixture only takes effect on a datasets: mixture whose entries set fraction (each source's share of "
@@ -308,21 +396,50 @@ def derive_gradient_accumulation(global_batch: int, per_device: int, processes: 
 # ---------------------------------------------------------------- putting it together
 
 
+def environment_variables(environment: Any, where: str) -> dict[str, str]:
+    """The ``env:`` mapping as the variables it sets, each name and value one the environment can hold (no ``=`` in
+    a name, no NUL byte anywhere), so that setting them cannot fail half-way."""
+    if environment is None:
+        return {}
+    if not isinstance(environment, dict):
+        raise SftkitError(f"{where}: env must be a mapping of VARIABLE: value")
+    variables = {}
+    for name, value in environment.items():
+        name = str(name)
+        if not name or "=" in name or "\0" in name:
+            raise SftkitError(f"{where}: env: {_shown(name)} is not a variable name (a name is not empty and holds no "
+                              "'=' and no NUL byte); rename it")
+        if value is None or isinstance(value, (dict, list)):
+            raise SftkitError(f"{where}: env: {name} must be text or a number, got {_shown(value)} (write {name}: '' "
+                              "for an empty value)")
+        if "\0" in str(value):
+            raise SftkitError(f"{where}: env: {name} holds a NUL byte, which no environment variable can; remove it")
+        variables[name] = str(value)
+    return variables
+
+
+def _shown(value: Any) -> str:
+    """A value as an error quotes it: as typed when typed on the command line, else as YAML reads it; cut short."""
+    text = str(value) if isinstance(value, CommandLineValue) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def read_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> CheckedRecipe:
     """Read a recipe file with command-line overrides on top, and check every key, value and combination."""
     recipe_path = path or "<command line>"
-    values = read_recipe_file(path) if path else {}
-    values.update(overrides or {})
-    environment = values.pop("env", None) or {}
-    if not isinstance(environment, dict):
-        raise SftkitError(f"recipe {recipe_path}: env must be a mapping of VARIABLE: value")
+    overrides = overrides or {}
+    values = {**(read_recipe_file(path) if path else {}), **overrides}
 
+    def where(key: str) -> str:  # a key typed on the command line is not the file's to blame
+        return "command line" if key in overrides else f"recipe {recipe_path}"
+
+    environment = environment_variables(values.pop("env", None), where("env"))
     known = _recipe_fields()
     for key in values:
         if key in REJECTED_KEYS:
-            raise SftkitError(f"recipe {recipe_path}: {key}: {REJECTED_KEYS[key]}")
+            raise SftkitError(f"{where(key)}: {key}: {REJECTED_KEYS[key]}")
         if key not in known:
-            raise SftkitError(f"recipe {recipe_path}: unknown key {key!r}{_closest(key, known)}")
+            raise SftkitError(f"{where(key)}: unknown key {key!r}{_closest(key, known)}")
     for key, value in list(values.items()):
         annotation = known[key][1]
         if key == "resume_from_checkpoint" and isinstance(value, bool):
@@ -330,14 +447,18 @@ def read_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Ch
         try:
             values[key] = coerce(value, annotation)
         except Mismatch:
-            shown = str(value) if isinstance(value, CommandLineValue) else repr(value)
             hint = " (quote it: '0625', not 0625, which YAML reads as a number)" if annotation in (str, str | None) else ""
-            raise SftkitError(f"recipe {recipe_path}: {key} must be {type_name(annotation)}, got {shown}{hint}") from None
-    _check_mixture(values.get("datasets", []), recipe_path)
-    _check_together(values, recipe_path)
+            raise SftkitError(f"{where(key)}: {key} must be {type_name(annotation)}, got {_shown(value)}{hint}") from None
+        bound = BOUNDS.get(key)
+        if bound is not None and values[key] is not None and not bound.admits(values[key]):
+            finite = "a finite number " if isinstance(values[key], float) and not math.isfinite(values[key]) else ""
+            raise SftkitError(f"{where(key)}: {key} must be {finite}{bound.describe()}, got {_shown(value)}")
+    source = f"recipe {recipe_path}" + (f" with {', '.join(f'--{key}' for key in overrides)} from the command line"
+                                        if overrides and path else "")
+    _check_mixture(values.get("datasets", []), source)
+    _check_together(values, source)
     entry_adapters, entries = _split_entry_adapters(values)
-    return CheckedRecipe(values, {str(name): str(value) for name, value in environment.items()}, recipe_path,
-                         entry_adapters, entries)
+    return CheckedRecipe(values, environment, recipe_path, entry_adapters, entries)
 
 
 def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:

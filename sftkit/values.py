@@ -2,15 +2,18 @@
 
 A value is taken as the type wants it or refused, never guessed across kinds: ``0625`` is a number in
 YAML and not a string, ``true`` is not ``"true"``. Values typed on the command line are text, parsed as
-YAML for keys that are not text.
+YAML for keys that are not text. A number can be of its type and still make no sense for its key: a
+``Bound`` says which numbers do.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -44,6 +47,41 @@ def type_name(annotation: Any) -> str:
 
 class Mismatch(Exception):
     """A value that is not of the type its key (or option) declares."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The numbers a key makes sense with, beyond its type: a library takes ``max_length: -5`` or ``seed: -1`` and
+    fails far from the recipe, or does something else than asked. From ``low`` up to ``high`` (an ``*_open`` end
+    excluded), finite, or one of ``also``: values with a meaning of their own, ``meaning`` says which."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple[Any, ...] = ()
+    meaning: str = ""
+
+    def admits(self, value: Any) -> bool:
+        if any(value == special and type(value) is type(special) for special in self.also):
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """How the bound reads in an error: "at least 1", "at least 0 and below 1", "above 0, or -1 (...)"."""
+        parts = [f"{'above' if self.low_open else 'at least'} {_number(self.low)}"]
+        if self.high != math.inf:
+            parts.append(f"{'below' if self.high_open else 'at most'} {_number(self.high)}")
+        text = " and ".join(parts)
+        return f"{text}, or {self.meaning}" if self.meaning else text
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
 def coerce(value: Any, annotation: Any) -> Any:

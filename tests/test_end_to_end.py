@@ -189,7 +189,7 @@ def test_bad_data_stops_check_and_train_with_the_row_named(tmp_path):
 def test_misspelled_key_on_the_command_line_fails_fast(tmp_path):
     result = run(sys.executable, "-m", "sftkit", "train", f"--config={QUICKSTART}", "--max_step", "5")
     assert result.returncode == 2
-    assert "unknown key 'max_step'; did you mean max_steps?" in result.stderr
+    assert "sftkit: error: command line: unknown key 'max_step'; did you mean max_steps?" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -284,7 +284,7 @@ def test_an_error_under_the_readmes_accelerate_launch_is_one_message_without_a_t
     """The README's launch line (accelerate launch -q ...): sftkit's own error, and no launcher traceback after it."""
     [line] = [line for line in (ROOT / "README.md").read_text().splitlines()[:8] if "accelerate launch" in line]
     launch = shlex.split(line[line.index("accelerate launch"):])
-    result = run(*launch, "--output_dir", str(tmp_path / "out"), "--max_steps", "0", "--num_train_epochs", "0")
+    result = run(*launch, "--output_dir", str(tmp_path / "out"), "--max_steps", "-1", "--num_train_epochs", "0")
     assert result.returncode != 0
     assert "sftkit: error: recipe" in result.stderr and "would train nothing" in result.stderr
     assert "Traceback" not in result.stderr

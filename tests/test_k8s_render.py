@@ -106,7 +106,8 @@ VARIANTS = {
     "default": (),
     "deepspeed, secret, namespace": ("--accelerate-config", "configs/accelerate/deepspeed_zero3.yaml",
                                      "--hf-token-secret", "hf-token", "--namespace", "ml-team", "--shm-size", "32Gi",
-                                     "--env", "NCCL_DEBUG=INFO", "--volume", "sft-cache:/cache"),
+                                     "--env", "NCCL_DEBUG=INFO", "--volume", "sft-cache:/cache",
+                                     "--env-from-secret", "WANDB_API_KEY=llm-keys:wandb"),
 }
 
 
@@ -206,6 +207,37 @@ def test_every_pod_gets_the_recipe_shared_memory_gpus_the_volume_and_the_token(r
     accelerate = yaml.safe_load(configmap["data"]["accelerate.yaml"])
     assert (accelerate["distributed_type"], accelerate["num_machines"], accelerate["num_processes"]) == (
         "MULTI_GPU", 2, 16)
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_a_variable_from_a_secret_is_a_key_reference_and_the_line_that_creates_the_secret_is_printed(recipe, capsys,
+                                                                                                   kind):
+    _, job = render(recipe, "--kind", kind, "--namespace", "ml-team", "--env-from-secret", "WANDB_API_KEY=llm-keys",
+                    "--env-from-secret", "OPENAI_KEY=llm-keys:openai", "--hf-token-secret", "hf-token")
+    assert pod_of(job)[1]["env"] == [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"key": "WANDB_API_KEY", "name": "llm-keys"}}},
+        {"name": "OPENAI_KEY", "valueFrom": {"secretKeyRef": {"key": "openai", "name": "llm-keys"}}},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"key": "HF_TOKEN", "name": "hf-token"}}}]
+    notes = capsys.readouterr().err.splitlines()
+    assert ("sftkit: warning: the pods read WANDB_API_KEY, OPENAI_KEY from the Secret llm-keys, which must exist before "
+            "the job starts: kubectl create secret generic llm-keys --namespace ml-team "
+            '--from-literal=WANDB_API_KEY="$WANDB_API_KEY" --from-literal=openai="$OPENAI_KEY"') in notes
+    assert ("sftkit: warning: the pods read HF_TOKEN from the Secret hf-token, which must exist before the job starts: "
+            'kubectl create secret generic hf-token --namespace ml-team --from-literal=HF_TOKEN="$HF_TOKEN"') in notes
+
+
+@pytest.mark.parametrize(("variable", "why"), [
+    ("HF_TOKEN=hf_DoNotRenderThis1", "its name says it is a secret"),
+    ("MY_PRIVATE_KEY=pem-material-123", "its name says it is a secret"),
+    ("OPENAI_KEY=sk-DoNotRender", "its name says it is a secret"),
+    ("db_password=hunter2-hunter2", "its name says it is a secret"),
+    ("DATABASE_URL=postgres://trainer:s3cret-pass@db:5432/runs", "its value is a URL with credentials"),
+])
+def test_a_secret_given_as_a_plain_variable_is_refused_and_the_secret_form_offered(recipe, capsys, variable, why):
+    name, _, value = variable.partition("=")
+    error = refused(recipe, capsys, "--env", variable)
+    assert f"--env {name}: {why}" in error and f"pass --env-from-secret {name}=" in error
+    assert f'kubectl create secret generic {name.lower().replace("_", "-")} --from-literal={name}="${name}"' in error
+    assert value not in error and "s3cret-pass" not in error
 
 
 @pytest.mark.slow
@@ -322,6 +354,11 @@ def test_two_deepspeed_configs_are_refused(tmp_path, capsys, monkeypatch):
     (("--volume", "sft-cache:/etc/sftkit"), "/etc/sftkit is where the job mounts its own files"),
     (("--volume", "sft-cache:/data"), "two claims are mounted at the same path"),
     (("--env", "HF_TOKEN=hf_x", "--hf-token-secret", "hf-token"), "a variable is given twice"),
+    (("--env-from-secret", "HF_TOKEN=hf-token", "--hf-token-secret", "hf-token"), "a variable is given twice"),
+    (("--env-from-secret", "HF_TOKEN"), "--env-from-secret 'HF_TOKEN': write NAME=SECRET or NAME=SECRET:KEY"),
+    (("--env-from-secret", "HF_TOKEN=Hf_Token"), "the Secret 'Hf_Token' is not a valid name"),
+    (("--env-from-secret", "HF_TOKEN=hf-token:bad key"), "the key 'bad key' is not a Secret key"),
+    (("--env-from-secret", "MASTER_ADDR=net"), "the operator sets MASTER_ADDR in each pod"),
 ])
 def test_names_images_and_quantities_are_refused_locally(recipe, capsys, options, message):
     assert re.search(message, refused(recipe, capsys, *options))

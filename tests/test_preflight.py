@@ -66,13 +66,13 @@ def test_an_output_dir_holding_a_finished_run_is_refused_unless_overwritten_or_r
     with pytest.raises(SftkitError, match="holds a finished run"):  # auto finds no checkpoint: a fresh start
         preflight(recipe(tmp_path, resume_from_checkpoint="auto"))
     (tmp_path / "out" / "checkpoint-200").mkdir()
-    (tmp_path / "out" / "checkpoint-200" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-200" / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
     preflight(recipe(tmp_path, resume_from_checkpoint="auto"))  # goes on from its last checkpoint
 
 
 def test_the_checkpoints_of_a_stopped_run_are_refused_unless_resumed_or_overwritten(tmp_path):
     (tmp_path / "out" / "checkpoint-4").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
     with pytest.raises(SftkitError, match="holds checkpoint-4 of a run that did not finish: set "
                                           "resume_from_checkpoint: auto"):
         preflight(recipe(tmp_path))
@@ -83,7 +83,7 @@ def test_overwriting_removes_the_old_runs_checkpoints(tmp_path):
     from sftkit.train.job import train
 
     (tmp_path / "out" / "checkpoint-40").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-40" / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
     train(recipe(tmp_path, overwrite_output_dir=True, max_steps=2, eval_strategy="no", eval_on_start=False),
           save=False)
     assert not (tmp_path / "out" / "checkpoint-40").exists()  # a later resume cannot pick the old run's

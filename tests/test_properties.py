@@ -1,7 +1,10 @@
 """Bad input never crashes the program: random and malformed rows through every built-in adapter and the whole row
-chain become a trainable row or a classified row error; random recipe files become a recipe or a clear error."""
+chain become a trainable row or a classified row error; random recipe files, in any bytes, become a recipe or a clear
+error, read alone and through the command."""
 
 from __future__ import annotations
+
+import os
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +15,7 @@ from sftkit.adapters.messages import MessagesAdapter
 from sftkit.adapters.prompt_completion import PromptCompletionAdapter
 from sftkit.adapters.sharegpt import ShareGPTAdapter
 from sftkit.adapters.text import TextAdapter
+from sftkit.cli import main
 from sftkit.contract import RowError
 from sftkit.data.adapt import resolve_options
 from sftkit.data.rows import RowChain
@@ -89,3 +93,38 @@ def test_any_recipe_file_is_read_or_refused_with_a_clear_error(tmp_path, content
         read_recipe(str(path))
     except SftkitError as error:
         assert str(error).startswith(f"recipe {path}")
+
+
+# Bytes no UTF-8 text holds: a stray continuation byte, a cut sequence, an encoded surrogate, Latin-1's é, a BOM.
+NOT_UTF8 = [b"\x80", b"\xc3", b"\xed\xa0\x80", b"\xe9t\xe9", b"\xff\xfe", b"\xfe\xff", b"\xf8\x88\x80\x80\x80"]
+recipe_texts = (recipe_values.map(lambda values: yaml.safe_dump(values, allow_unicode=True))
+                | values.map(yaml.safe_dump) | st.text(max_size=80)).map(str.encode)
+
+
+@st.composite
+def recipe_bytes(draw: st.DrawFn) -> bytes:
+    """What a recipe file may hold: YAML, text, random bytes, UTF-16; often with a byte that is not UTF-8."""
+    content = draw(recipe_texts | st.binary(max_size=120)
+                   | recipe_texts.map(lambda text: "\ufeff".encode("utf-16-le") + text.decode().encode("utf-16-le")))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(content)))
+        content = content[:at] + draw(st.sampled_from(NOT_UTF8)) + content[at:]
+    return content
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=recipe_bytes())
+def test_any_recipe_file_given_to_the_command_is_checked_or_refused_without_a_traceback(tmp_path, capsys, monkeypatch,
+                                                                                         content):
+    monkeypatch.setattr("sftkit.check.check", lambda *arguments: None)  # the recipe is on trial here, not the rows
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    environment = dict(os.environ)  # the command sets the recipe's env:, example after example
+    try:
+        status = main(["check", "--config", str(path)])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert status == 0 or (status == 1 and error.startswith("sftkit: error: ")), error

@@ -249,7 +249,7 @@ def test_resume_true_is_the_latest_checkpoint_and_a_wrong_path_is_caught_before_
         load_recipe(str(recipe_with(tmp_path, text.replace("output_dir: /tmp/my-first-sft-exp\n", ""))))
     for step in (5, 10):
         (output / f"checkpoint-{step}").mkdir(parents=True)
-        (output / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (output / f"checkpoint-{step}" / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
     recipe = load_recipe(str(tmp_path / "recipe.yaml"), {"output_dir": str(output), "resume_from_checkpoint": True})
     assert recipe.training.resume_from_checkpoint == str(output / "checkpoint-10")
     with pytest.raises(SftkitError, match="resume_from_checkpoint '/no/such/checkpoint' is not a checkpoint"):
@@ -309,3 +309,126 @@ def test_reading_a_recipe_touches_nothing(tmp_path, monkeypatch):
     assert dict(os.environ) == before and set(tmp_path.rglob("*")) == files
     assert checked.environment == {"SFTKIT_TEST_UNSET": "1"} and checked.values["max_steps"] == 3
     assert "gradient_accumulation_steps" not in checked.values  # derived when resolved, for the launcher's processes
+
+
+@pytest.mark.parametrize("text, says", [
+    ("env:\n  HF_HOME: \"/data/hf\\0cache\"\n", "env: HF_HOME holds a NUL byte, which no environment variable can"),
+    ("env:\n  A=B: 1\n", "env: 'A=B' is not a variable name"),
+    ("env:\n  '': 1\n", "env: '' is not a variable name"),
+    ("env:\n  HF_HOME:\n", "env: HF_HOME must be text or a number, got None"),
+    ("env:\n  HF_HOME: [a, b]\n", "env: HF_HOME must be text or a number, got \\['a', 'b'\\]"),
+])
+def test_env_entries_the_environment_cannot_hold_are_refused_before_any_is_set(tmp_path, text, says):
+    before = dict(os.environ)
+    with pytest.raises(SftkitError, match=f"^recipe {tmp_path / 'recipe.yaml'}: {says}"):
+        load_recipe(str(recipe_with(tmp_path, "env:\n  SFTKIT_TEST_FIRST: 1\n" + text.removeprefix("env:\n"))))
+    assert dict(os.environ) == before
+
+
+def test_a_recipe_that_is_not_utf8_names_the_byte_and_what_to_do(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(WALKTHROUGH.encode() + "output_dir: /tmp/café\n".encode("latin-1"))
+    position = len(WALKTHROUGH.encode()) + len("output_dir: /tmp/caf")
+    with pytest.raises(SftkitError, match=f"^recipe {path} is not UTF-8 text \\(byte 0xe9 at position {position}\\): "
+                                          "save it as UTF-8$"):
+        load_recipe(str(path))
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The billion laughs in a recipe's env: 9 lists of 9 aliases of the list before: 9**9 values, under 700 bytes."""
+    lines = ["env:", "  L0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  L{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]" for level in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_without_being_built(tmp_path):
+    import time
+
+    path = recipe_with(tmp_path, alias_bomb())
+    assert path.stat().st_size - len(WALKTHROUGH) < 700
+    started = time.monotonic()
+    with pytest.raises(SftkitError, match=f"^recipe {path}: its YAML holds 490,329,0[0-9]{{2}} values once each alias "
+                                          r"\(\*name\) is counted where it is used, more than the 100,000"):
+        load_recipe(str(path))
+    assert time.monotonic() - started < 5
+
+
+def test_aliases_within_bounds_still_work(tmp_path):
+    """Anchors, aliases and merge keys are YAML a recipe may use; only their expansion is bounded."""
+    text = "dataset_options: &options {role_map: {bot: assistant}}\ndatasets_note: *options\n"
+    with pytest.raises(SftkitError, match="unknown key 'datasets_note'"):  # read, expanded, then checked as usual
+        load_recipe(str(recipe_with(tmp_path, text)))
+    recipe = load_recipe(str(recipe_with(tmp_path, "env:\n  A: &value '1'\n  B: *value\n")))
+    assert (os.environ["A"], os.environ["B"]) == ("1", "1") and recipe.values["max_steps"] == 10
+
+
+@pytest.mark.parametrize("text, says", [
+    ("env:\n  LOOP: &loop [1, *loop]\n", "the YAML value at line 10 holds an alias of itself"),
+    ("lora_target_modules: " + "[" * 5000 + "]" * 5000 + "\n", "its YAML nests deeper than a recipe can"),
+    ("# " + "x" * 256 * 1024 + "\n", "is larger than 262,144 bytes, too large for a recipe"),
+], ids=["alias-of-itself", "nested", "large"])
+def test_recipes_beyond_what_a_recipe_can_be_are_refused_in_one_line(tmp_path, text, says):
+    with pytest.raises(SftkitError, match=says) as error:
+        load_recipe(str(recipe_with(tmp_path, text)))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--max_step", "5"], "^command line: unknown key 'max_step'; did you mean max_steps\\?$"),
+    (["--max_steps", "ten"], "^command line: max_steps must be integer, got ten$"),
+    (["--shuffle_dataset"], "^command line: shuffle_dataset: sftkit always trains"),
+    (["--lora_r", "8"], "^recipe {path} with --lora_r from the command line: lora_r only take effect with use_peft"),
+])
+def test_a_key_on_the_command_line_is_blamed_on_the_command_line(walkthrough, arguments, says):
+    with pytest.raises(SftkitError, match=says.format(path=walkthrough)):
+        load_recipe(str(walkthrough), parse_overrides(arguments))
+
+
+def test_a_key_in_the_file_is_blamed_on_the_file_even_with_overrides(tmp_path):
+    path = recipe_with(tmp_path, "max_step: 5\n")
+    with pytest.raises(SftkitError, match=f"^recipe {path}: unknown key 'max_step'"):
+        load_recipe(str(path), parse_overrides(["--seed", "3"]))
+
+
+def recipe_commands(parser) -> dict[str, object]:
+    """Every command (k8s render as 'k8s render') whose parser takes --config: each reads a recipe."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                if "--config" in subparser._option_string_actions:
+                    found[name] = subparser
+                found.update({f"{name} {inner}": command for inner, command in recipe_commands(subparser).items()})
+    return found
+
+
+def test_every_command_that_reads_a_recipe_takes_recipe_keys_on_the_command_line():
+    parser = build_parser()
+    commands = recipe_commands(parser)
+    assert {"train", "check", "launch", "k8s render"} <= set(commands)
+    required = {"k8s render": ["--nodes", "1", "--gpus-per-node", "1", "--image", "sftkit:1"]}
+    for command in commands:
+        options, rest = parser.parse_known_args([*command.split(), "--config", "r.yaml", *required.get(command, []),
+                                                 "--max_steps", "3", "--learning-rate=1e-4", "--packing"])
+        assert getattr(options, "takes_recipe_keys", False), f"sftkit {command} refuses recipe keys"
+        assert parse_overrides(rest) == {"max_steps": "3", "learning_rate": "1e-4", "packing": "true"}, command
+
+
+def test_k8s_render_checks_the_overrides_and_writes_them_into_the_configmaps_recipe(tmp_path, capsys):
+    from sftkit.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: embedded:tiny-qwen2\ndataset_name: embedded:infinity-instruct-sample\n"
+                    "output_dir: /data/run\nmax_steps: 10\n")
+    render = ["k8s", "render", "--config", str(path), "--nodes", "1", "--gpus-per-node", "2", "--image", "sftkit:1",
+              "--volume", "data:/data", "-o", str(tmp_path / "job.yaml")]
+    assert main([*render, "--max_step", "5"]) == 2
+    assert "command line: unknown key 'max_step'; did you mean max_steps?" in capsys.readouterr().err
+    assert main([*render, "--max_steps", "5", "--learning_rate", "1e-4"]) == 0
+    configmap = next(document for document in yaml.safe_load_all((tmp_path / "job.yaml").read_text())
+                     if document["kind"] == "ConfigMap")
+    rendered = configmap["data"]["recipe.yaml"]
+    assert rendered.startswith(f"# {path}, with --max_steps --learning_rate from the command line\n")
+    assert yaml.safe_load(rendered) == {**yaml.safe_load(path.read_text()), "max_steps": 5, "learning_rate": 1e-4}

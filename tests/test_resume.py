@@ -139,7 +139,7 @@ def _checkpoint(output: Path, step: int, values: dict | None = None, processes: 
 
     folder = output / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text("{}")
+    (folder / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
     if values is not None:
         write_checkpoint_record(folder, values, processes)
     return folder

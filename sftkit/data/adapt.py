@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,6 +91,9 @@ def resolve_options(adapter: Adapter, given: Mapping[str, Any]) -> Any:
         except Mismatch:
             raise SftkitError(f"dataset_options: {key} of adapter {adapter.name!r} must be {type_name(hints[key])}, "
                               f"got {value!r}") from None
+        if isinstance(typed[key], float) and not math.isfinite(typed[key]):
+            raise SftkitError(f"dataset_options: {key} of adapter {adapter.name!r} must be a finite number, got "
+                              f"{value!r}")
     options = adapter.Options(**typed)
     try:
         adapter.check(options)

@@ -20,7 +20,7 @@ from sftkit.errors import SftkitError
 from sftkit.k8s.launch import SINGLE_PROCESS_TYPES, read_accelerate_config
 from sftkit.k8s.validation import VolumeSpec
 from sftkit.recipe import CheckedRecipe, derive_gradient_accumulation, read_recipe, read_recipe_file
-from sftkit.redaction import is_secret_name
+from sftkit.redaction import is_secret, redacted
 
 MOUNT_DIR = "/etc/sftkit"
 RECIPE_FILE = "recipe.yaml"
@@ -41,15 +41,13 @@ class Bundle:
     notes: list[str] = field(default_factory=list)
 
 
-def check_recipe(path: str, nodes: int, gpus_per_node: int) -> tuple[CheckedRecipe, list[str]]:
-    """Read and check the recipe (every key, value and combination), and derive its global batch for
-    nodes x gpus_per_node processes. Only the pure part of loading runs: the workstation that renders the job is
-    not the machine that trains, so its hardware, launcher and environment decide nothing here."""
-    recipe = read_recipe(path)
-    if secrets := sorted(name for name in recipe.environment if is_secret_name(name)):
-        raise SftkitError(f"recipe {path}: env: {', '.join(secrets)} would be stored in plain text in the job's "
-                          "ConfigMap; remove it from the recipe and give the pods a Kubernetes Secret instead "
-                          "(--hf-token-secret NAME for HF_TOKEN)")
+def check_recipe(path: str, nodes: int, gpus_per_node: int,
+                 overrides: dict[str, Any] | None = None) -> tuple[CheckedRecipe, list[str]]:
+    """Read and check the recipe with the command line's keys on top (every key, value and combination), and derive
+    its global batch for nodes x gpus_per_node processes. Only the pure part of loading runs: the workstation that
+    renders the job is not the machine that trains, so its hardware, launcher and environment decide nothing here."""
+    recipe = read_recipe(path, overrides)
+    refuse_secrets(path, recipe)
     processes = nodes * gpus_per_node
     per_device = recipe.values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
     global_batch = recipe.values.get("global_batch_size")
@@ -64,6 +62,23 @@ def check_recipe(path: str, nodes: int, gpus_per_node: int) -> tuple[CheckedReci
                  "gradient_accumulation_steps x processes); set global_batch_size to make the same steps on any "
                  "number of GPUs")
     return recipe, [f"recipe {path}: checked for {nodes} node(s) x {gpus_per_node} GPU(s); {batch}"]
+
+
+def refuse_secrets(path: str, recipe: CheckedRecipe) -> None:
+    """The ConfigMap is plain text for anyone who can read the job: a secret in the recipe (an env: variable whose
+    name or value is one, hub_token, a URL with credentials) is refused, naming the Secret form that carries it."""
+    variables = sorted(name for name, value in recipe.environment.items() if is_secret(name, value))
+    keys = sorted(key for key, value in recipe.values.items() if redacted({key: value}) != {key: value})
+    if not variables and not keys:
+        return
+    # hub_token reaches the Hub client as the pods' HF_TOKEN; a URL's credentials as a variable of the user's naming.
+    names = variables + (["HF_TOKEN"] if "hub_token" in keys else []) or ["NAME"]
+    raise SftkitError(
+        f"recipe {path}: {', '.join([*(f'env: {name}' for name in variables), *keys])} would be stored in plain "
+        "text in the job's ConfigMap, which anyone who can read the job can read: remove the secret from the recipe "
+        "(and the command line), keep it in a Kubernetes Secret and give it to the pods as a variable with "
+        f"{' '.join(f'--env-from-secret {name}=SECRET' for name in names)}"
+    )
 
 
 def check_output_dir(output_dir: str, volumes: list[VolumeSpec], allow_ephemeral: bool) -> str:
@@ -108,18 +123,23 @@ def _read_json(path: str, what: str) -> str:
     return text
 
 
-def recipe_file(path: str, recipe: CheckedRecipe, bundle: Bundle) -> None:
-    """The recipe as written; a DeepSpeed JSON it names by path travels beside it."""
+def recipe_file(path: str, recipe: CheckedRecipe, overrides: dict[str, Any], bundle: Bundle) -> None:
+    """The recipe as written, with the command line's keys written in (the pods train what was checked); a
+    DeepSpeed JSON it names by path travels beside it."""
     deepspeed = recipe.values.get("deepspeed")
-    if not isinstance(deepspeed, str):
+    if not isinstance(deepspeed, str) and not overrides:
         bundle.files[RECIPE_FILE] = Path(path).read_text()
         return
-    bundle.files[DEEPSPEED_FILE] = _read_json(deepspeed, f"recipe {path}: deepspeed")
     values = read_recipe_file(path)
-    values["deepspeed"] = mounted_path(DEEPSPEED_FILE)
-    header = f"# {path}, with deepspeed: {deepspeed} carried in the ConfigMap as {DEEPSPEED_FILE}\n"
+    values.update({key: recipe.values[key] for key in overrides})
+    changes = [f"{' '.join(f'--{key}' for key in overrides)} from the command line"] if overrides else []
+    if isinstance(deepspeed, str):
+        bundle.files[DEEPSPEED_FILE] = _read_json(deepspeed, f"recipe {path}: deepspeed")
+        values["deepspeed"] = mounted_path(DEEPSPEED_FILE)
+        changes.append(f"deepspeed: {deepspeed} carried in the ConfigMap as {DEEPSPEED_FILE}")
+        bundle.notes.append(f"recipe deepspeed: {deepspeed} carried as {mounted_path(DEEPSPEED_FILE)}")
+    header = f"# {path}, with {' and '.join(changes)}\n"
     bundle.files[RECIPE_FILE] = header + yaml.safe_dump(values, sort_keys=False)
-    bundle.notes.append(f"recipe deepspeed: {deepspeed} carried as {mounted_path(DEEPSPEED_FILE)}")
 
 
 def default_accelerate_config(nodes: int, gpus_per_node: int) -> dict[str, Any]:
@@ -179,13 +199,14 @@ def accelerate_file(config_path: str | None, nodes: int, gpus_per_node: int, rec
 
 
 def build_bundle(recipe_path: str, accelerate_config: str | None, nodes: int, gpus_per_node: int,
-                 volumes: list[VolumeSpec], allow_ephemeral_output: bool) -> Bundle:
-    """Check the recipe for this job and gather the files its pods read."""
-    recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node)
+                 volumes: list[VolumeSpec], allow_ephemeral_output: bool,
+                 overrides: dict[str, Any] | None = None) -> Bundle:
+    """Check the recipe, with the command line's keys, for this job and gather the files its pods read."""
+    recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node, overrides)
     bundle = Bundle(notes=notes)
     bundle.notes.append(check_output_dir(recipe.values.get("output_dir", SFTConfig.output_dir) or "trainer_output", volumes, allow_ephemeral_output))
     bundle.notes += unreachable_paths(recipe.values, volumes)
-    recipe_file(recipe_path, recipe, bundle)
+    recipe_file(recipe_path, recipe, overrides or {}, bundle)
     accelerate_file(accelerate_config, nodes, gpus_per_node, recipe, bundle)
     size = sum(len(text.encode()) for text in bundle.files.values())
     if size > CONFIGMAP_MAX_BYTES:

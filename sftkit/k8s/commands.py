@@ -15,7 +15,9 @@ RENDER = {
     "description": "Render a ConfigMap with the recipe and the accelerate config, and the Kubeflow job whose pods "
                    "run `sftkit launch`, as multi-document YAML: sftkit k8s render ... | kubectl apply -f -",
     "epilog": "The recipe is checked first, with the global batch of nodes x gpus-per-node processes. output_dir "
-              "must lie on a --volume (or pass --allow-ephemeral-output). See docs/kubernetes.md.",
+              "must lie on a --volume (or pass --allow-ephemeral-output). Other --key value options are recipe overrides, "
+              "as for train and launch: they are checked with the recipe and written into the ConfigMap's copy of it. "
+              "See docs/kubernetes.md.",
 }
 LAUNCH = {
     "usage": "sftkit launch --config RECIPE.yaml [--accelerate-config FILE] [--nproc-per-node N] [--key value ...]",
@@ -43,10 +45,15 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--volume", action="append", default=[], metavar="CLAIM:MOUNT",
                         help="mount a persistent volume claim in every pod (repeatable); output_dir must lie on one")
     parser.add_argument("--hf-token-secret", metavar="NAME",
-                        help="a Secret whose HF_TOKEN key becomes the pods' HF_TOKEN (gated models and datasets)")
+                        help="a Secret whose HF_TOKEN key becomes the pods' HF_TOKEN (gated models and datasets); "
+                             "the same as --env-from-secret HF_TOKEN=NAME")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a variable in every pod's environment (repeatable), e.g. HF_HOME=/data/hf-cache or "
-                             "NCCL_DEBUG=INFO")
+                             "NCCL_DEBUG=INFO; a secret (a name with KEY, SECRET, PASSWORD, TOKEN or CREDENTIAL, a URL "
+                             "with credentials) is refused: use --env-from-secret")
+    parser.add_argument("--env-from-secret", action="append", default=[], metavar="NAME=SECRET[:KEY]",
+                        help="a variable of every pod read from a key of a Kubernetes Secret (repeatable; the key "
+                             "defaults to NAME), written in no manifest, e.g. WANDB_API_KEY=wandb")
     parser.add_argument("--shm-size", default=DEFAULT_SHM_SIZE, metavar="QUANTITY",
                         help=f"size of the memory-backed /dev/shm of each pod (default {DEFAULT_SHM_SIZE})")
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME, metavar="NAME",
@@ -65,7 +72,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_render(options: argparse.Namespace) -> None:
-    from sftkit.k8s.render import JobRequest, render
+    from sftkit.cli import parse_overrides
+    from sftkit.k8s.render import JobRequest, render, secret_variable
     from sftkit.k8s.validation import environment_variable, volume_spec
 
     request = JobRequest(
@@ -73,8 +81,9 @@ def run_render(options: argparse.Namespace) -> None:
         kind=options.kind, accelerate_config=options.accelerate_config, namespace=options.namespace,
         name=options.name, volumes=[volume_spec(value) for value in options.volume],
         hf_token_secret=options.hf_token_secret, environment=[environment_variable(value) for value in options.env],
+        secret_environment=[secret_variable(value) for value in options.env_from_secret],
         shm_size=options.shm_size, runtime=options.runtime,
-        allow_ephemeral_output=options.allow_ephemeral_output,
+        allow_ephemeral_output=options.allow_ephemeral_output, overrides=parse_overrides(options.overrides),
     )
     render(request, options.output)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -26,6 +26,7 @@ from typing import NoReturn
 import yaml
 
 from sftkit.errors import SftkitError
+from sftkit.redaction import redact
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default
 SLURM_PORT_BASE = 10000  # SLURM sets no port: one derived from the job id keeps two jobs on a node apart
@@ -272,13 +273,30 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def hub_token_to_environment(recipe_overrides: list[str], environ: MutableMapping[str, str]) -> list[str]:
+    """The recipe overrides without ``--hub_token``, whose value is moved to ``environ`` as HF_TOKEN, which sftkit and
+    the Hub client read alike: the command is printed, and any user of the machine can read its arguments."""
+    kept, index = [], 0
+    while index < len(recipe_overrides):
+        key, has_value, value = recipe_overrides[index].removeprefix("--").partition("=")
+        if key.replace("-", "_") != "hub_token":
+            kept.append(recipe_overrides[index])
+        else:
+            if not has_value and index + 1 < len(recipe_overrides) and not recipe_overrides[index + 1].startswith("--"):
+                index += 1
+                value = recipe_overrides[index]
+            environ["HF_TOKEN"] = value
+        index += 1
+    return kept
+
+
 def launch(recipe: str, accelerate_config: str | None, override: int | None, recipe_overrides: list[str]) -> NoReturn:
     """Map this machine's variables to accelerate's flags, print them and the command, and become the command."""
     if not Path(recipe).is_file():
         raise SftkitError(f"recipe {recipe}: no such file")
     rendezvous = rendezvous_from_environment(os.environ, visible_gpus(), override)
     command = launch_command(rendezvous, accelerate_config, read_distributed_type(accelerate_config),
-                             ["--config", recipe, *recipe_overrides])
+                             ["--config", recipe, *hub_token_to_environment(recipe_overrides, os.environ)])
     print(f"sftkit: launch: {rendezvous.describe()}", file=sys.stderr)
-    print(f"sftkit: launch: {shlex.join(command)}", file=sys.stderr, flush=True)
+    print(f"sftkit: launch: {redact(shlex.join(command))}", file=sys.stderr, flush=True)
     os.execvp(command[0], command)

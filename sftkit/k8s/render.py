@@ -21,7 +21,11 @@ from sftkit.errors import SftkitError
 from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, build_bundle, mounted_path
 from sftkit.k8s.commands import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
 from sftkit.k8s.validation import (
+    ENV_NAME,
     LABEL_MAX,
+    RENDEZVOUS_VARIABLES,
+    SUBDOMAIN_MAX,
+    TORCHRUN_RESERVED,
     VolumeSpec,
     dns_1035_label,
     dns_1123_label,
@@ -29,6 +33,7 @@ from sftkit.k8s.validation import (
     image_reference,
     positive_quantity,
 )
+from sftkit.redaction import has_credentials, is_secret
 
 SHM_MOUNT = "/dev/shm"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -38,6 +43,36 @@ TRAINJOB_NODE = "node"  # the replicated job and the container of the torch-dist
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
 LAUNCH_COMMAND = ["sftkit", "launch", "--config", mounted_path(RECIPE_FILE),
                   "--accelerate-config", mounted_path(ACCELERATE_FILE)]
+
+
+SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")  # the keys of a Secret's data
+
+
+@dataclass(frozen=True)
+class SecretVariable:
+    """A variable of every pod whose value the kubelet reads from a key of a Kubernetes Secret (secretKeyRef), so
+    that it is written in no manifest."""
+
+    name: str
+    secret: str
+    key: str
+
+
+def secret_variable(value: str) -> SecretVariable:
+    """--env-from-secret NAME=SECRET[:KEY]; the key is the variable's name unless given."""
+    name, separator, reference = value.partition("=")
+    secret, _, key = reference.partition(":")
+    if not separator or not ENV_NAME.fullmatch(name) or not secret:
+        raise SftkitError(f"--env-from-secret {value!r}: write NAME=SECRET or NAME=SECRET:KEY, e.g. --env-from-secret "
+                          "HF_TOKEN=hf-token")
+    if name in TORCHRUN_RESERVED or name in RENDEZVOUS_VARIABLES:
+        raise SftkitError(f"--env-from-secret {name}: the operator sets {name} in each pod; leave it out")
+    dns_1123_subdomain(secret, "--env-from-secret: the Secret")
+    key = key or name
+    if len(key) > SUBDOMAIN_MAX or not SECRET_KEY.fullmatch(key):
+        raise SftkitError(f"--env-from-secret {value!r}: the key {key!r} is not a Secret key (letters, digits, '-', "
+                          f"'_' and '.', at most {SUBDOMAIN_MAX} characters)")
+    return SecretVariable(name, secret, key)
 
 
 @dataclass
@@ -55,9 +90,11 @@ class JobRequest:
     volumes: list[VolumeSpec] = field(default_factory=list)
     hf_token_secret: str | None = None
     environment: list[tuple[str, str]] = field(default_factory=list)
+    secret_environment: list[SecretVariable] = field(default_factory=list)
     shm_size: str = DEFAULT_SHM_SIZE
     runtime: str = DEFAULT_RUNTIME
     allow_ephemeral_output: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys given on the command line
 
 
 def pod_names(kind: str, name: str, nodes: int) -> list[str]:
@@ -99,9 +136,19 @@ def check_request(request: JobRequest) -> None:
         dns_1123_label(request.namespace, "--namespace")
     if request.hf_token_secret is not None:
         dns_1123_subdomain(request.hf_token_secret, "--hf-token-secret")
-    names = [name for name, _ in request.environment] + (["HF_TOKEN"] if request.hf_token_secret else [])
+    names = [name for name, _ in request.environment] + [variable.name for variable in secret_variables(request)]
     if len(set(names)) != len(names):
-        raise SftkitError(f"--env: a variable is given twice ({', '.join(names)}; --hf-token-secret sets HF_TOKEN)")
+        raise SftkitError(f"--env, --env-from-secret: a variable is given twice ({', '.join(names)}; "
+                          "--hf-token-secret sets HF_TOKEN)")
+    for name, value in request.environment:
+        if is_secret(name, value):
+            why = "its value is a URL with credentials" if has_credentials(value) else "its name says it is a secret"
+            secret = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "secret"
+            raise SftkitError(
+                f"--env {name}: {why}, and the job would carry it in plain text for anyone who can read the job: keep "
+                f"it in a Kubernetes Secret (kubectl create secret generic {secret} --from-literal={name}=\"${name}\") "
+                f"and pass --env-from-secret {name}={secret} instead"
+            )
     mounts = [PurePosixPath(volume.mount) for volume in request.volumes]
     if len(set(mounts)) != len(mounts):
         raise SftkitError(f"--volume: two claims are mounted at the same path ({', '.join(map(str, mounts))})")
@@ -110,6 +157,28 @@ def check_request(request: JobRequest) -> None:
             if mount.is_relative_to(taken) or PurePosixPath(taken).is_relative_to(mount):
                 raise SftkitError(f"--volume {volume.claim}:{volume.mount}: {taken} is where the job mounts its own "
                                   "files; mount the claim elsewhere")
+
+
+def secret_variables(request: JobRequest) -> list[SecretVariable]:
+    """The variables the pods read from Secrets; --hf-token-secret NAME is --env-from-secret HF_TOKEN=NAME."""
+    token = [SecretVariable("HF_TOKEN", request.hf_token_secret, "HF_TOKEN")] if request.hf_token_secret else []
+    return [*request.secret_environment, *token]
+
+
+def secret_notes(request: JobRequest) -> list[str]:
+    """For each Secret the pods read, the kubectl line that creates it: a pod whose Secret is missing never starts."""
+    by_secret: dict[str, list[SecretVariable]] = {}
+    for variable in secret_variables(request):
+        by_secret.setdefault(variable.secret, []).append(variable)
+    namespace = f" --namespace {request.namespace}" if request.namespace else ""
+    notes = []
+    for secret, variables in by_secret.items():
+        # Each value from the shell's variable of the same name: a value typed on a command line stays in its history.
+        literals = {variable.key: f'--from-literal={variable.key}="${variable.name}"' for variable in variables}
+        notes.append(f"warning: the pods read {', '.join(variable.name for variable in variables)} from the Secret "
+                     f"{secret}, which must exist before the job starts: kubectl create secret generic "
+                     f"{secret}{namespace} {' '.join(literals.values())}")
+    return notes
 
 
 # ---------------------------------------------------------------- Kubeflow Trainer v2: TrainJob
@@ -137,9 +206,9 @@ def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap:
           for index, volume in enumerate(request.volumes)),
     ]
     environment = [v2.IoK8sApiCoreV1EnvVar(name=name, value=value) for name, value in request.environment]
-    if request.hf_token_secret:
-        environment.append(v2.IoK8sApiCoreV1EnvVar(name="HF_TOKEN", value_from=v2.IoK8sApiCoreV1EnvVarSource(
-            secret_key_ref=v2.IoK8sApiCoreV1SecretKeySelector(name=request.hf_token_secret, key="HF_TOKEN"))))
+    environment += [v2.IoK8sApiCoreV1EnvVar(name=variable.name, value_from=v2.IoK8sApiCoreV1EnvVarSource(
+        secret_key_ref=v2.IoK8sApiCoreV1SecretKeySelector(name=variable.secret, key=variable.key)))
+        for variable in secret_variables(request)]
     gpus = {GPU_RESOURCE: quantity(str(request.gpus_per_node))}
     trainer = v2.TrainerV1alpha1Trainer(
         image=request.image,
@@ -201,9 +270,9 @@ def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configma
           for index, volume in enumerate(request.volumes)),
     ]
     environment = [client.V1EnvVar(name=name, value=value) for name, value in request.environment]
-    if request.hf_token_secret:
-        environment.append(client.V1EnvVar(name="HF_TOKEN", value_from=client.V1EnvVarSource(
-            secret_key_ref=client.V1SecretKeySelector(name=request.hf_token_secret, key="HF_TOKEN"))))
+    environment += [client.V1EnvVar(name=variable.name, value_from=client.V1EnvVarSource(
+        secret_key_ref=client.V1SecretKeySelector(name=variable.secret, key=variable.key)))
+        for variable in secret_variables(request)]
     gpus = {GPU_RESOURCE: str(request.gpus_per_node)}
     container = client.V1Container(
         name=constants.PYTORCHJOB_CONTAINER,  # the operator finds its container by this name
@@ -268,7 +337,7 @@ def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[st
     check_request(request)
     name = job_name(request)
     bundle = build_bundle(request.recipe, request.accelerate_config, request.nodes, request.gpus_per_node,
-                          request.volumes, request.allow_ephemeral_output)
+                          request.volumes, request.allow_ephemeral_output, request.overrides)
     labels = {"app.kubernetes.io/name": "sftkit", "app.kubernetes.io/instance": name}
     configmap = f"{name}-config"
     build = _trainjob if request.kind == "trainjob" else _pytorchjob
@@ -276,7 +345,7 @@ def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[st
     kind = "TrainJob" if request.kind == "trainjob" else "PyTorchJob"
     summary = (f"{kind} {name}: {request.nodes} node(s) x {request.gpus_per_node} GPU(s), image {request.image}; "
                f"ConfigMap {configmap}")
-    return documents, [*bundle.notes, summary]
+    return documents, [*bundle.notes, summary, *secret_notes(request)]
 
 
 class _Dumper(yaml.SafeDumper):

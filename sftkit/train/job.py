@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.outputs.callbacks import output_callbacks
 from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe, number_of_processes
+from sftkit.redaction import remember
 from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
 from sftkit.train.checkpoints import latest_checkpoint
 from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
@@ -55,6 +57,9 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         logger.info(note)
     args = recipe.training
     output_dir = Path(args.output_dir)
+    if args.hub_token:  # the Hub client reads HF_TOKEN when the arguments hold none: no file the run writes holds it
+        remember(args.hub_token, os.environ.get("HF_TOKEN"))
+        os.environ["HF_TOKEN"] = args.hub_token
     check_trackers(args)  # report_to: known, installed, and where each writes, before any data is read
 
     # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
@@ -124,6 +129,11 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         eval_by_source=rows.eval_by_source,
         callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
     )
+    if peft_config is not None:
+        trainable = sum(parameter.numel() for parameter in trainer.model.parameters() if parameter.requires_grad)
+        total = sum(parameter.numel() for parameter in trainer.model.parameters())
+        logger.info("peft: %s trainable parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+                    100 * trainable / total)
     if args.torch_compile:
         compiled = compile_decoder_layers(trainer.model, trainer.accelerator.state.dynamo_plugin)
         logger.info("speed: torch_compile: %d decoder layers compiled, each on its own", compiled)
@@ -160,6 +170,7 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         trainer.evaluate()
     if save:
         trainer.save_model(args.output_dir)
+        trainer.create_model_card()
     trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
     written = {"model": str(output_dir)} if save else {}
@@ -185,6 +196,7 @@ def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     args.model_init_kwargs = model_init_kwargs(recipe)
     args.remove_unused_columns = False  # the trainer's rows hold what the collators read, and row ids they pass on
+    args.hub_token = None  # in every checkpoint's training_args.bin otherwise; the Hub client reads HF_TOKEN (train)
     if args.padding_free and not args.packing:  # TRL refuses rows it has not cut; sftkit has cut them to max_length
         args.max_length = None
     if "logging_nan_inf_filter" not in recipe.values:  # the loss guard stops at such a loss instead of hiding it

@@ -3,7 +3,7 @@
 sftkit's GPU defaults (variable-length or flex attention, a head-loss kernel, fused AdamW, data-loading workers,
 no activation recomputation) have not met every card, driver and container a user has. Before the first step,
 the run takes one batch through the data loader, the model's forward and backward pass, and one fused AdamW step
-on a scratch tensor. A lever sftkit chose that fails there (a kernel that does not run on this card, workers
+on a scratch tensor. A lever sftkit chose (or a library's default) that fails there (a kernel that does not run on this card, workers
 killed by a small /dev/shm, an out-of-memory without recomputation) is dropped for the plain path, with a warning
 that names it and how to pin it; a lever the recipe asked for fails the run with the error it met. The processes
 agree on what they drop, so that all of them train alike.
@@ -66,14 +66,16 @@ def prove_levers(trainer: Any, recipe: Recipe) -> list[str]:
             lever = _suspect(levers, dropped, error)
             if lever is None:
                 raise
-            if lever not in recipe.chosen_levers:
+            if lever in recipe.values and lever not in recipe.chosen_levers:
                 raise SftkitError(f"{lever}: {levers[lever]} (as the recipe says) fails on this machine before the "
                                   f"first step: {type(error).__name__}: {_first_line(error)}. Remove it from the "
                                   f"recipe or choose another value.") from None
+            # Not the recipe's choice: sftkit's for this machine, or the library's default (TRL's optim is fused AdamW).
+            chooser = "sftkit chose for this machine" if lever in recipe.chosen_levers else "is the default"
             dropped.append(lever)
-            logger.warning("speed: %s %s, which sftkit chose for this machine, fails here before the first step "
-                           "(%s: %s); it is dropped for %s. Set %s in the recipe to choose.", lever, levers[lever],
-                           type(error).__name__, _first_line(error), PLAIN[lever], lever)
+            logger.warning("speed: %s %s, which %s, fails here before the first step (%s: %s); it is dropped for %s. "
+                           "Set %s in the recipe to choose.", lever, levers[lever], chooser, type(error).__name__,
+                           _first_line(error), PLAIN[lever], lever)
             DROP[lever](trainer)
     if trainer.accelerator.num_processes > 1:  # what any process dropped, every process drops
         everywhere = sorted({lever for part in gather_object([dropped]) for lever in part})

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from sftkit.redaction import redact
+from sftkit.redaction import redacted
 
 RECORD_NAME = "sftkit_run.yaml"
 VERSIONED = ("sftkit", "trl", "transformers", "accelerate", "deepspeed", "datasets", "torch", "pluggy")
@@ -25,28 +25,29 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """YAML-safe copy: enums and library objects become their text."""
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return getattr(value, "value", str(value))
 
 
 def write_run_record(output_dir: str, recipe_values: dict[str, Any], details: dict[str, Any]) -> Path:
-    """Write the resolved recipe (a valid recipe on its own), the adapter, the data and the versions."""
+    """Write the resolved recipe (a valid recipe on its own, with its secrets redacted), the adapter, the data and the
+    versions."""
     path = Path(output_dir) / RECORD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
+    record = redacted({
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "recipe": _plain(recipe_values),
-        **_plain(details),
+        "recipe": plain(recipe_values),
+        **plain(details),
         "versions": package_versions(),
-    }
-    path.write_text(redact(yaml.safe_dump(record, sort_keys=False, allow_unicode=True)))
+    })
+    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     return path
 
 
@@ -54,5 +55,5 @@ def add_to_run_record(output_dir: str, section: str, values: dict[str, Any]) -> 
     """Add what is known only at the end (rows drawn, steps, losses) to the record written before step 1."""
     path = Path(output_dir) / RECORD_NAME
     record = yaml.safe_load(path.read_text())
-    record[section] = _plain(values)
-    path.write_text(redact(yaml.safe_dump(record, sort_keys=False, allow_unicode=True)))
+    record[section] = redacted(plain(values))
+    path.write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
