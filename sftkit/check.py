@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit.contract import RowError
 from sftkit.data.account import account_lines
-from sftkit.data.bad_rows import enforce
+from sftkit.data.bad_rows import enforce, row_name
 from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
 from sftkit.data.templates import as_templates_read, rendering_tokenizer, reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
@@ -163,8 +163,9 @@ def _shown_rows(data: PreparedData, tokenizer: PreTrainedTokenizerBase, count: i
         example = data.train.rows[position]
         trained = sum(label != IGNORE for label in example["labels"][1:])
         noted = "".join(f"; {count} {note}" for note, count in Counter(example["notes"]).items())
-        lines.append(f"\n--- train row {example['row']}: {trained} of {len(example['input_ids'])} tokens trained "
-                     f"({marks}){noted} ---")
+        source = data.sources[example["source_index"]]
+        where = row_name(source.name, source.loaded_row(example["source_split"], example["source_row"]))
+        lines.append(f"\n--- {where}: {trained} of {len(example['input_ids'])} tokens trained ({marks}){noted} ---")
         lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
         try:
             difference = _same_as_inference(example, data.record(data.train, position), tokenizer)

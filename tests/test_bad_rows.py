@@ -51,7 +51,7 @@ def test_every_reason_is_counted_with_its_rows(tmp_path):
     data = prepare(tmp_path, rows_with(ALL_BUT_LENGTH), on_invalid="skip", max_invalid_fraction=0.5)
     report = data.train.report
     assert dict(report.invalid) == {reason: 1 for reason in ALL_BUT_LENGTH}
-    assert report.examples["unknown role"] == [12] and report.valid == 12
+    assert report.examples["unknown role"] == [(str(tmp_path / "rows.jsonl"), 12)] and report.valid == 12
     assert data.train.trainable().num_rows == 12
 
 
@@ -67,9 +67,22 @@ def test_error_policy_stops_with_counts_and_the_first_problem(tmp_path):
         prepare(tmp_path, rows_with(["unknown role", "unknown role", "empty content"]))
     message = str(error.value)
     assert "3 of 15 train rows are invalid" in message
-    assert "2 unknown role (rows 12, 13)" in message and "1 empty content (rows 14)" in message
-    assert "First: train row 12: turn 1 has unknown role 'robot'" in message
+    assert "2 unknown role (rows.jsonl rows 12, 13)" in message and "1 empty content (rows.jsonl row 14)" in message
+    assert "First: rows.jsonl row 12: turn 1 has unknown role 'robot'" in message
     assert "on_invalid: skip" in message
+
+
+def test_a_row_is_named_by_its_place_in_its_file_wherever_it_is_prepared(tmp_path):
+    """Held-out rows change every row's place in the train split: the report still names the file's row, as
+    skipped_rows.jsonl does."""
+    rows = rows_with(["unknown role"], good=30)  # the bad row is the file's row 30
+    data = prepare(tmp_path, rows, on_invalid="skip", max_invalid_fraction=0.5, test_split_size=0.2)
+    split = data.train if data.train.report.invalid else data.eval
+    assert "1 unknown role (rows.jsonl row 30)" in "\n".join(split.report.lines())
+    assert split.report.first_problem().startswith("rows.jsonl row 30: ")
+    data.write_skipped(str(tmp_path / "out"), resuming=False)
+    [listed] = [json.loads(line) for line in (tmp_path / "out" / "skipped_rows.jsonl").read_text().splitlines()]
+    assert (listed["source"], listed["source_row"]) == (str(tmp_path / "rows.jsonl"), 30)
 
 
 def test_too_many_skipped_rows_stop_the_run(tmp_path):

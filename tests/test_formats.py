@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import subprocess
 import sys
 
@@ -30,8 +31,8 @@ def test_check_shows_what_training_trains(tmp_path, path):
     tokenizer = load_tokenizer(recipe)
     trained = data.train.on_demand if data.train.on_demand is not None else data.train.rows
     ids = trained.data.column("row").to_pylist() if data.train.on_demand is not None else trained["row"]
-    for block in printed.getvalue().split("\n--- train row ")[1:]:
-        row = int(block.split(":", 1)[0])
+    for block in printed.getvalue().split("\n--- ")[1:]:
+        row = int(re.match(r".*? row (\d+): ", block)[1])  # "SOURCE row N: ..."
         item = trained[ids.index(row)]
         assert item.get(INVALID_KEY) is None
         assert mark_trained(list(item["input_ids"]), list(item["labels"]), tokenizer, colour=False) in block

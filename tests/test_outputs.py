@@ -247,3 +247,41 @@ def test_commands_have_their_own_help(capsys):
         with pytest.raises(SystemExit) as exit_code:
             main([command, "--help"])
         assert exit_code.value.code == 0 and f"usage: sftkit {command}" in capsys.readouterr().out
+
+
+def test_a_lora_run_shorter_than_logging_steps_logs_its_last_step_and_its_trainable_parameters(tmp_path, caplog):
+    """Three steps, a loss logged every ten: the last step's loss is still logged and drawn; the LoRA run says how
+    many parameters train; its card names the base model, the data, sftkit and the recipe."""
+    pytest.importorskip("peft")
+    caplog.set_level("INFO", logger="sftkit")
+    output = tmp_path / "short"
+    train(load_recipe(str(QUICKSTART), {"output_dir": str(output), "max_steps": 3, "logging_steps": 10,
+                                        "eval_strategy": "no", "eval_on_start": False, "eval_samples": 0,
+                                        "use_peft": True, "lora_r": 4}))
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [3]
+    assert picture_description(output / "loss.png").startswith("short: steps 3-3, train loss ")
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("peft: ")]
+    trainable, total = (int(number.replace(",", "")) for number in line.split()[1:6:4])
+    assert 0 < trainable < total and line.endswith(f"({100 * trainable / total:.2f}%)")
+    card = (output / "README.md").read_text()
+    assert "[None]" not in card and "A fine-tuned version of `embedded:tiny-qwen2` (a LoRA adapter on it)" in card
+    assert "trained on `embedded:infinity-instruct-sample`" in card and "sftkit 0.1.0" in card
+    assert "lora_r: 4" in card and f"sftkit merge {output} -o MERGED" in card
+
+
+def test_plot_says_when_there_is_nothing_to_draw(tmp_path, capsys):
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 1.0, "step": 0}]}))
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "loss.png")]) == 2
+    assert "nothing to draw:" in capsys.readouterr().err and not (tmp_path / "loss.png").exists()
+
+
+def test_a_model_card_puts_hub_ids_in_its_front_matter_and_no_secret_anywhere(monkeypatch):
+    from sftkit.outputs.model_card import model_card
+
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-12345678")
+    card = model_card({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset_name": "BAAI/Infinity-Instruct",
+                       "hub_token": "hf_abcdefghijklmnop", "run_name": "wandb-secret-12345678"}, "outputs/x")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "Qwen/Qwen2.5-0.5B" and front["datasets"] == ["BAAI/Infinity-Instruct"]
+    assert "hf_abcdefghijklmnop" not in card and "wandb-secret-12345678" not in card

@@ -34,9 +34,9 @@ SETTINGS = TokenizeSettings(max_length=None, truncate=True, truncation_mode="kee
                             eos_after_replies=False)
 
 
-def records(*conversations) -> list[tuple[int, dict]]:
-    """Rows as the data path hands them to the guard: (row, canonical record)."""
-    return [(row, {"messages": conversation}) for row, conversation in enumerate(conversations)]
+def records(*conversations) -> list[tuple[str, dict]]:
+    """Rows as the data path hands them to the guard: (the row's name, canonical record)."""
+    return [(f"rows.jsonl row {row}", {"messages": conversation}) for row, conversation in enumerate(conversations)]
 
 
 def test_clean_data_passes(tokenizer):
@@ -52,8 +52,8 @@ def test_template_that_drops_turns_is_caught(tokenizer):
     finally:
         tokenizer.chat_template = original
     message = str(error.value)
-    assert "train row 0: turn 0 (system)" in message
-    assert "chat_template_path" in message and "renders train row 0 as" in message  # known roles: another template
+    assert "rows.jsonl row 0: turn 0 (system)" in message
+    assert "chat_template_path" in message and "renders rows.jsonl row 0 as" in message  # known roles: another template
 
 
 def test_unmapped_sharegpt_roles_are_caught_with_qwen25_template(tokenizer):
@@ -122,5 +122,5 @@ def test_a_run_whose_template_drops_turns_stops_before_any_row_is_prepared(tmp_p
         tmp_path / "recipe.yaml", model_name_or_path=TINY_MODEL, output_dir=str(tmp_path / "out"), prepare=prepare,
         dataset_name=str(write_jsonl(tmp_path / "rows.jsonl", sharegpt_rows)), max_steps=1,
         chat_template_path=str(tmp_path / "drops_user_turns.jinja"))))
-    with pytest.raises(SftkitError, match="(?s)lose turns in the chat template.*turn 1 \\(user\\).*renders train row 0"):
+    with pytest.raises(SftkitError, match="(?s)lose turns in the chat template.*turn 1 \\(user\\).*renders .* row 0"):
         prepare_data(recipe, load_tokenizer(recipe))

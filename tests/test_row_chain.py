@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -165,10 +166,10 @@ def test_check_shows_what_the_paths_train(tmp_path):
     with contextlib.redirect_stdout(printed), contextlib.suppress(Exception):
         check(recipe, 3, colour=False)
     rows = by_row(eager)
-    shown = printed.getvalue().split("\n--- train row ")[1:]
+    shown = printed.getvalue().split("\n--- ")[1:]
     assert len(shown) == 3
     for block in shown:
-        row = int(block.split(":", 1)[0])
+        row = int(re.match(r".*? row (\d+): ", block)[1])  # "SOURCE row N: ..."
         input_ids, labels = rows[row]
         assert mark_trained(input_ids, labels, tokenizer, colour=False) in block
         assert "the prompt is token for token what inference sends" in block

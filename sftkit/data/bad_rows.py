@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from sftkit.data.tokenization import IGNORE
 from sftkit.errors import SftkitError
-from sftkit.redaction import redact
+from sftkit.redaction import redacted
 
 SHOWN_ROWS = 5
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
@@ -35,16 +35,37 @@ ROW_IDS = "sftkit_row_ids"  # the ids of the rows a batch trains on
 MIN_ROWS_FOR_FRACTION = 100  # max_invalid_fraction is judged mid-run once this many rows have been drawn
 
 
+def _short(source: str) -> str:
+    """A local file by its name, anything else (a Hub id, an embedded sample) as it is."""
+    return Path(source).name if Path(source).exists() else source
+
+
+def row_name(source: str, row: int) -> str:
+    """How a row is named to users everywhere (check, the log, errors, skipped_rows.jsonl): its source and its
+    position there, counted from 0 (a JSON Lines file's row 5 is its sixth line)."""
+    return f"{_short(source)} row {row}"
+
+
+def _named(rows: list[tuple[str, int]]) -> str:
+    """``a.jsonl rows 3, 5, b.jsonl row 2``: rows named by source, each source once."""
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for source, row in rows:
+        by_source[source].append(row)
+    return ", ".join(f"{_short(source)} row{'s' if len(found) > 1 else ''} "
+                     f"{', '.join(map(str, found))}" for source, found in by_source.items())
+
+
 @dataclass
 class RowReport:
     """How the rows of one split fared: invalid rows counted by reason, what was noted of the valid ones (turns left
-    untrained, reasoning not rendered, cuts to max_length) counted by note, and the first few rows of each."""
+    untrained, reasoning not rendered, cuts to max_length) counted by note, and the first few rows of each, named by
+    their source and their position there (``row_name``)."""
 
     split: str
     rows: int
     invalid: Counter = field(default_factory=Counter)
-    examples: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
-    problems: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (reason, message)
+    examples: dict[str, list[tuple[str, int]]] = field(default_factory=lambda: defaultdict(list))
+    problems: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)  # row -> (reason, message)
     noted: Counter = field(default_factory=Counter)
 
     @property
@@ -56,36 +77,37 @@ class RowReport:
         for label, counts in (("", self.invalid), ("noted: ", self.noted)):
             for reason, count in counts.most_common():
                 rows = self.examples[reason]
-                shown = ", ".join(map(str, rows)) + (", ..." if count > len(rows) else "")
-                out.append(f"  {label}{count:,} {reason} (rows {shown})")
+                out.append(f"  {label}{count:,} {reason} ({_named(rows)}{', ...' if count > len(rows) else ''})")
         return out
 
     def first_problem(self) -> str:
-        row = min(self.problems)
-        _, message = self.problems[row]
-        return f"{self.split} row {row}: {message}"
+        (source, row), (_, message) = next(iter(self.problems.items()))
+        return f"{row_name(source, row)}: {message}"
 
 
-def report_rows(dataset: datasets.Dataset, split: str) -> RowReport:
-    """Count the rows that adapting or tokenizing marked ``invalid``, and the notes of the valid ones; only the rows
-    that have either are read one by one (a large clean split costs no pass)."""
+def report_rows(dataset: datasets.Dataset, split: str, sources: Sequence[Any]) -> RowReport:
+    """Count the rows that adapting or tokenizing marked ``invalid``, and the notes of the valid ones, each named by
+    its source (of ``sources``) and its row there; only the rows that have either are read one by one (a large
+    clean split costs no pass)."""
     report = RowReport(split, dataset.num_rows)
     table = dataset.with_format("arrow")[:]
     invalid, notes = table.column("invalid"), table.column("notes")
     with_notes = pc.greater(pc.list_value_length(notes), 0).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(pc.is_valid(invalid).to_numpy(zero_copy_only=False) | with_notes)
-    problems = table.column("problem").take(rows).to_pylist()
-    for row, reason, problem, row_notes in zip(rows.tolist(), invalid.take(rows).to_pylist(), problems,
-                                               notes.take(rows).to_pylist(), strict=True):
+    columns = {name: table.column(name).take(rows).to_pylist()
+               for name in ("invalid", "problem", "notes", "source_index", "source_split", "source_row")}
+    for reason, problem, row_notes, index, source_split, source_row in zip(*columns.values(), strict=True):
+        source = sources[index]
+        where = (source.name, source.loaded_row(source_split, source_row))
         if reason is not None:
             report.invalid[reason] += 1
             if len(report.examples[reason]) < SHOWN_ROWS:
-                report.examples[reason].append(row)
-                report.problems[row] = (reason, problem)
+                report.examples[reason].append(where)
+                report.problems[where] = (reason, problem)
         for note in row_notes:
             report.noted[note] += 1
-            if row not in report.examples[note] and len(report.examples[note]) < SHOWN_ROWS:
-                report.examples[note].append(row)
+            if where not in report.examples[note] and len(report.examples[note]) < SHOWN_ROWS:
+                report.examples[note].append(where)
     return report
 
 
@@ -137,7 +159,7 @@ def append_skipped(output_dir: str, entries: Sequence[Mapping[str, Any]]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as file:
         for entry in entries:
-            file.write(redact(json.dumps(entry, ensure_ascii=False, default=str)) + "\n")
+            file.write(json.dumps(redacted(entry), ensure_ascii=False, default=str) + "\n")  # redacted, then encoded
 
 
 def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str, resuming: bool) -> int:
@@ -222,7 +244,8 @@ class RowPolicy(TrainerCallback):
             return control
         if self.rows.first is not None:
             entry, step = self.rows.first
-            stop += f"; this process met train row {entry['row']} at step {step}: {entry['reason']}: {entry['problem']}"
+            stop += (f"; this process met {row_name(entry['source'], entry['source_row'])} at step {step}: "
+                     f"{entry['reason']}: {entry['problem']}")
         trainer.policy_stop = stop
         control.should_save = True
         control.should_training_stop = True

@@ -29,7 +29,7 @@ from sftkit.contract import RowError
 from sftkit.data import streaming
 from sftkit.data.account import SourceAccount, account_split, check_shares
 from sftkit.data.adapt import check_columns, choose_adapter, options_record, resolve_options
-from sftkit.data.bad_rows import RowReport, enforce, report_rows, write_skipped
+from sftkit.data.bad_rows import RowReport, enforce, report_rows, row_name, write_skipped
 from sftkit.data.cache import cached, code_digest, preparation_key
 from sftkit.data.mixture import Draw, draw_mixture
 from sftkit.data.on_demand import OnDemandSource, on_demand_rows
@@ -240,15 +240,18 @@ def _parts(sources: list[Source], split: str, ids: np.ndarray | None) -> list[tu
     return parts
 
 
-def _guard(parts: list[tuple[int, datasets.Dataset, np.ndarray]], chains: list[RowChain], count: int,
-           split: str) -> int:
-    """The render guard on ``count`` rows spread over the split, before any row is prepared; returns rows rendered."""
+def _guard(parts: list[tuple[int, datasets.Dataset, np.ndarray]], sources: list[Source], chains: list[RowChain],
+           count: int, split: str, source_split: str) -> int:
+    """The render guard on ``count`` rows spread over the split (rows of each source's ``source_split``), before any
+    row is prepared; returns rows rendered."""
     total = sum(len(rows) for _, _, rows in parts)
     picked, records, start = set(sample_indices(total, count)), [], 0
     for index, raw, rows in parts:
+        source = sources[index]
         for position in sorted(p - start for p in picked if start <= p < start + len(rows)):
+            name = row_name(source.name, source.loaded_row(source_split, int(rows[position])))
             try:
-                records.append((int(rows[position]), chains[index].record(raw[position])))
+                records.append((name, chains[index].record(raw[position])))
             except RowError:
                 continue  # counted by the bad-row policy when the row is prepared
         start += len(rows)
@@ -314,7 +317,7 @@ def _prepare_planned(sources: list[Source], chains: list[RowChain], choices: lis
         splits = {}
         for name, (split, ids) in plan.items():
             parts = _parts(sources, split, ids)
-            rendered += _guard(parts, chains, guard_rows, name)
+            rendered += _guard(parts, sources, chains, guard_rows, name, split)
             splits[name] = _prepared(parts, sources, chains, split, name, key, num_proc)
         return splits
 
@@ -334,7 +337,7 @@ def _prepare_on_demand(sources: list[Source], chains: list[RowChain], choices: l
                                                 source.drawn.get("train")))
     sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
     parts = _parts(sources, "train", sample)
-    rendered = _guard(parts, chains, guard_rows, "train")
+    rendered = _guard(parts, sources, chains, guard_rows, "train", "train")
     key = preparation_key({"sources": [source.fingerprint for source in sources], "sample": sample.tolist()},
                           code=code_digest(type(choice.installed.adapter) for choice in choices))
     preflight = _prepared(parts, sources, chains, "train", "train sample", key, None)
@@ -392,7 +395,8 @@ def _prepare_streamed(recipe: Recipe, sources: list[Source], choices: list[Adapt
             source.train = datasets.Dataset.from_list([raw for _, _, raw in mine])
             source.drawn["train"] = np.array([line for _, line, _ in mine])
             parts.append((index, source.train, np.array([position for position, _, _ in mine])))
-    rendered += _guard([(index, raw, np.arange(len(raw))) for index, raw, _ in parts], chains, guard_rows, "train")
+    rendered += _guard([(index, raw, np.arange(len(raw))) for index, raw, _ in parts], sources, chains, guard_rows,
+                       "train", "train")
     sample = []
     for index, raw, positions in parts:
         out = prepare_rows(raw, chains[index], "train sample", f"stream-sample-{index}-{raw._fingerprint}")
@@ -404,7 +408,7 @@ def _prepare_streamed(recipe: Recipe, sources: list[Source], choices: list[Adapt
     eval_parts = [(index, source.eval, np.arange(source.eval.num_rows)) for index, source in enumerate(sources)
                   if source.eval is not None]
     if eval_parts:
-        rendered += _guard(eval_parts, chains, guard_rows, "eval")
+        rendered += _guard(eval_parts, sources, chains, guard_rows, "eval", "eval")
         splits["eval"] = _prepared(eval_parts, sources, chains, "eval", "eval", "stream-eval", None)
     origin = ("none" if not eval_parts else f"each source's first {held_out} rows (test_split_size)" if held_out
               else f"split {recipe.script.dataset_test_split!r}")
@@ -414,7 +418,7 @@ def _prepare_streamed(recipe: Recipe, sources: list[Source], choices: list[Adapt
     on_demand = streaming.streamed_rows(reader, count)
     prepared: dict[str, PreparedSplit] = {}
     for name, rows in splits.items():
-        report = report_rows(rows, "train sample" if name == "train" else name)
+        report = report_rows(rows, "train sample" if name == "train" else name, sources)
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         prepared[name] = PreparedSplit(name, rows, report, on_demand if name == "train" else None)
@@ -489,11 +493,13 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, enforce_pol
     if rendered:
         logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
                     rendered)
+    elif not guard_rows:
+        logger.info("render guard: off (render_check_rows: 0); every row is still checked as it is prepared")
 
     splits: dict[str, PreparedSplit] = {}
     for name, rows in prepared.items():
         sample = name == "train" and on_demand is not None
-        report = report_rows(rows, "train sample" if sample else name)
+        report = report_rows(rows, "train sample" if sample else name, sources)
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         splits[name] = PreparedSplit(name, rows, report, on_demand if sample else None, share and name == "train")

@@ -27,7 +27,7 @@ SHOWN_PROBLEMS = 3
 
 @dataclass
 class Problem:
-    row: int
+    row: str  # the row's name: its source and its place there
     turn: int
     role: str
     content: Any
@@ -54,12 +54,12 @@ def sample_indices(num_rows: int, count: int) -> list[int]:
     return sorted({int(i * step) for i in range(count)})
 
 
-def check_rendering(records: Sequence[tuple[int, Mapping[str, Any]]], tokenizer: PreTrainedTokenizerBase,
+def check_rendering(records: Sequence[tuple[str, Mapping[str, Any]]], tokenizer: PreTrainedTokenizerBase,
                     settings: TokenizeSettings, split: str) -> int:
-    """Render the sampled ``(row, record)`` conversations as training renders them; raise if a turn is missing from
-    the rendering. Returns how many were rendered (rows the template rejects are the bad-row policy's)."""
+    """Render the sampled ``(row's name, record)`` conversations as training renders them; raise if a turn is missing
+    from the rendering. Returns how many were rendered (rows the template rejects are the bad-row policy's)."""
     problems: list[Problem] = []
-    renderings: dict[int, str] = {}
+    renderings: dict[str, str] = {}
     for row, record in records:
         conversation = record.get("messages") or [
             *(record["prompt"] if isinstance(record.get("prompt"), list) else []),
@@ -80,12 +80,12 @@ def check_rendering(records: Sequence[tuple[int, Mapping[str, Any]]], tokenizer:
         problems += [Problem(row, turn, conversation[turn]["role"], conversation[turn].get("content"))
                      for turn in appearance(messages, renderings[row]).missing]
     if problems:
-        shown = "\n".join(f"  {split} row {problem.row}: turn {problem.turn} ({problem.role}): {problem.content!r:.60} "
+        shown = "\n".join(f"  {problem.row}: turn {problem.turn} ({problem.role}): {problem.content!r:.60} "
                           "is missing from the rendering" for problem in problems[:SHOWN_PROBLEMS])
         first = problems[0].row
         raise SftkitError(
             f"render guard: {len({problem.row for problem in problems})} of {len(renderings)} sampled {split} "
             f"examples lose turns in the chat template:\n{shown}\n"
-            f"The chat template renders {split} row {first} as:\n{renderings[first][:800]}\n{_hint(problems)}"
+            f"The chat template renders {first} as:\n{renderings[first][:800]}\n{_hint(problems)}"
         )
     return len(renderings)

@@ -104,6 +104,11 @@ def draw(runs: list[RunHistory], path: Path, title: str) -> None:
     os.replace(partial, path)
 
 
+def drawable(run: RunHistory) -> bool:
+    """Whether the run has logged a loss to draw."""
+    return bool(series(run.history, "loss").steps or series(run.history, "eval_loss").steps)
+
+
 def matplotlib_installed() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -128,12 +133,13 @@ class LossCurves(TrainerCallback):
             self._draw(state)
 
     def _draw(self, state: Any) -> None:
-        if state.is_world_process_zero:
-            draw([RunHistory(self.label, state.log_history)], self.path, f"loss curves of {self.label}")
+        run = RunHistory(self.label, state.log_history)
+        if state.is_world_process_zero and drawable(run):
+            draw([run], self.path, f"loss curves of {self.label}")
             self.drawn = True
 
     def summary_lines(self) -> list[str]:
-        return [f"loss curves    {self.path}"] if self.drawn else []
+        return [f"loss curves    {self.path}" if self.drawn else "loss curves    nothing to draw: no loss was logged"]
 
 
 def loss_curves(output_dir: str) -> LossCurves | None:
@@ -196,5 +202,8 @@ def plot_runs(directories: list[str], output: str) -> list[RunHistory]:
     histories = [_history(path) for path in paths]
     runs = [RunHistory(label, history) for label, history
             in zip(labels(directories, [_recipe(path) for path in paths]), histories, strict=True)]
+    if not any(drawable(run) for run in runs):
+        raise SftkitError(f"nothing to draw: {' and '.join(directories)} logged no loss yet (a run logs its loss every "
+                          "logging_steps steps and at its last step)")
     draw(runs, Path(output), f"loss curves of {len(runs)} runs" if len(runs) > 1 else f"loss curves of {directories[0]}")
     return runs

@@ -53,6 +53,16 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def _unreadable(name: str, error: Exception) -> str:
+    """Why the weights in ``name`` cannot be loaded, and what to do."""
+    if "weights_only" in str(error) or type(error).__name__ == "UnpicklingError":
+        return (f"{name}: its weights are a pickle file, which loads only by running the code it holds, so it is not "
+                "loaded. Convert them to safetensors where you trust their source, or name a directory that holds "
+                "model.safetensors (every sftkit run writes one)")
+    return (f"{name}: its weights cannot be read ({_first_line(error)}): a file cut short by an interrupted copy or "
+            "save, or not a model's weights. Copy it again, or name a checkpoint-* folder of the run")
+
+
 def _adapter_base(directory: Path) -> str:
     """The base model the adapter's config names, checked to be there when it is a path."""
     config = directory / ADAPTER_CONFIG
@@ -72,9 +82,9 @@ def open_trained(name: str) -> Trained:
     base = _adapter_base(directory) if is_adapter else None
     try:
         model = AutoModelForCausalLM.from_pretrained(base or directory, dtype="auto")
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever stops the weights loading, the user needs the file named
         if base is None:
-            raise SftkitError(f"{name}: the model cannot be loaded ({_first_line(error)})") from None
+            raise SftkitError(_unreadable(name, error)) from None
         raise SftkitError(f"{directory} is a LoRA adapter on {base}, which cannot be loaded ({_first_line(error)}); "
                           f"make it available, or set base_model_name_or_path in {directory / ADAPTER_CONFIG} to "
                           "where the base model is") from None
@@ -84,7 +94,10 @@ def open_trained(name: str) -> Trained:
         except ImportError:
             raise SftkitError(f"{directory} is a LoRA adapter, and applying it needs peft: pip install "
                               "'sftkit[peft]'") from None
-        model = PeftModel.from_pretrained(model, directory)
+        try:
+            model = PeftModel.from_pretrained(model, directory)
+        except Exception as error:  # noqa: BLE001 - a cut or foreign adapter file: named, not a traceback
+            raise SftkitError(_unreadable(str(directory), error)) from None
     # The run saved its tokenizer beside the adapter; an adapter saved without one uses its base's.
     source = directory if (directory / TOKENIZER_CONFIG).is_file() or base is None else base
     try:

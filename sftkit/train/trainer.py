@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
@@ -20,7 +21,15 @@ from trl import SFTTrainer
 from sftkit.data.bad_rows import INVALID_KEY, ROW_IDS, ROWS_KEY, MidRunRows, RowPolicy, summed
 from sftkit.data.order import EpochOrder
 from sftkit.errors import SftkitError
-from sftkit.train.checkpoints import STAGING_DIR, publish, read_counts, write_checkpoint_record, write_counts
+from sftkit.outputs.model_card import write_model_card
+from sftkit.train.checkpoints import (
+    STAGING_DIR,
+    publish,
+    read_counts,
+    space_to_write,
+    write_checkpoint_record,
+    write_counts,
+)
 from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
 from sftkit.train.head_loss import (
     KERNELS,
@@ -39,6 +48,16 @@ logger = logging.getLogger(__name__)
 PATH_NAMES = {"trl": "TRL's fused head (lm_head_loss: trl; no logits either)",
               LOGITS: "the model's own logits (lm_head_loss: logits; exact for any head, but the logits are built)",
               **{kernel: f"the {kernel} kernel" for kernel in KERNELS}}
+
+
+class LogLastStep(TrainerCallback):
+    """The last step's loss is logged whatever logging_steps is: a run shorter than logging_steps still has a loss
+    in its history, its summary and loss.png."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 class SftkitTrainer(SFTTrainer):
@@ -70,6 +89,7 @@ class SftkitTrainer(SFTTrainer):
         self.rows = MidRunRows(known_invalid or set())
         self.policy_stop: str | None = None
         self.add_callback(RowPolicy(self, self.rows, on_invalid, max_invalid_fraction))
+        self.add_callback(LogLastStep())
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -165,21 +185,34 @@ class SftkitTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, once it is in place
         self.staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.staging, self.args.save_total_limit = False, limit
-        if self.args.should_save:
-            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staged.parent:
-                self.state.best_model_checkpoint = str(output_dir / Path(self.state.best_model_checkpoint).name)
-                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-            write_checkpoint_record(staged, self.recipe_values, self.accelerator.num_processes)
-            write_counts(staged, counts)
+        with space_to_write(staged, output_dir):
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.staging, self.args.save_total_limit = False, limit
+            if self.args.should_save:
+                if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staged.parent:
+                    self.state.best_model_checkpoint = str(output_dir / Path(self.state.best_model_checkpoint).name)
+                    self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+                write_checkpoint_record(staged, self.recipe_values, self.accelerator.num_processes)
+                write_counts(staged, counts)
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             publish(staged, output_dir)
             rotate_checkpoints(str(output_dir), limit, self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """output_dir/README.md from the recipe (``sftkit.outputs.model_card``): the base model, the data, sftkit's
+        version and the recipe, where TRL's card knows only what the loaded config says."""
+        if self.is_world_process_zero():
+            write_model_card(self.recipe_values, self.args.output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The parent's save; on a full disk, one error that names the file and the checkpoint to go on from."""
+        with space_to_write(Path(output_dir or self.args.output_dir), Path(self.args.output_dir)):
+            super().save_model(output_dir, _internal_call)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """The parent's training; a resumed run's counts (tokens, rows) go on from its checkpoint's, held by the main
