@@ -93,7 +93,7 @@ def test_rows_a_template_cannot_mask_met_mid_run_follow_the_bad_row_policy(tmp_p
     stopped = run(tmp_path / "error", *common, "--on_invalid", "error", "--save_steps", "100")
     assert stopped.returncode != 0
     message = stopped.stderr[stopped.stderr.rfind("sftkit: error"):]
-    assert "reply does not follow its prompt" in message and "train row" in message, stopped.stderr[-2000:]
+    assert "reply does not follow its prompt" in message and "rows.jsonl row " in message, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
     assert any(path.name.startswith("checkpoint-") for path in (tmp_path / "error").iterdir())
 

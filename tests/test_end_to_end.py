@@ -180,7 +180,7 @@ def test_bad_data_stops_check_and_train_with_the_row_named(tmp_path):
               "--eval_strategy", "no", "--output_dir", str(tmp_path / "out"))
     checked = run(sys.executable, "-m", "sftkit", "check", *common)
     assert checked.returncode == 1
-    assert "train row 1: turn 1 has unknown role 'robot'" in checked.stderr
+    assert "rows.jsonl row 1: turn 1 has unknown role 'robot'" in checked.stderr
     assert "Traceback" not in checked.stderr
     trained = run(sys.executable, "-m", "sftkit", *common)
     assert trained.returncode == 2 and "unknown role 'robot'" in trained.stderr
@@ -224,7 +224,8 @@ def test_lora_without_peft_is_one_line_that_says_what_to_install(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=python_without(tmp_path, "peft"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"sftkit: error: recipe {QUICKSTART}: use_peft: true needs the peft package, which is not installed: "
+        f"sftkit: error: recipe {QUICKSTART} with --output_dir, --use_peft, --lora_r from the command line: "
+        "use_peft: true needs the peft package, which is not installed: "
         "pip install 'sftkit[peft]'")
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
