@@ -289,8 +289,9 @@ def run_one(name: str, work: Path, tiny: bool) -> dict:
         trainer.train()
         levers: list[str] = []
     else:
-        from sftkit.recipe import load_recipe, read_recipe_file
-        from sftkit.train.job import train
+        from sftkit.jobs.train import train
+        from sftkit.recipe import read_recipe_file
+        from sftkit.setup.resolve import load_recipe
 
         recipe = read_recipe_file(str(RECIPE))
         recipe.pop("dataset_config")  # the data here is a local text file

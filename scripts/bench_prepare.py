@@ -50,9 +50,10 @@ class FirstStep(TrainerCallback):
         print(f"FIRST_STEP {time.time()} {peak_rss_kib()}", flush=True); control.should_training_stop = True
 """
 SFTKIT_SCRIPT = FIRST_STEP + """
-from sftkit.cli import build_parser, parse_overrides
-from sftkit.recipe import load_recipe
-from sftkit.train.job import train
+from sftkit.cli import build_parser
+from sftkit.values import parse_overrides
+from sftkit.setup.resolve import load_recipe
+from sftkit.jobs.train import train
 options, rest = build_parser().parse_known_args(["train", *sys.argv[1:]])
 train(load_recipe(options.config, parse_overrides(rest)), callbacks=[FirstStep()])
 """
@@ -306,7 +307,7 @@ def raw_tokenizer_rate(data: Path, tokenizer_dir: Path, rows: int) -> float:
 def sftkit_epoch_rate(data: Path, tokenizer_dir: Path, rows: int, output: Path) -> float:
     """Rows/s of sftkit's full eager preparation (adapt, render, tokenize, mask, policy), cold cache."""
     from sftkit.data.preparation import prepare_data
-    from sftkit.recipe import load_recipe
+    from sftkit.setup.resolve import load_recipe
     from sftkit.train.model import load_tokenizer
 
     recipe_path = output.with_suffix(".yaml")

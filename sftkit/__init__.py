@@ -9,7 +9,24 @@ and register the adapter with ``@sftkit.hookimpl``. ``sftkit.CONTRACT`` is the c
 docs/plugins.md walks through a whole plugin.
 """
 
-from sftkit.contract import CONTRACT, Adapter, Columns, Detection, NoOptions, Option, RowError
+from sftkit.contract import (
+    CONTRACT,
+    ROLES,
+    Adapter,
+    Columns,
+    Conversation,
+    Detection,
+    Function,
+    Message,
+    NoOptions,
+    Option,
+    PromptCompletion,
+    Record,
+    Role,
+    RowError,
+    Text,
+    ToolCall,
+)
 from sftkit.errors import SftkitError
 from sftkit.hookspecs import hookimpl
 from sftkit.records import (
@@ -17,16 +34,7 @@ from sftkit.records import (
     INVALID_WEIGHT,
     MALFORMED_TOOL_CALL,
     REASONING_KEYS,
-    ROLES,
     UNKNOWN_ROLE,
-    Conversation,
-    Function,
-    Message,
-    PromptCompletion,
-    Record,
-    Role,
-    Text,
-    ToolCall,
     attach_tools,
     check_role_map,
     detect_turns,

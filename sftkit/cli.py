@@ -18,27 +18,10 @@ from typing import Any
 from sftkit import __version__
 from sftkit.contract import DEBUG_ENV
 from sftkit.errors import SftkitError, StoppedBySignal
-from sftkit.values import CommandLineValue
+from sftkit.values import parse_overrides
 
 RECIPE_KEYS = "Any recipe key can follow as --key value (or --key=value; a bare --flag means true): it overrides the file."
 
-
-def parse_overrides(arguments: list[str]) -> dict[str, Any]:
-    """``--key value`` recipe overrides (``--flag`` alone means true), kept as text until the key's type is known."""
-    overrides: dict[str, Any] = {}
-    index = 0
-    while index < len(arguments):
-        token = arguments[index]
-        if not token.startswith("--") or token == "--":
-            raise SftkitError(f"unexpected argument {token!r}: recipe keys are written --key value or --key=value")
-        key, has_value, value = token[2:].partition("=")
-        if not has_value:
-            next_is_value = index + 1 < len(arguments) and not arguments[index + 1].startswith("--")
-            value = arguments[index + 1] if next_is_value else "true"
-            index += 1 if next_is_value else 0
-        index += 1
-        overrides[key.replace("-", "_")] = CommandLineValue(value)
-    return overrides
 
 
 def _setup_logging() -> None:
@@ -81,19 +64,19 @@ def _environment_first(config: str | None) -> None:
 
 
 def _recipe(options: argparse.Namespace) -> Any:
-    from sftkit.recipe import load_recipe
+    from sftkit.setup.resolve import load_recipe
 
     return load_recipe(options.config, parse_overrides(options.overrides))
 
 
 def _train(options: argparse.Namespace) -> None:
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
 
     train(_recipe(options))
 
 
 def _check(options: argparse.Namespace) -> None:
-    from sftkit.check import check
+    from sftkit.jobs.check import check
 
     colour = not options.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     check(_recipe(options), options.rows, colour)

@@ -20,7 +20,7 @@ import os
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Required, TypedDict, get_args
 
 from sftkit.errors import SftkitError
 
@@ -116,6 +116,64 @@ def Option(default: Any = None, help: str = "") -> Any:
 class NoOptions:
     """The Options of an adapter that takes none."""
 
+# The canonical records, what every adapter's convert returns (``sftkit.records`` has the helpers that build them).
+
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+class Function(TypedDict):
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCall(TypedDict, total=False):
+    id: str  # the call's id, which the tool turn that answers it names (Mistral's templates read both)
+    type: Required[Literal["function"]]
+    function: Required[Function]
+
+
+class Message(TypedDict, total=False):
+    role: Required[Role]
+    content: Required[str]
+    reasoning_content: str  # assistant messages: the reasoning before the reply
+    tool_calls: list[ToolCall]  # assistant messages that call tools
+    weight: Literal[0, 1]  # assistant messages: 0 leaves the turn untrained (OpenAI's fine-tuning format)
+    name: str  # tool messages: the tool that answered
+    tool_call_id: str  # tool messages: the id of the call answered
+
+
+class Conversation(TypedDict, total=False):
+    messages: Required[list[Message]]
+    tools: list[dict[str, Any]]
+
+
+class PromptCompletion(TypedDict):
+    prompt: str | list[Message]
+    completion: str | list[Message]
+
+
+class Text(TypedDict):
+    text: str
+
+
+Record = Conversation | PromptCompletion | Text
+RecordShape = Literal["messages", "prompt_completion", "text"]
+
+
+def record_shape(record: Mapping[str, Any]) -> RecordShape | None:
+    """Which of the three canonical shapes a record has; None for none of them."""
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return "text" if "text" in record else None
+
+
+def is_conversation(record: Mapping[str, Any]) -> bool:
+    """Whether a checked record is rendered by a chat template: messages, or a prompt and completion of turns."""
+    return record_shape(record) == "messages" or isinstance(record.get("prompt"), list)
+
 
 class Adapter:
     """Turns one raw dataset row into a canonical record (``sftkit.records``).
@@ -144,9 +202,9 @@ class Adapter:
     def check(self, options: Any) -> None:
         """Once per run, before any row: raise ``ValueError`` with what is wrong with an option's value."""
 
-    def convert(self, row: Mapping[str, Any], options: Any) -> dict[str, Any]:
-        """One raw row (a ``RowView`` of the declared columns, missing optional ones as None) -> a canonical record
-        (a dict), or ``RowError``."""
+    def convert(self, row: Mapping[str, Any], options: Any) -> Record:
+        """One raw row (a ``RowView`` of the declared columns, missing optional ones as None) -> a canonical record,
+        or ``RowError``."""
         raise NotImplementedError
 
 

@@ -5,7 +5,7 @@ against the fields of ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
 ``DatasetMixtureConfig`` (and sftkit's ``SftkitArguments``), every value against its field's type
 and every number against its key's bound (``BOUNDS``), and keys that only make sense together are checked together, all before anything is loaded.
 Reading a recipe (``read_recipe``) touches nothing: no environment variable, no hardware probe, no
-file written. ``sftkit.resolve`` then settles what depends on the machine and the launcher.
+file written. ``sftkit.setup.resolve`` then settles what depends on the machine and the launcher.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ BOUNDS: dict[str, Bound] = {
 
 @dataclass(frozen=True)
 class CheckedRecipe:
-    """A recipe as written, every key and value checked: what ``sftkit.resolve`` turns into a Recipe."""
+    """A recipe as written, every key and value checked: what ``sftkit.setup.resolve`` turns into a Recipe."""
 
     values: dict[str, Any]  # every key the recipe set, after overrides, typed
     environment: dict[str, str]  # its env: mapping, not applied yet
@@ -459,10 +459,3 @@ def read_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Ch
     _check_together(values, source)
     entry_adapters, entries = _split_entry_adapters(values)
     return CheckedRecipe(values, environment, recipe_path, entry_adapters, entries)
-
-
-def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read and check a recipe, then resolve it for this machine and launcher (``sftkit.resolve``)."""
-    from sftkit.resolve import resolve
-
-    return resolve(read_recipe(path, overrides))

@@ -9,7 +9,7 @@ A record is one of:
 - ``{"prompt": str | [Message, ...], "completion": str | [Message, ...]}``;
 - ``{"text": str}``.
 
-sftkit checks every record an adapter returns (``sftkit.data.adapt.check_record``); the helpers raise a
+The record types are the contract's (``sftkit.contract``). sftkit checks every record an adapter returns (``sftkit.data.adapt.check_record``); the helpers raise a
 ``RowError`` with the right reason and the column or turn it concerns, so an adapter needs no checks of
 its own for text, roles and tool calls.
 """
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal, Required, TypedDict, get_args
+from typing import Any
 
 from sftkit.contract import Detection, RowError
 
-Role = Literal["system", "user", "assistant", "tool"]
-ROLES: tuple[str, ...] = get_args(Role)
 EMPTY_CONTENT = "empty content"
 UNKNOWN_ROLE = "unknown role"
 MALFORMED_TOOL_CALL = "malformed tool call"
@@ -36,42 +34,6 @@ WELL_KNOWN_ROLES = {"system": "system", "user": "user", "human": "user", "assist
                     "gpt": "assistant", "tool": "tool", "observation": "tool"}
 
 
-class Function(TypedDict):
-    name: str
-    arguments: dict[str, Any]
-
-
-class ToolCall(TypedDict, total=False):
-    id: str  # the call's id, which the tool turn that answers it names (Mistral's templates read both)
-    type: Required[Literal["function"]]
-    function: Required[Function]
-
-
-class Message(TypedDict, total=False):
-    role: Required[Role]
-    content: Required[str]
-    reasoning_content: str  # assistant messages: the reasoning before the reply
-    tool_calls: list[ToolCall]  # assistant messages that call tools
-    weight: Literal[0, 1]  # assistant messages: 0 leaves the turn untrained (OpenAI's fine-tuning format)
-    name: str  # tool messages: the tool that answered
-    tool_call_id: str  # tool messages: the id of the call answered
-
-
-class Conversation(TypedDict, total=False):
-    messages: Required[list[Message]]
-    tools: list[dict[str, Any]]
-
-
-class PromptCompletion(TypedDict):
-    prompt: str | list[Message]
-    completion: str | list[Message]
-
-
-class Text(TypedDict):
-    text: str
-
-
-Record = Conversation | PromptCompletion | Text
 
 
 def text(value: Any, column: str, option: str | None = None) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 from trl.scripts.utils import DatasetConfig
 
+from sftkit.errors import SftkitError
+
 
 class CommandLineValue(str):
     """A value typed on the command line: kept as text for text fields, parsed as YAML for the others."""
@@ -148,3 +150,20 @@ def coerce(value: Any, annotation: Any) -> Any:
             raise Mismatch
         return value  # checked key by key in _check_mixture
     return value  # library objects (e.g. ParallelismConfig): let their own constructors judge
+
+def parse_overrides(arguments: list[str]) -> dict[str, Any]:
+    """``--key value`` recipe overrides (``--flag`` alone means true), kept as text until the key's type is known."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(arguments):
+        token = arguments[index]
+        if not token.startswith("--") or token == "--":
+            raise SftkitError(f"unexpected argument {token!r}: recipe keys are written --key value or --key=value")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            next_is_value = index + 1 < len(arguments) and not arguments[index + 1].startswith("--")
+            value = arguments[index + 1] if next_is_value else "true"
+            index += 1 if next_is_value else 0
+        index += 1
+        overrides[key.replace("-", "_")] = CommandLineValue(value)
+    return overrides

@@ -13,7 +13,7 @@ from helpers import ROOT, TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 
 from sftkit.data.preparation import prepare_data
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 GOOD = [("human", "What is 2 + 3?"), ("gpt", "2 + 3 = 5.")]

@@ -10,10 +10,9 @@ import typing
 
 import pytest
 
-from sftkit.cli import parse_overrides
 from sftkit.errors import SftkitError
 from sftkit.recipe import BOUNDS, RECIPE_CLASSES, read_recipe
-from sftkit.values import Bound
+from sftkit.values import Bound, parse_overrides
 
 BASE = "model_name_or_path: embedded:tiny-qwen2\ndataset_name: embedded:infinity-instruct-sample\n"
 

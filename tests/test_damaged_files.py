@@ -22,7 +22,7 @@ from sftkit import embedded
 from sftkit.errors import SftkitError
 from sftkit.outputs.merge import merge
 from sftkit.outputs.trained import open_trained
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 
 
 def checkpoint(output: Path, step: int) -> Path:

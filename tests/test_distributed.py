@@ -26,7 +26,7 @@ import yaml
 from helpers import ROOT, TINY_MODEL, write_recipe
 
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 
 pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
 

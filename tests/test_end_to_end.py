@@ -244,8 +244,8 @@ def test_lora_with_peft_installed(tmp_path):
 def test_training_leaves_the_recipes_arguments_as_they_were(tmp_path):
     """The trainer gets its own copy of the training arguments: the recipe the data was prepared from stays as it was
     (here with eval asked for but no eval rows, which the trainer's copy switches off)."""
-    from sftkit.recipe import load_recipe
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
+    from sftkit.setup.resolve import load_recipe
 
     recipe = load_recipe(str(QUICKSTART), {"output_dir": str(tmp_path), "max_steps": 1, "test_split_size": 0,
                                            "eval_strategy": "steps", "eval_on_start": False})
@@ -262,8 +262,8 @@ def test_a_model_whose_generation_config_lacks_the_end_of_turn_token_learns_to_s
     from transformers import AutoTokenizer, GenerationConfig
 
     from sftkit import embedded
-    from sftkit.recipe import load_recipe
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
+    from sftkit.setup.resolve import load_recipe
 
     model = tmp_path / "model"
     shutil.copytree(embedded.resolve("embedded:tiny-qwen2"), model)

@@ -11,10 +11,10 @@ import sys
 import pytest
 from helpers import ROOT
 
-from sftkit.check import check, mark_trained
 from sftkit.data.bad_rows import INVALID_KEY
 from sftkit.data.preparation import prepare_data
-from sftkit.recipe import load_recipe
+from sftkit.jobs.check import check, mark_trained
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 RECIPES = sorted((ROOT / "configs" / "recipes" / "formats").glob("*.yaml"))

@@ -32,9 +32,11 @@ from trl import SFTConfig
 from sftkit import embedded
 from sftkit.data.order import EpochOrder
 from sftkit.errors import SftkitError
+from sftkit.setup.speed import resolve_speed
 from sftkit.train import head_loss as head_loss_module
 from sftkit.train import levers
-from sftkit.train.counting import TOKENS_TRAINED, CountingCollator
+from sftkit.train.batches import FACTS_KEY
+from sftkit.train.counting import CountingCollator
 from sftkit.train.head_loss import (
     LABEL_POSITIONS,
     Head,
@@ -45,8 +47,7 @@ from sftkit.train.head_loss import (
     kernel_refusal,
     label_positions,
 )
-from sftkit.train.speed import resolve_speed
-from sftkit.train.trainer import SftkitTrainer
+from sftkit.train.trainer import RunRules, SftkitTrainer
 
 TOLERANCE = 1e-4
 VOCAB = 634  # the embedded tokenizer's
@@ -103,8 +104,7 @@ def _trainer(tmp_path, variant: str, path: str | None, chosen: bool = False) -> 
                      dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=64)
     trainer = SftkitTrainer(model=_model(variant), args=args, train_dataset=_rows(), peft_config=PEFT.get(variant),
                             processing_class=AutoTokenizer.from_pretrained(embedded.resolve(TINY_MODEL)),
-                            order=EpochOrder(np.arange(4), 0), recipe_values={}, head_loss=path,
-                            head_loss_chosen=chosen)
+                            rules=RunRules(EpochOrder(np.arange(4), 0), {}, head_loss=path, head_loss_chosen=chosen))
     trainer.data_collator = CountingCollator(trainer.data_collator, positions=True)
     return trainer
 
@@ -122,7 +122,7 @@ def _first_step(trainer: SftkitTrainer) -> tuple[torch.Tensor, torch.Tensor, lis
     model.train()
     own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     trained = _trained_head_parameters(model)
-    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(batch[TOKENS_TRAINED]))
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(batch[FACTS_KEY].tokens_trained))
     return (loss, own, torch.autograd.grad(loss, trained, allow_unused=True),
             torch.autograd.grad(own, trained, allow_unused=True))
 
@@ -215,8 +215,8 @@ def test_a_lora_adapter_on_lm_head_trains_through_the_models_own_logits():
 
 
 def test_a_lora_adapter_on_lm_head_is_refused_before_any_data_is_read(tmp_path):
-    from sftkit.recipe import load_recipe
-    from sftkit.train.job import head_loss
+    from sftkit.jobs.train import head_loss
+    from sftkit.setup.resolve import load_recipe
 
     for targets in (["q_proj", "lm_head"], ["lm_head"], [".*"]):  # one name is read as a pattern
         recipe = load_recipe(str(ROOT / "configs" / "recipes" / "quickstart.yaml"),
@@ -234,8 +234,8 @@ def test_the_run_record_says_what_computed_the_loss(tmp_path):
     head, which reads the trained copy, and the record says so beside the recipe's value."""
     import yaml
 
-    from sftkit.recipe import load_recipe
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
+    from sftkit.setup.resolve import load_recipe
 
     recipe = load_recipe(str(ROOT / "configs" / "recipes" / "quickstart.yaml"), {
         "output_dir": str(tmp_path), "max_steps": 1, "eval_strategy": "no", "eval_on_start": False,
@@ -279,7 +279,7 @@ def test_loss_type_dft_refuses_a_head_trls_head_does_not_reproduce(tmp_path):
     with pytest.raises(SftkitError, match="loss_type dft is computed by TRL's fused head, which does not reproduce"):
         SftkitTrainer(model=_model("halved"), args=args, train_dataset=_rows(),
                       processing_class=AutoTokenizer.from_pretrained(embedded.resolve(TINY_MODEL)),
-                      order=EpochOrder(np.arange(4), 0), recipe_values={}, head_loss=None)
+                      rules=RunRules(EpochOrder(np.arange(4), 0), {}, head_loss=None))
 
 
 # The CUDA-only kernels: what they take decides where they run.

@@ -12,9 +12,9 @@ import yaml
 from helpers import ROOT
 
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.jobs.train import train
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.attention import VARLEN
-from sftkit.train.job import train
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 

@@ -9,8 +9,8 @@ from helpers import ROOT
 from safetensors.torch import load_file
 
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
-from sftkit.train.job import train
+from sftkit.jobs.train import train
+from sftkit.setup.resolve import load_recipe
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 

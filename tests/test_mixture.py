@@ -15,7 +15,7 @@ from helpers import ROOT, TINY_MODEL, write_jsonl, write_recipe
 
 from sftkit.data.preparation import prepare_data
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 SHARES = (0.5, 0.3, 0.2)

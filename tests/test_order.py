@@ -8,8 +8,8 @@ from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 
 from sftkit.data.order import PACKING_WINDOW, EpochOrder, training_order
 from sftkit.data.preparation import prepare_data
-from sftkit.recipe import load_recipe
-from sftkit.train.job import trainer_rows
+from sftkit.jobs.train import trainer_rows
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 

@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from sftkit import embedded
 from sftkit.cli import main
+from sftkit.jobs.train import train
 from sftkit.outputs.chat import Conversation, interactive
 from sftkit.outputs.trained import open_trained
-from sftkit.recipe import load_recipe
-from sftkit.train.job import train
+from sftkit.setup.resolve import load_recipe
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 # A short run: a save at step 10, losses logged every 2 steps, no evaluation but the final one.
@@ -277,7 +277,7 @@ def test_plot_says_when_there_is_nothing_to_draw(tmp_path, capsys):
 
 
 def test_a_model_card_puts_hub_ids_in_its_front_matter_and_no_secret_anywhere(monkeypatch):
-    from sftkit.outputs.model_card import model_card
+    from sftkit.train.model_card import model_card
 
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-12345678")
     card = model_card({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset_name": "BAAI/Infinity-Instruct",

@@ -14,10 +14,10 @@ import pytest
 from helpers import ROOT, sharegpt_row, write_jsonl
 
 from sftkit import embedded
-from sftkit.check import check
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
-from sftkit.train.preflight import preflight
+from sftkit.jobs.check import check
+from sftkit.setup.preflight import preflight
+from sftkit.setup.resolve import load_recipe
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 
@@ -80,7 +80,7 @@ def test_the_checkpoints_of_a_stopped_run_are_refused_unless_resumed_or_overwrit
 
 
 def test_overwriting_removes_the_old_runs_checkpoints(tmp_path):
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
 
     (tmp_path / "out" / "checkpoint-40").mkdir(parents=True)
     (tmp_path / "out" / "checkpoint-40" / "trainer_state.json").write_text('{"global_step": 1, "max_steps": 1000}')
@@ -127,7 +127,7 @@ def test_check_predicts_what_training_refuses_before_any_data_is_read(tmp_path, 
     bad = recipe(tmp_path, dataset_name=str(tmp_path / "missing.jsonl"), **overrides)
     with pytest.raises(SftkitError, match=re.escape(says)):
         check(bad, 1, colour=False)
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
 
     with pytest.raises(SftkitError, match=re.escape(says)):
         train(bad)

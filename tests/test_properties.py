@@ -116,7 +116,7 @@ def recipe_bytes(draw: st.DrawFn) -> bytes:
 @given(content=recipe_bytes())
 def test_any_recipe_file_given_to_the_command_is_checked_or_refused_without_a_traceback(tmp_path, capsys, monkeypatch,
                                                                                          content):
-    monkeypatch.setattr("sftkit.check.check", lambda *arguments: None)  # the recipe is on trial here, not the rows
+    monkeypatch.setattr("sftkit.jobs.check.check", lambda *arguments: None)  # the recipe is on trial here, not the rows
     path = tmp_path / "recipe.yaml"
     path.write_bytes(content)
     environment = dict(os.environ)  # the command sets the recipe's env:, example after example

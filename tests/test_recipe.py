@@ -7,9 +7,11 @@ import os
 import pytest
 import yaml
 
-from sftkit.cli import build_parser, parse_overrides
+from sftkit.cli import build_parser
 from sftkit.errors import SftkitError
-from sftkit.recipe import derive_gradient_accumulation, load_recipe
+from sftkit.recipe import derive_gradient_accumulation
+from sftkit.setup.resolve import load_recipe
+from sftkit.values import parse_overrides
 
 WALKTHROUGH = """\
 model_name_or_path: Qwen/Qwen2.5-0.5B
@@ -281,11 +283,11 @@ def test_the_command_applies_env_before_the_libraries_read_it(tmp_path):
 
 def test_several_gpus_without_a_launcher_stop_with_the_command_to_use(tmp_path, monkeypatch):
     """Several GPUs cannot be had on this machine: the hardware probe is made to report four."""
-    import sftkit.resolve
+    import sftkit.setup.resolve
 
-    monkeypatch.setattr(sftkit.resolve, "gpu_count", lambda: 4)
-    monkeypatch.setattr(sftkit.resolve, "has_accelerator", lambda: True)
-    monkeypatch.setattr(sftkit.resolve, "bf16_supported", lambda: False)
+    monkeypatch.setattr(sftkit.setup.resolve, "gpu_count", lambda: 4)
+    monkeypatch.setattr(sftkit.setup.resolve, "has_accelerator", lambda: True)
+    monkeypatch.setattr(sftkit.setup.resolve, "bf16_supported", lambda: False)
     with pytest.raises(SftkitError, match="(?s)4 GPUs and no launcher.*accelerate launch --multi_gpu --num_processes 4"):
         load_recipe(str(recipe_with(tmp_path, "")))
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -294,14 +296,14 @@ def test_several_gpus_without_a_launcher_stop_with_the_command_to_use(tmp_path, 
 
 def test_reading_a_recipe_touches_nothing(tmp_path, monkeypatch):
     """No environment variable set, no hardware probed, no file written: only resolving the recipe does that."""
-    import sftkit.resolve
+    import sftkit.setup.resolve
     from sftkit.recipe import read_recipe
 
     def probed():
         raise AssertionError("reading a recipe probed the hardware")
 
     for probe in ("gpu_count", "gpu_memory", "has_accelerator", "bf16_supported"):
-        monkeypatch.setattr(sftkit.resolve, probe, probed)
+        monkeypatch.setattr(sftkit.setup.resolve, probe, probed)
     before, files = dict(os.environ), set(tmp_path.rglob("*"))
     path = recipe_with(tmp_path, "env:\n  SFTKIT_TEST_UNSET: 1\nglobal_batch_size: 8\nresume_from_checkpoint: true\n")
     files.add(path)

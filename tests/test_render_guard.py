@@ -114,7 +114,7 @@ def test_a_run_whose_template_drops_turns_stops_before_any_row_is_prepared(tmp_p
     from helpers import TINY_MODEL, write_jsonl, write_recipe
 
     from sftkit.data.preparation import prepare_data
-    from sftkit.recipe import load_recipe
+    from sftkit.setup.resolve import load_recipe
     from sftkit.train.model import load_tokenizer
 
     (tmp_path / "drops_user_turns.jinja").write_text(DROPS_USER_TURNS)

@@ -146,7 +146,7 @@ def _checkpoint(output: Path, step: int, values: dict | None = None, processes: 
 
 
 def _load(tmp_path, **overrides):
-    from sftkit.recipe import load_recipe
+    from sftkit.setup.resolve import load_recipe
 
     return load_recipe(str(recipe(tmp_path, "eager")), {"output_dir": str(tmp_path / "out"), **overrides})
 

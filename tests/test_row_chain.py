@@ -13,10 +13,10 @@ import pytest
 from chat_templates import MISTRAL, ZEPHYR, family_tokenizer
 from helpers import TINY_MODEL, sharegpt_row, write_jsonl, write_recipe
 
-from sftkit.check import check, mark_trained
 from sftkit.data.bad_rows import INVALID_KEY
 from sftkit.data.preparation import prepare_data
-from sftkit.recipe import load_recipe
+from sftkit.jobs.check import check, mark_trained
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 TOOLS = json.dumps([{"name": "get_weather", "description": "The weather in a city",

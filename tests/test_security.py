@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from sftkit.cli import main
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
 from sftkit.redaction import REDACTED, is_secret, redact, redacted
+from sftkit.setup.resolve import load_recipe
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 TOKEN = "hf_DoNotWriteThisAnywhere42"
@@ -42,7 +42,7 @@ def test_a_recipe_is_read_as_data_never_as_code(tmp_path):
 
 
 def test_a_chat_template_runs_in_the_sandbox(tmp_path):
-    from sftkit.check import check
+    from sftkit.jobs.check import check
 
     template = tmp_path / "escape.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{{ ''.__class__.__mro__[1].__subclasses__() }}"
@@ -55,7 +55,7 @@ def test_a_chat_template_runs_in_the_sandbox(tmp_path):
 
 
 def test_remote_code_is_off_unless_asked_and_loud_when_on(tmp_path, caplog):
-    from sftkit.train.preflight import preflight
+    from sftkit.setup.preflight import preflight
 
     assert load_recipe(str(QUICKSTART)).training.trust_remote_code is False
     caplog.set_level(logging.WARNING, logger="sftkit")
@@ -66,7 +66,7 @@ def test_remote_code_is_off_unless_asked_and_loud_when_on(tmp_path, caplog):
 def test_secrets_are_never_written(tmp_path):
     """The env: secrets (a token, a key with quotes and a backslash, a URL with a password) and hub_token reach no
     file of the run in any encoding, even from the data; the Hub client gets hub_token through HF_TOKEN."""
-    from sftkit.train.job import train
+    from sftkit.jobs.train import train
 
     rows = [sharegpt_row(index, ("human", f"What is {index}?"), ("gpt", f"{index}.")) for index in range(30)]
     # invalid (no reply), so listed in skipped_rows.jsonl, and it holds the secrets

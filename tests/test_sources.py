@@ -11,7 +11,7 @@ from helpers import TINY_MODEL, write_jsonl, write_recipe
 from sftkit.data.preparation import split_held_out
 from sftkit.data.sources import load_raw, load_sources
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 
 
 def test_json_jsonl_parquet_csv_and_globs(tmp_path, sharegpt_rows):

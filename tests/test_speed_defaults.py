@@ -16,9 +16,10 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
 from sftkit.errors import SftkitError
+from sftkit.setup.speed import resolve_speed, training_memory_estimate
+from sftkit.train.batches import FACTS_KEY
 from sftkit.train.compilation import FixedShapeCollator
-from sftkit.train.counting import TOKENS_FED, CountingCollator
-from sftkit.train.speed import resolve_speed, training_memory_estimate
+from sftkit.train.counting import CountingCollator
 
 GIB = 2**30
 
@@ -195,7 +196,7 @@ def test_fixed_shape_padding_is_a_sequence_of_its_own_and_not_counted(tokenizer)
     rows = [{"input_ids": list(range(10, 30)), "labels": list(range(10, 30)), "seq_lengths": [12, 8]},
             {"input_ids": list(range(40, 55)), "labels": list(range(40, 55)), "seq_lengths": [15]}]
     batch = collate(rows)
-    assert batch["input_ids"].shape == (1, 64) and batch[TOKENS_FED] == 35
+    assert batch["input_ids"].shape == (1, 64) and batch[FACTS_KEY].tokens_fed == 35
     assert batch["position_ids"][0, 35:].tolist() == list(range(29))  # one sequence, positions counting up
     assert (batch["labels"][0, 35:] == -100).all()
     assert batch["cu_seq_lens_q"].tolist() == [0, 12, 20, 35, 64]
@@ -212,7 +213,7 @@ def test_fixed_shape_padding_is_a_sequence_of_its_own_and_not_counted(tokenizer)
         alone = model(input_ids=plain["input_ids"], position_ids=plain["position_ids"], use_cache=False).logits
     torch.testing.assert_close(padded[:, :35], alone, atol=1e-5, rtol=0)
     doubled = collate(rows * 2)  # more than one shape's worth: the next multiple
-    assert doubled["input_ids"].shape == (1, 128) and doubled[TOKENS_FED] == 70
+    assert doubled["input_ids"].shape == (1, 128) and doubled[FACTS_KEY].tokens_fed == 70
 
 
 def _train(tmp_path, name: str, *overrides: str) -> tuple[list[float], float, str]:

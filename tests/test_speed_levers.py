@@ -16,7 +16,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 import sftkit.train.attention
 from sftkit.errors import SftkitError
 from sftkit.train.attention import VARLEN, use_varlen_attention
-from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED, CountingCollator
+from sftkit.train.batches import FACTS_KEY
+from sftkit.train.counting import CountingCollator
 from sftkit.train.head_loss import LABEL_POSITIONS, Head, add_head_loss
 
 TOLERANCE = 1e-5
@@ -69,12 +70,13 @@ def test_head_loss_is_the_summed_cross_entropy_of_the_trained_positions():
     model = _tiny("sdpa")
     add_head_loss(model, Head())  # a plain head (tests/test_head_loss.py probes the others)
     summed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                   sftkit_head_loss="torch", **{LABEL_POSITIONS: batch[LABEL_POSITIONS]})
+                   sftkit_head_loss="torch", **{LABEL_POSITIONS: batch[FACTS_KEY].label_positions})
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     reference = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="sum")
     torch.testing.assert_close(summed, reference, atol=TOLERANCE, rtol=TOLERANCE)
-    assert batch[TOKENS_TRAINED] == len(batch[LABEL_POSITIONS]) == int((batch["labels"][0, 1:] != -100).sum())
-    assert batch[TOKENS_FED] == 24
+    counted = batch[FACTS_KEY]
+    assert counted.tokens_trained == len(counted.label_positions) == int((batch["labels"][0, 1:] != -100).sum())
+    assert counted.tokens_fed == 24
 
 
 def _reference_varlen_kernel(query, key, value, boundaries, longest, scale):
@@ -147,9 +149,10 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
                                                             synchronised):
     """With a GPU's levers (variable-length attention, a head-loss kernel), a training step and the row policy
     read no value back from the device; TRL's head path does (its metrics), which shows the count sees one."""
-    from sftkit.recipe import load_recipe
-    from sftkit.train.job import train
-    from sftkit.train.trainer import RowPolicy, SftkitTrainer
+    from sftkit.jobs.train import train
+    from sftkit.setup.resolve import load_recipe
+    from sftkit.train.row_policy import RowPolicy
+    from sftkit.train.trainer import SftkitTrainer
 
     mode = _HostReads()
 

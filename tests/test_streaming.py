@@ -15,7 +15,7 @@ from test_mixture import SHARES, three_sources
 from sftkit.data.preparation import prepare_data
 from sftkit.data.streaming import WINDOW
 from sftkit.errors import SftkitError
-from sftkit.recipe import load_recipe
+from sftkit.setup.resolve import load_recipe
 from sftkit.train.model import load_tokenizer
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from chat_templates import FAMILIES, family_tokenizer
 
-from sftkit.check import inference_prompt
 from sftkit.data.templates import end_of_turn_token_id, reply_end
 from sftkit.data.tokenization import IGNORE, TokenizeSettings, tokenize_record
 from sftkit.errors import SftkitError
+from sftkit.jobs.check import inference_prompt
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 FIRST = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sftkit import Adapter, Columns, Option, RowError, hookimpl, short, text
+from sftkit import Adapter, Columns, Option, Record, RowError, hookimpl, short, text
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class AlpacaAdapter(Adapter):
         return Columns(required=(options.instruction_column, options.output_column),
                        optional=tuple(column for column in optional if column))
 
-    def convert(self, row: Mapping[str, Any], options: AlpacaOptions) -> dict[str, Any]:
+    def convert(self, row: Mapping[str, Any], options: AlpacaOptions) -> Record:
         instruction = text(row[options.instruction_column], options.instruction_column, "instruction_column")
         output = text(row[options.output_column], options.output_column, "output_column")
         extra = {}

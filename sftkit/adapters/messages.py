@@ -12,6 +12,7 @@ from sftkit import (
     Columns,
     Detection,
     Option,
+    Record,
     attach_tools,
     check_role_map,
     detect_turns,
@@ -46,7 +47,7 @@ class MessagesAdapter(Adapter):
     def check(self, options: MessagesOptions) -> None:
         check_role_map(options.role_map, ROLES)
 
-    def convert(self, row: Mapping[str, Any], options: MessagesOptions) -> dict[str, Any]:
+    def convert(self, row: Mapping[str, Any], options: MessagesOptions) -> Record:
         column = options.messages_column
         messages = messages_from_turns(row[column], column, {**IDENTITY, **options.role_map})
         return attach_tools({"messages": messages}, row, options.tools_column)

@@ -12,6 +12,7 @@ from sftkit import (
     Adapter,
     Columns,
     Option,
+    Record,
     RowError,
     check_role_map,
     hookimpl,
@@ -46,7 +47,7 @@ class PromptCompletionAdapter(Adapter):
     def check(self, options: PromptCompletionOptions) -> None:
         check_role_map(options.role_map, ROLES)
 
-    def convert(self, row: Mapping[str, Any], options: PromptCompletionOptions) -> dict[str, Any]:
+    def convert(self, row: Mapping[str, Any], options: PromptCompletionOptions) -> Record:
         role_map = {**{role: role for role in ROLES}, **options.role_map}
         values = {}
         for key, column in (("prompt", options.prompt_column), ("completion", options.completion_column)):

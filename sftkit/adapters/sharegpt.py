@@ -19,6 +19,7 @@ from sftkit import (
     Columns,
     Detection,
     Option,
+    Record,
     RowError,
     attach_tools,
     check_role_map,
@@ -73,7 +74,7 @@ class ShareGPTAdapter(Adapter):
     def check(self, options: ShareGPTOptions) -> None:
         check_role_map(options.role_map, TARGETS)
 
-    def convert(self, row: Mapping[str, Any], options: ShareGPTOptions) -> dict[str, Any]:
+    def convert(self, row: Mapping[str, Any], options: ShareGPTOptions) -> Record:
         column, role_key, content_key = options.messages_column, options.role_key, options.content_key
         role_map = {**DEFAULT_ROLE_MAP, **options.role_map}
         turns = row[column]

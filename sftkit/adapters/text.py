@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sftkit import Adapter, Columns, Option, hookimpl, text
+from sftkit import Adapter, Columns, Option, Record, hookimpl, text
 
 # Columns another built-in reads: a text column beside one of them is that format's, not plain text.
 CLAIMED_BY_OTHERS = ("messages", "conversations", "prompt", "instruction")
@@ -30,7 +30,7 @@ class TextAdapter(Adapter):
     def columns(self, options: TextOptions) -> Columns:
         return Columns(required=(options.text_column,))
 
-    def convert(self, row: Mapping[str, Any], options: TextOptions) -> dict[str, Any]:
+    def convert(self, row: Mapping[str, Any], options: TextOptions) -> Record:
         return {"text": text(row[options.text_column], options.text_column, "text_column")}
 
 

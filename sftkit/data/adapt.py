@@ -11,10 +11,20 @@ from typing import Any
 
 import datasets
 
-from sftkit.contract import BROKEN_CONTRACT, CONTRACT, Adapter, Columns, Detection, RowError, debugging
+from sftkit.contract import (
+    BROKEN_CONTRACT,
+    CONTRACT,
+    ROLES,
+    Adapter,
+    Columns,
+    Detection,
+    RowError,
+    debugging,
+    record_shape,
+)
 from sftkit.errors import SftkitError
 from sftkit.plugins import InstalledAdapter, Registry
-from sftkit.records import INVALID_WEIGHT, ROLES, short
+from sftkit.records import INVALID_WEIGHT, short
 from sftkit.values import Mismatch, coerce, type_name
 
 logger = logging.getLogger(__name__)
@@ -158,7 +168,8 @@ def _check_trained(messages: list[Mapping[str, Any]], what: str) -> None:
 def check_record(record: Mapping[str, Any], adapter: str) -> None:
     """What every trainable record needs, whatever its adapter (named in what breaks the contract); raises RowError
     with the reason."""
-    if "messages" in record:
+    shape = record_shape(record)
+    if shape == "messages":
         messages = record["messages"]
         _check_messages(messages, "messages", adapter)
         roles = [message["role"] for message in messages]
@@ -168,7 +179,7 @@ def check_record(record: Mapping[str, Any], adapter: str) -> None:
             raise RowError(f"the conversation ends on a {roles[-1]} turn, not an assistant turn",
                            reason="does not end on a trained turn")
         _check_trained(messages, "conversation")
-    elif "prompt" in record and "completion" in record:
+    elif shape == "prompt_completion":
         for part in ("prompt", "completion"):
             value = record[part]
             if isinstance(value, str):
@@ -182,7 +193,7 @@ def check_record(record: Mapping[str, Any], adapter: str) -> None:
                 raise RowError("the completion does not end on an assistant turn",
                                reason="does not end on a trained turn")
             _check_trained(completion, "completion")
-    elif isinstance(record.get("text"), str):
+    elif shape == "text" and isinstance(record["text"], str):
         if not record["text"].strip():
             raise RowError("text is empty", reason="empty content")
     else:

@@ -15,12 +15,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sftkit.contract import RowError
+from sftkit.contract import ROLES, RowError, is_conversation
 from sftkit.data.rendered import appearance
 from sftkit.data.templates import render, tools_of
 from sftkit.data.tokenization import TokenizeSettings, training_messages
 from sftkit.errors import SftkitError
-from sftkit.records import ROLES
 
 SHOWN_PROBLEMS = 3
 
@@ -61,12 +60,9 @@ def check_rendering(records: Sequence[tuple[str, Mapping[str, Any]]], tokenizer:
     problems: list[Problem] = []
     renderings: dict[str, str] = {}
     for row, record in records:
-        conversation = record.get("messages") or [
-            *(record["prompt"] if isinstance(record.get("prompt"), list) else []),
-            *(record["completion"] if isinstance(record.get("completion"), list) else []),
-        ]
-        if not conversation:
+        if not is_conversation(record):
             continue  # plain text and string prompts are tokenized as they are, not rendered
+        conversation = record.get("messages") or [*record["prompt"], *record["completion"]]
         if not tokenizer.chat_template:
             raise SftkitError(
                 "the data is conversational but the tokenizer has no chat template; set chat_template_path in the "

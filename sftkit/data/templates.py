@@ -17,7 +17,7 @@ import jinja2
 from transformers import PreTrainedTokenizerBase
 from trl.chat_template_utils import get_training_chat_template
 
-from sftkit.contract import RowError
+from sftkit.contract import RowError, is_conversation
 from sftkit.errors import SftkitError
 from sftkit.records import REASONING_KEYS
 
@@ -151,8 +151,7 @@ def reply_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, bool, str
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any] | None, model: str) -> None:
     """Conversations need a chat template to become text: without one, say how to set it before any row is read."""
-    conversational = record is not None and ("messages" in record or not isinstance(record.get("prompt", ""), str))
-    if conversational and not tokenizer.chat_template:
+    if record is not None and is_conversation(record) and not tokenizer.chat_template:
         raise SftkitError(
             f"the data holds conversations, and the tokenizer of {model} has no chat template to render them (a base "
             "model often has none). Set chat_template_path to a template: a .jinja file, or the directory or Hub id "

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from sftkit.contract import RowError
+from sftkit.contract import RowError, record_shape
 from sftkit.data import rendered
 from sftkit.data.templates import render, reply_end, tools_of
 
@@ -271,12 +271,13 @@ def _plain(text: str, prompt: str | None, tokenizer: PreTrainedTokenizerBase, tr
 def rendering_of(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                  settings: TokenizeSettings) -> Rendering:
     """The text to tokenize for a canonical record and which of it trains."""
-    if "messages" in record:
+    shape = record_shape(record)
+    if shape == "messages":
         messages = training_messages(record["messages"], settings, tokenizer.eos_token)
         trained = [message["role"] == "assistant" and message.get("weight") != 0 for message in messages]
         return conversation_rendering(messages, tools_of(record), tokenizer, settings, trained,
                                       every_token=not settings.assistant_only_loss)
-    if "prompt" in record:
+    if shape == "prompt_completion":
         prompt, completion = record["prompt"], record["completion"]
         every_token = settings.completion_only_loss is False
         if isinstance(prompt, str):

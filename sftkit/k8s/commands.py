@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sftkit.k8s.defaults import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
@@ -26,8 +28,6 @@ LAUNCH = {
                    "explicit accelerate launch flags, print the command, and run `accelerate launch -m sftkit`.",
     "epilog": "Other --key value options are recipe overrides, passed on to sftkit. See docs/kubernetes.md.",
 }
-DEFAULT_RUNTIME = "torch-distributed"  # Kubeflow Trainer's ClusterTrainingRuntime for torchrun-style jobs
-DEFAULT_SHM_SIZE = "16Gi"
 
 
 def add_render_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +72,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_render(options: argparse.Namespace) -> None:
-    from sftkit.cli import parse_overrides
     from sftkit.k8s.render import JobRequest, render, secret_variable
     from sftkit.k8s.validation import environment_variable, volume_spec
+    from sftkit.values import parse_overrides
 
     request = JobRequest(
         recipe=options.config, nodes=options.nodes, gpus_per_node=options.gpus_per_node, image=options.image,

@@ -19,7 +19,7 @@ import yaml
 
 from sftkit.errors import SftkitError
 from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, build_bundle, mounted_path
-from sftkit.k8s.commands import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+from sftkit.k8s.defaults import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
 from sftkit.k8s.validation import (
     ENV_NAME,
     LABEL_MAX,

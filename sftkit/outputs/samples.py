@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from sftkit.contract import is_conversation, record_shape
 from sftkit.data.preparation import PreparedData
 from sftkit.errors import SftkitError
 from sftkit.outputs.generation import answer
@@ -44,10 +45,12 @@ def _reply_text(message: dict[str, Any]) -> str:
 
 def _held_out_prompt(row: int, record: dict[str, Any]) -> HeldOutPrompt | None:
     """A conversation cut before its last reply; None for a record that is not a conversation."""
-    if "messages" in record:
+    if not is_conversation(record):
+        return None
+    if record_shape(record) == "messages":
         messages = record["messages"]
         return HeldOutPrompt(row, messages[:-1], record.get("tools"), _reply_text(messages[-1]))
-    if isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list):
+    if isinstance(record["completion"], list):
         reference = "\n".join(_reply_text(message) for message in record["completion"])
         return HeldOutPrompt(row, record["prompt"], record.get("tools"), reference)
     return None

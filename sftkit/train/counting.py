@@ -11,11 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sftkit.data.tokenization import IGNORE
-from sftkit.train.head_loss import LABEL_POSITIONS, label_positions
-
-TOKENS_FED = "sftkit_tokens_fed"  # tokens the model reads (padding left out)
-TOKENS_TRAINED = "sftkit_tokens_trained"  # tokens whose next-token label is trained
-COUNT_KEYS = (TOKENS_FED, TOKENS_TRAINED, LABEL_POSITIONS)
+from sftkit.train.batches import facts
+from sftkit.train.head_loss import label_positions
 
 
 class CountingCollator:
@@ -28,8 +25,9 @@ class CountingCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collate(examples)
         labels, mask = batch["labels"], batch.get("attention_mask")
-        batch[TOKENS_FED] = int(mask.sum()) if mask is not None else labels.numel()
-        batch[TOKENS_TRAINED] = int((labels[:, 1:] != IGNORE).sum())
+        counted = facts(batch)
+        counted.tokens_fed = int(mask.sum()) if mask is not None else labels.numel()
+        counted.tokens_trained = int((labels[:, 1:] != IGNORE).sum())
         if self.positions:
-            batch[LABEL_POSITIONS] = label_positions(labels)
+            counted.label_positions = label_positions(labels)
         return batch

@@ -106,18 +106,9 @@ def _suspect(levers: dict[str, Any], dropped: list[str], error: BaseException) -
 
 def _one_step(trainer: Any) -> None:
     """One batch through the data loader, forward and backward; one fused AdamW step if the recipe uses it."""
-    model = trainer.model
-    batch = next(iter(trainer.get_train_dataloader()))
-    model.train()
     try:
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-    finally:  # the proof is not training: nothing of it is counted, listed or watched
-        model.zero_grad(set_to_none=True)
-        trainer.tokens_fed = trainer.tokens_trained = 0
-        trainer.rows.forget()
-        trainer.step_rows = []
-        trainer.guard.forget()
+        trainer.trial_step()  # the proof is not training: nothing of it is counted, listed or watched
+    finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if "fused" in str(getattr(trainer.args.optim, "value", trainer.args.optim)):

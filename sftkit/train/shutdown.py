@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import gc
 import signal
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why training ended before max_steps: invalid rows under the bad-row policy, the loss guard, or a signal."""
+
+    cause: Literal["invalid rows", "loss guard", "signal"]
+    detail: str
 
 
 class StopOnSignal(TrainerCallback):

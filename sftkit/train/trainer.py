@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
-from sftkit.data.bad_rows import INVALID_KEY, ROW_IDS, ROWS_KEY, MidRunRows, RowPolicy, summed
 from sftkit.data.order import EpochOrder
 from sftkit.errors import SftkitError
-from sftkit.outputs.model_card import write_model_card
+from sftkit.train.batches import BatchFacts, take_facts
 from sftkit.train.checkpoints import (
     STAGING_DIR,
     publish,
@@ -30,7 +30,6 @@ from sftkit.train.checkpoints import (
     write_checkpoint_record,
     write_counts,
 )
-from sftkit.train.counting import TOKENS_FED, TOKENS_TRAINED
 from sftkit.train.head_loss import (
     KERNELS,
     LABEL_POSITIONS,
@@ -41,6 +40,9 @@ from sftkit.train.head_loss import (
     kernel_features,
 )
 from sftkit.train.loss_guard import LossGuard
+from sftkit.train.model_card import write_model_card
+from sftkit.train.row_policy import MidRunRows, RowPolicy, summed
+from sftkit.train.shutdown import Stop, StopOnSignal
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,24 @@ class LogLastStep(TrainerCallback):
         return control
 
 
+@dataclass
+class RunRules:
+    """What sftkit's trainer takes beside SFTTrainer's arguments: the training order (``sftkit.data.order``), the
+    recipe recorded in every checkpoint, the bad-row policy and the rows already known invalid, the loss path asked
+    (``head_loss``; ``head_loss_chosen``: by sftkit, not the recipe), the loss guard's limit and a mixture's held-out
+    rows source by source."""
+
+    order: EpochOrder
+    recipe_values: dict[str, Any]
+    on_invalid: str = "error"
+    max_invalid_fraction: float = 0.0
+    known_invalid: set[int] = field(default_factory=set)
+    head_loss: str | None = "trl"
+    head_loss_chosen: bool = False
+    grad_norm_limit: float | None = None
+    eval_by_source: dict[str, Any] = field(default_factory=dict)
+
+
 class SftkitTrainer(SFTTrainer):
     """SFTTrainer that counts the training tokens fed and trained, and the rows drawn and found invalid.
 
@@ -71,25 +91,37 @@ class SftkitTrainer(SFTTrainer):
     ``self.head_loss`` is the path taken, None for TRL's.
     """
 
-    def __init__(self, *args: Any, order: EpochOrder, recipe_values: dict[str, Any], on_invalid: str = "error",
-                 max_invalid_fraction: float = 0.0, known_invalid: set[int] | None = None,
-                 head_loss: str | None = "trl", head_loss_chosen: bool = False, grad_norm_limit: float | None = None,
-                 eval_by_source: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.order = order  # the training order, read by every epoch
-        self.eval_by_source = eval_by_source or {}  # a mixture's held-out rows, source by source
-        self.recipe_values = recipe_values  # recorded in every checkpoint
+    def __init__(self, *args: Any, rules: RunRules, **kwargs: Any) -> None:
+        self.order = rules.order  # the training order, read by every epoch
+        self.eval_by_source = rules.eval_by_source  # a mixture's held-out rows, source by source
+        self.recipe_values = rules.recipe_values  # recorded in every checkpoint
         self.staging = False  # while a checkpoint is written: into the staging folder
         super().__init__(*args, **kwargs)
-        self._choose_head_loss(head_loss, head_loss_chosen)
+        self._choose_head_loss(rules.head_loss, rules.head_loss_chosen)
         self.tokens_fed = self.tokens_trained = 0
         self.step_rows: list[int] = []
-        self.guard = LossGuard(self.args.device, grad_norm_limit, overflow_is_normal=self.args.fp16)
-        self.guard_stop: str | None = None
+        self.guard = LossGuard(self.args.device, rules.grad_norm_limit, overflow_is_normal=self.args.fp16)
         self.watched_step = -1
-        self.rows = MidRunRows(known_invalid or set())
-        self.policy_stop: str | None = None
-        self.add_callback(RowPolicy(self, self.rows, on_invalid, max_invalid_fraction))
-        self.add_callback(LogLastStep())
+        self.rows = MidRunRows(rules.known_invalid)
+        self.stopped: Stop | None = None  # why training ended before max_steps, if it did
+        self.signal = StopOnSignal(several_processes=self.accelerator.num_processes > 1)
+        for callback in (RowPolicy(self, self.rows, rules.on_invalid, rules.max_invalid_fraction), LogLastStep(),
+                         self.signal):
+            self.add_callback(callback)
+
+    def trial_step(self) -> None:
+        """One batch through the data loader, forward and backward, that trains, counts, lists and watches nothing:
+        what proves the speed levers on this machine before step 1 (``sftkit.train.levers``)."""
+        batch = next(iter(self.get_train_dataloader()))
+        self.model.train()
+        try:
+            self.compute_loss(self.model, batch).backward()
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.tokens_fed = self.tokens_trained = 0
+            self.rows.forget()
+            self.step_rows = []
+            self.guard.forget()
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -103,22 +135,21 @@ class SftkitTrainer(SFTTrainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        fed, trained = inputs.pop(TOKENS_FED, 0), inputs.pop(TOKENS_TRAINED, 0)
-        positions = inputs.pop(LABEL_POSITIONS, None)
-        invalid, drawn = inputs.pop(INVALID_KEY, []), inputs.pop(ROWS_KEY, None)
-        self.step_rows += inputs.pop(ROW_IDS, [])  # the rows of the optimizer step under way
+        batch = take_facts(inputs)
+        self.step_rows += batch.row_ids  # the rows of the optimizer step under way
         if not model.training:
             if self.head_loss == LOGITS and not return_outputs:  # TRL's fused head does not reproduce this model's
-                return self._head_loss(model, inputs, positions, num_items_in_batch, trained)
+                return self._head_loss(model, inputs, batch, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.tokens_fed += fed
-        self.tokens_trained += trained
-        self.rows.count(invalid, drawn if drawn is not None else inputs["labels"].shape[0], self.state.global_step + 1)
+        self.tokens_fed += batch.tokens_fed
+        self.tokens_trained += batch.tokens_trained
+        drawn = batch.rows_drawn if batch.rows_drawn is not None else inputs["labels"].shape[0]
+        self.rows.count(batch.invalid, drawn, self.state.global_step + 1)
         if self.head_loss is None or return_outputs:
             computed = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self.guard.watch_loss(computed[0] if return_outputs else computed, self.state.global_step + 1)
             return computed
-        loss = self._head_loss(model, inputs, positions, num_items_in_batch, trained)
+        loss = self._head_loss(model, inputs, batch, num_items_in_batch)
         self.guard.watch_loss(loss, self.state.global_step + 1)
         return loss
 
@@ -146,11 +177,12 @@ class SftkitTrainer(SFTTrainer):
         model's head (``self.head.trl_differs`` says why not), else the model's own logits."""
         return None if self.head.trl_differs is None else LOGITS
 
-    def _head_loss(self, model: torch.nn.Module, inputs: dict[str, Any], positions: torch.Tensor,
-                   num_items_in_batch: Any, trained: int) -> torch.Tensor:
+    def _head_loss(self, model: torch.nn.Module, inputs: dict[str, Any], batch: BatchFacts,
+                   num_items_in_batch: Any) -> torch.Tensor:
+        positions = batch.label_positions.to(inputs["input_ids"].device)
         summed_loss = model(**inputs, sftkit_head_loss=self.head_loss, **{LABEL_POSITIONS: positions})
         # As TRL divides: by the tokens of the whole optimizer step (all processes, when averaged across them).
-        tokens = num_items_in_batch if num_items_in_batch is not None else trained
+        tokens = num_items_in_batch if num_items_in_batch is not None else batch.tokens_trained
         loss = summed_loss / torch.as_tensor(tokens, device=summed_loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -163,8 +195,9 @@ class SftkitTrainer(SFTTrainer):
             self.watched_step, self.step_rows = self.state.global_step, []
         control = self.control
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            self.guard_stop = self.guard.tripped(self.accelerator.num_processes)
-            if self.guard_stop:  # nothing the bad step spoiled is saved or evaluated
+            tripped = self.guard.tripped(self.accelerator.num_processes)
+            if tripped:  # nothing the bad step spoiled is saved or evaluated
+                self.stopped = Stop("loss guard", tripped)
                 control.should_save = control.should_evaluate = False
                 control.should_training_stop = True
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
@@ -204,7 +237,7 @@ class SftkitTrainer(SFTTrainer):
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
-        """output_dir/README.md from the recipe (``sftkit.outputs.model_card``): the base model, the data, sftkit's
+        """output_dir/README.md from the recipe (``sftkit.train.model_card``): the base model, the data, sftkit's
         version and the recipe, where TRL's card knows only what the loaded config says."""
         if self.is_world_process_zero():
             write_model_card(self.recipe_values, self.args.output_dir)
@@ -223,7 +256,10 @@ class SftkitTrainer(SFTTrainer):
             self.tokens_trained += counts.get("tokens_trained", 0)
             self.rows.drawn += counts.get("rows_drawn", 0)
             self.rows.invalid += counts.get("rows_invalid", 0)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.stopped is None and self.signal.stopped_at is not None:
+            self.stopped = Stop("signal", f"SIGTERM after step {self.signal.stopped_at}")
+        return result
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """A tied head is not stored in a checkpoint (its weight is the input embedding's): not a missing key."""

@@ -24,10 +24,11 @@ from sftkit.recipe import (
     SftkitArguments,
     derive_gradient_accumulation,
     number_of_processes,
+    read_recipe,
 )
+from sftkit.setup.launcher import reconcile_launcher
+from sftkit.setup.speed import LEVERS, resolve_speed
 from sftkit.train.checkpoints import check_resume, resolve_resume
-from sftkit.train.launcher import reconcile_launcher
-from sftkit.train.speed import LEVERS, resolve_speed
 
 # Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
 # applied before those imports (the sftkit command does so).
@@ -150,3 +151,8 @@ def resolve(checked: CheckedRecipe) -> Recipe:
         entry_adapters=checked.entry_adapters,
         chosen_levers=chosen,
     )
+
+
+def load_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and check a recipe (``sftkit.recipe.read_recipe``), then resolve it for this machine and launcher."""
+    return resolve(read_recipe(path, overrides))

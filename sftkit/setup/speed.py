@@ -18,6 +18,7 @@ from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
 from sftkit.train.attention import VARLEN, varlen_available
 from sftkit.train.head_loss import KERNELS, kernel_available
+from sftkit.train.model import parameter_count
 
 # The estimate below errs high (by about 1.4x against TRL's peaks measured on an H200): what it leaves
 # free covers allocator fragmentation and kernels' workspaces.
@@ -225,7 +226,6 @@ def training_memory_estimate(config: Any, tokens: int, fp32_master_weights: bool
     tests/test_speed_defaults.py holds these terms against the tensors autograd really keeps.
     Sharded states (ZeRO, FSDP) and adapters (PEFT) need less, so the estimate errs towards checkpointing.
     """
-    from sftkit.train.model import parameter_count
 
     parameters = parameter_count(config)
     text = config.get_text_config()

@@ -1,4 +1,5 @@
-"""The training job, top to bottom: recipe -> data (load, adapt, tokenize, validate) -> record -> SFTTrainer -> model."""
+"""The training job, top to bottom: recipe -> data (load, adapt, validate, tokenize/pack) -> record -> SFTTrainer ->
+model, summary and record. ``train`` reads as the list of steps; each step is a function below it."""
 
 from __future__ import annotations
 
@@ -14,34 +15,35 @@ from typing import Any
 import datasets
 import numpy as np
 from accelerate import PartialState
-from transformers import TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, get_peft_config, get_quantization_config, pack_dataset
 
 from sftkit.data.account import metric_names
-from sftkit.data.bad_rows import SKIPPED_ROWS_FILE, SkippingCollator
+from sftkit.data.bad_rows import SKIPPED_ROWS_FILE
 from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
 from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
 from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.outputs.callbacks import output_callbacks
+from sftkit.outputs.summary import summarise
 from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe, number_of_processes
 from sftkit.redaction import remember
+from sftkit.setup.launcher import partial_batch_note
+from sftkit.setup.preflight import clear_for_overwrite, preflight
+from sftkit.setup.rerun import at_end, rerun_of_an_ended_run, trained_steps
 from sftkit.train.attention import VARLEN, use_flex_attention_in_autocast_dtype, use_varlen_attention
 from sftkit.train.checkpoints import latest_checkpoint
 from sftkit.train.compilation import FixedShapeCollator, compile_decoder_layers
 from sftkit.train.counting import CountingCollator
 from sftkit.train.head_loss import KERNELS
-from sftkit.train.launcher import partial_batch_note
 from sftkit.train.levers import prove_levers
 from sftkit.train.model import model_init_kwargs, model_path, settle_tokenizer, stop_on_end_of_turn
-from sftkit.train.preflight import clear_for_overwrite, preflight
-from sftkit.train.rerun import at_end, rerun_of_an_ended_run, trained_steps
+from sftkit.train.row_policy import SkippingCollator
 from sftkit.train.run_record import RECORD_NAME, add_to_run_record, write_run_record
-from sftkit.train.shutdown import StopOnSignal, leave_together
-from sftkit.train.summary import summarise
-from sftkit.train.trainer import SftkitTrainer
+from sftkit.train.shutdown import Stop, leave_together
+from sftkit.train.trainer import RunRules, SftkitTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -53,31 +55,89 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     whose 0.5B-parameter models would take seconds to write for nothing).
     """
     state = PartialState(cpu=recipe.training.use_cpu)
+    start(recipe)
+    if ended_already(recipe, state):  # the same command again after the run's last step: nothing trains twice
+        return
+    loss_path = head_loss(recipe)  # an adapter on lm_head fails here, before any data is read
+    if state.is_main_process and recipe.sftkit.overwrite_output_dir and recipe.training.resume_from_checkpoint is None:
+        clear_for_overwrite(recipe.training.output_dir)
+
+    # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
+    # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
+    tokenizer, added_tokens = settle_tokenizer(recipe)
+    data = prepare(recipe, tokenizer, state)
+    rows = trainer_rows(data, recipe.training)
+    note = partial_batch_note(len(rows.train), recipe.training.per_device_train_batch_size,
+                              recipe.training.gradient_accumulation_steps, recipe.training.max_steps,
+                              state.num_processes, recipe.training.dataloader_drop_last)
+    if note:
+        logger.warning(note)
+    args = trainer_arguments(recipe, data)
+    if state.is_main_process:  # written before the first step, so even a crashed run says what it was
+        record = write_run_record(args.output_dir, recipe.values, {"processes": number_of_processes(),
+                                                                   **data.describe()})
+        logger.info("run record: %s", record)
+
+    # The trainer, its levers proved on one batch, then training.
+    trainer = build_trainer(recipe, args, data, rows, tokenizer, added_tokens, loss_path, callbacks)
+    dropped = prove_levers(trainer, recipe)  # a chosen lever that fails here gives way to the plain path
+    if state.is_main_process:
+        if dropped:
+            add_to_run_record(args.output_dir, "levers_dropped", {lever: recipe.values[lever] for lever in dropped})
+        why = {"why": trainer.head_loss_why} if trainer.head_loss_why else {}  # once the model's head was inspected
+        add_to_run_record(args.output_dir, "lm_head_loss_used", {"path": trainer.head_loss or "trl", **why})
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if trainer.stopped is not None:
+        stopped, checkpoint = trainer.stopped, latest_checkpoint(args.output_dir)
+        del trainer
+        leave_together()
+        raise stopped_early(stopped, checkpoint)
+
+    # What the run leaves: the model, its state and card, the summary and the record's result.
+    if data.eval is not None and recipe.values.get("do_eval") is not False:
+        trainer.evaluate()
+    if save:
+        trainer.save_model(args.output_dir)
+        trainer.create_model_card()
+    trainer.save_state()  # trainer_state.json: the full loss history beside the model
+    finish(trainer, recipe, data, state, save)
+    del trainer
+    leave_together()  # the group is torn down together, not under a process still writing
+
+
+def start(recipe: Recipe) -> None:
+    """What the resolved recipe decided, said; the Hub token handed over; what would doom the run, checked before any
+    data or weights load."""
     for note in recipe.notes:
         logger.info(note)
     args = recipe.training
-    output_dir = Path(args.output_dir)
     if args.hub_token:  # the Hub client reads HF_TOKEN when the arguments hold none: no file the run writes holds it
         remember(args.hub_token, os.environ.get("HF_TOKEN"))
         os.environ["HF_TOKEN"] = args.hub_token
     check_trackers(args)  # report_to: known, installed, and where each writes, before any data is read
+    preflight(recipe)
 
-    # Data. Processes wait for each other on the cache's file lock, never on a collective with a timeout. The
-    # tokenizer is settled (chat template, special tokens) first, and the trainer gets a copy of it.
-    preflight(recipe)  # what would doom the run, before any data or weights load
-    if args.resume_from_checkpoint is not None:
-        checkpoint = Path(args.resume_from_checkpoint)
-        if at_end(checkpoint, args):  # the same command again after the run's last step: nothing trains twice
-            rerun_of_an_ended_run(checkpoint, output_dir, state.is_main_process)
-            leave_together()
-            return
-        step, last = trained_steps(checkpoint)
-        logger.info("resuming from %s (step %d of %d)", checkpoint.name, step, args.max_steps if args.max_steps > 0
-                    else last)
-    loss_path = head_loss(recipe)  # an adapter on lm_head fails here, before any data is read
-    if state.is_main_process and recipe.sftkit.overwrite_output_dir and args.resume_from_checkpoint is None:
-        clear_for_overwrite(args.output_dir)
-    tokenizer, added_tokens = settle_tokenizer(recipe)
+
+def ended_already(recipe: Recipe, state: PartialState) -> bool:
+    """Whether the checkpoint to resume from is the run's end (then what a rerun does is done); a resume says where
+    it goes on from."""
+    args = recipe.training
+    if args.resume_from_checkpoint is None:
+        return False
+    checkpoint = Path(args.resume_from_checkpoint)
+    if at_end(checkpoint, args):
+        rerun_of_an_ended_run(checkpoint, Path(args.output_dir), state.is_main_process)
+        leave_together()
+        return True
+    step, last = trained_steps(checkpoint)
+    logger.info("resuming from %s (step %d of %d)", checkpoint.name, step, args.max_steps if args.max_steps > 0
+                else last)
+    return False
+
+
+def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, state: PartialState) -> PreparedData:
+    """The rows prepared (``sftkit.data.preparation``), reported, and the skipped ones listed."""
+    args = recipe.training
     data = prepare_data(recipe, tokenizer)
     logger.info("eval rows: %s", data.eval_origin)
     for split in (data.train, data.eval):
@@ -86,21 +146,15 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     resuming = args.resume_from_checkpoint is not None
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir, resuming)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s", skipped,
-                       output_dir / SKIPPED_ROWS_FILE)
-    rows = trainer_rows(data, args)
-    note = partial_batch_note(len(rows.train), args.per_device_train_batch_size,
-                              args.gradient_accumulation_steps, args.max_steps, state.num_processes,
-                              args.dataloader_drop_last)
-    if note:
-        logger.warning(note)
-    args = trainer_arguments(recipe, data)
+                       Path(args.output_dir) / SKIPPED_ROWS_FILE)
+    return data
 
-    # The run record is written before the first step, so even a crashed run says what it was.
-    if state.is_main_process:
-        details = {"processes": number_of_processes(), **data.describe()}
-        record = write_run_record(args.output_dir, recipe.values, details)
-        logger.info("run record: %s", record)
 
+def build_trainer(recipe: Recipe, args: SFTConfig, data: PreparedData, rows: TrainerRows,
+                  tokenizer: PreTrainedTokenizerBase, added_tokens: list[int], loss_path: str | None,
+                  callbacks: Sequence[TrainerCallback]) -> SftkitTrainer:
+    """SFTTrainer with sftkit's rules (order, bad-row policy, loss path and guard), attention, PEFT, compilation and
+    collators in place."""
     if recipe.model.attn_implementation == "flex_attention":
         use_flex_attention_in_autocast_dtype()
     elif recipe.model.attn_implementation == VARLEN:
@@ -110,23 +164,16 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         indices = dict(peft_config.trainable_token_indices or {})
         indices["embed_tokens"] = [*indices.get("embed_tokens", []), *added_tokens]
         peft_config.trainable_token_indices = indices
+    rules = RunRules(
+        order=EpochOrder(rows.keys, order_seed(args)), recipe_values=recipe.values,
+        on_invalid=recipe.sftkit.on_invalid, max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
+        known_invalid=data.train.invalid_row_ids(), head_loss=loss_path,
+        head_loss_chosen="lm_head_loss" in recipe.chosen_levers, grad_norm_limit=recipe.sftkit.grad_norm_limit,
+        eval_by_source=rows.eval_by_source)
     trainer = SftkitTrainer(
-        model=model_path(recipe),
-        args=args,
-        train_dataset=rows.train,
-        eval_dataset=rows.eval,
+        model=model_path(recipe), args=args, train_dataset=rows.train, eval_dataset=rows.eval,
         processing_class=copy.deepcopy(tokenizer),  # TRL re-applies the template to its copy and pads its vocabulary
-        peft_config=peft_config,
-        quantization_config=get_quantization_config(recipe.model),
-        on_invalid=recipe.sftkit.on_invalid,
-        max_invalid_fraction=recipe.sftkit.max_invalid_fraction,
-        known_invalid=data.train.invalid_row_ids(),
-        order=EpochOrder(rows.keys, order_seed(args)),
-        recipe_values=recipe.values,
-        head_loss=loss_path,
-        head_loss_chosen="lm_head_loss" in recipe.chosen_levers,
-        grad_norm_limit=recipe.sftkit.grad_norm_limit,
-        eval_by_source=rows.eval_by_source,
+        peft_config=peft_config, quantization_config=get_quantization_config(recipe.model), rules=rules,
         callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
     )
     if peft_config is not None:
@@ -141,38 +188,27 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     end_of_turn = stop_on_end_of_turn(trainer.model.generation_config, tokenizer)
     if end_of_turn is not None:
         logger.info("generation stops at %r as well", tokenizer.convert_ids_to_tokens(end_of_turn))
+    return trainer
 
-    dropped = prove_levers(trainer, recipe)  # a chosen lever that fails here gives way to the plain path
-    if dropped and state.is_main_process:
-        add_to_run_record(args.output_dir, "levers_dropped", {lever: recipe.values[lever] for lever in dropped})
-    if state.is_main_process:  # what computes the loss, once the model's head has been inspected
-        why = {"why": trainer.head_loss_why} if trainer.head_loss_why else {}
-        add_to_run_record(args.output_dir, "lm_head_loss_used", {"path": trainer.head_loss or "trl", **why})
-    stop = StopOnSignal(several_processes=state.num_processes > 1)
-    trainer.add_callback(stop)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if trainer.policy_stop or trainer.guard_stop or stop.stopped_at is not None:
-        policy_stop, guard_stop, checkpoint = trainer.policy_stop, trainer.guard_stop, latest_checkpoint(output_dir)
-        del trainer
-        leave_together()
-        if guard_stop:
-            last_good = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
-            raise SftkitError(f"training stopped: {guard_stop}; {last_good}. Resume from it with a lower "
-                              "learning_rate (or a smaller max_grad_norm), or look at those rows first "
-                              "(sftkit check shows how rows train).")
-        if policy_stop:
-            raise SftkitError(f"training stopped: {policy_stop}. The checkpoint {checkpoint} holds the last step; fix "
-                              "the data or set on_invalid: skip, and resume with resume_from_checkpoint: auto.")
-        raise StoppedBySignal(f"stopped on SIGTERM after step {stop.stopped_at}, saved in {checkpoint}. Run the same "
-                              "command with resume_from_checkpoint: auto (or --resume_from_checkpoint "
-                              f"{checkpoint}) to go on from there.")
-    if data.eval is not None and recipe.values.get("do_eval") is not False:
-        trainer.evaluate()
-    if save:
-        trainer.save_model(args.output_dir)
-        trainer.create_model_card()
-    trainer.save_state()  # trainer_state.json: the full loss history beside the model
 
+def stopped_early(stopped: Stop, checkpoint: Path | None) -> SftkitError:
+    """The error that ends a run stopped before max_steps: why, what was saved, and how to go on."""
+    if stopped.cause == "loss guard":
+        last_good = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+        return SftkitError(f"training stopped: {stopped.detail}; {last_good}. Resume from it with a lower "
+                           "learning_rate (or a smaller max_grad_norm), or look at those rows first "
+                           "(sftkit check shows how rows train).")
+    if stopped.cause == "invalid rows":
+        return SftkitError(f"training stopped: {stopped.detail}. The checkpoint {checkpoint} holds the last step; fix "
+                           "the data or set on_invalid: skip, and resume with resume_from_checkpoint: auto.")
+    return StoppedBySignal(f"stopped on {stopped.detail}, saved in {checkpoint}. Run the same command with "
+                           f"resume_from_checkpoint: auto (or --resume_from_checkpoint {checkpoint}) to go on from "
+                           "there.")
+
+
+def finish(trainer: SftkitTrainer, recipe: Recipe, data: PreparedData, state: PartialState, save: bool) -> None:
+    """The summary printed and the record's result written, from counts summed over every process."""
+    output_dir = Path(recipe.training.output_dir)
     written = {"model": str(output_dir)} if save else {}
     written["run record"] = str(output_dir / RECORD_NAME)
     totals = trainer.totals()  # every process takes part
@@ -181,10 +217,8 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
         summary = summarise(trainer, totals, written, on_demand, data.accounts, data.train.report.noted)
         print(f"\nsftkit: training finished\n{summary}", flush=True)
         seen = {"rows_drawn": totals["rows_drawn"], "rows_invalid": totals["rows_invalid"]} if on_demand else {}
-        add_to_run_record(args.output_dir, "result", {"steps": trainer.state.global_step, **seen,
+        add_to_run_record(str(output_dir), "result", {"steps": trainer.state.global_step, **seen,
                                                       "tokens_trained": totals["tokens_trained"]})
-    del trainer
-    leave_together()  # the group is torn down together, not under a process still writing
 
 
 def trainer_arguments(recipe: Recipe, data: PreparedData) -> SFTConfig:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from sftkit.contract import RowError
+from sftkit.contract import RowError, is_conversation, record_shape
 from sftkit.data.account import account_lines
 from sftkit.data.bad_rows import enforce, row_name
 from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
@@ -21,8 +21,8 @@ from sftkit.data.templates import as_templates_read, rendering_tokenizer, reply_
 from sftkit.data.tokenization import IGNORE
 from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe
+from sftkit.setup.preflight import check_hub, check_model, check_output_dir
 from sftkit.train.model import load_tokenizer, model_path, stop_on_end_of_turn
-from sftkit.train.preflight import check_hub, check_model, check_output_dir
 
 TRAINED_COLOUR, RESET = "\x1b[1;32m", "\x1b[0m"
 PLAIN_MARKS = ("[[", "]]")
@@ -54,11 +54,12 @@ def _lengths(split: PreparedSplit, max_length: int | None) -> str:
 
 def inference_prompt(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
     """The tokens inference sends for the prompt of the record's last trained turn; None for plain text."""
-    if "messages" in record:
+    shape = record_shape(record)
+    if shape == "messages":
         messages = record["messages"]
         last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
         prompt = messages[:last]
-    elif "prompt" in record:
+    elif shape == "prompt_completion":
         prompt = record["prompt"]
         if isinstance(prompt, str):
             return tokenizer(prompt)["input_ids"]  # with the tokenizer's special tokens, as generation encodes text
@@ -105,8 +106,7 @@ def _conversational(data: PreparedData) -> bool:
     """Whether the rows are conversations (rendered by the chat template), judged by the first valid train row."""
     for position, reason in enumerate(data.train.rows["invalid"]):
         if reason is None:
-            record = data.record(data.train, position)
-            return "messages" in record or not isinstance(record.get("prompt", ""), str)
+            return is_conversation(data.record(data.train, position))
     return False
 
 

@@ -18,6 +18,7 @@ from sftkit import embedded
 from sftkit.errors import SftkitError
 from sftkit.recipe import Recipe
 from sftkit.train.checkpoints import STAGING_DIR, checkpoints
+from sftkit.train.model import parameter_count
 from sftkit.train.run_record import RECORD_NAME
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,6 @@ def check_output_dir(recipe: Recipe, config: Any) -> None:
         raise SftkitError(f"output_dir {output_dir}: {existing} is not writable; choose an output_dir you can write")
     if recipe.model.use_peft:  # a checkpoint holds the adapter only
         return
-    from sftkit.train.model import parameter_count
 
     needed = parameter_count(config) * CHECKPOINT_BYTES_PER_PARAMETER
     free = shutil.disk_usage(existing).free
