@@ -5,7 +5,9 @@ against the fields of ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and
 ``DatasetMixtureConfig`` (and sftkit's ``SftkitArguments``), every value against its field's type
 and every number against its key's bound (``BOUNDS``), and keys that only make sense together are checked together, all before anything is loaded.
 Reading a recipe (``read_recipe``) touches nothing: no environment variable, no hardware probe, no
-file written. ``sftkit.setup.resolve`` then settles what depends on the machine and the launcher.
+file written. ``sftkit.setup.resolve`` then settles what depends on the machine and the launcher, with
+the pieces defined here: the keys' defaults (``setting``), the ``Decisions`` it takes and the
+``BatchGeometry`` it derives.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib.util
 import math
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,7 @@ class Recipe:
     values: dict[str, Any]  # every key the recipe set, after overrides, plus derived values
     path: str  # the recipe's file, or <command line>
     notes: list[str]  # what sftkit decided on the user's behalf, for the log
+    batch: BatchGeometry  # rows per device, accumulation steps and processes, as resolved for this launch
     entry_adapters: list[tuple[str, dict]]  # per datasets: entry, its dataset_format and dataset_options
     chosen_levers: list[str] = field(default_factory=list)  # speed levers sftkit set for this machine, not the recipe
 
@@ -368,7 +371,67 @@ def _check_streaming(values: dict[str, Any], fail: Callable[[str], typing.NoRetu
         fail("a datasets: mixture streams with streaming: true (dataset_streaming is for dataset_name)")
 
 
-# ---------------------------------------------------------------- derived values
+# ---------------------------------------------------------------- resolving: decisions and the batch
+
+
+def setting(values: Mapping[str, Any], key: str) -> Any:
+    """A recipe key's value: as the recipe sets it, else its class's default (TRL's, for TRL's keys)."""
+    if key in values:
+        return values[key]
+    owner, _ = _recipe_fields()[key]
+    default = next(f for f in dataclasses.fields(owner) if f.name == key)
+    return default.default_factory() if default.default is dataclasses.MISSING else default.default
+
+
+@dataclass
+class Decisions:
+    """One recipe being resolved: the recipe its errors name, and what was decided on the user's behalf (``notes``,
+    logged when the run starts). Each step of resolving takes this one object instead of a path and a list."""
+
+    recipe_path: str  # the recipe's file, or <command line>
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def error(self, message: str) -> SftkitError:
+        """An error in the recipe, named the way every recipe error names it."""
+        return SftkitError(f"recipe {self.recipe_path}: {message}")
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """The rows one optimizer step trains and how they are split: ``per_device`` rows a micro-step on each of
+    ``processes`` processes, ``accumulation`` micro-steps a step. Resolving, resuming, the launcher's check and
+    Kubernetes rendering all read the batch here, so they cannot disagree about it."""
+
+    per_device: int
+    accumulation: int
+    processes: int
+    global_batch: int | None = None  # the recipe's global_batch_size, where accumulation was derived from it
+
+    @property
+    def rows_per_pass(self) -> int:
+        """Rows one micro-step trains, all processes together."""
+        return self.per_device * self.processes
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows (or packed sequences) one optimizer step trains, all processes together."""
+        return self.rows_per_pass * self.accumulation
+
+    def derivation(self) -> str | None:
+        """How the accumulation steps came from global_batch_size, for the log; None where the recipe set them."""
+        if self.global_batch is None:
+            return None
+        return (f"global_batch_size {self.global_batch} = {self.per_device} per device x {self.processes} "
+                f"process(es) x {self.accumulation} accumulation step(s)")
+
+    @classmethod
+    def recorded(cls, values: Mapping[str, Any], processes: int) -> BatchGeometry:
+        """The batch of a resolved recipe's values (the record, its accumulation steps already derived)."""
+        return cls(setting(values, "per_device_train_batch_size"), setting(values, "gradient_accumulation_steps"),
+                   processes, values.get("global_batch_size"))
 
 
 def number_of_processes() -> int:
@@ -376,8 +439,14 @@ def number_of_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def derive_gradient_accumulation(global_batch: int, per_device: int, processes: int, recipe_path: str) -> int:
-    """global = per_device x processes x accumulation; anything else is an error with the nearest valid values."""
+def batch_geometry(values: Mapping[str, Any], processes: int, decisions: Decisions) -> BatchGeometry:
+    """The batch a recipe's values mean on ``processes`` processes. Where the recipe sets global_batch_size,
+    global = per_device x processes x accumulation derives the accumulation steps; a global batch that does not
+    divide is an error with the nearest valid values."""
+    per_device = setting(values, "per_device_train_batch_size")
+    global_batch = values.get("global_batch_size")
+    if global_batch is None:
+        return BatchGeometry(per_device, setting(values, "gradient_accumulation_steps"), processes)
     rows_per_pass = per_device * processes
     if global_batch <= 0 or global_batch % rows_per_pass:
         lower = max(rows_per_pass, global_batch // rows_per_pass * rows_per_pass)
@@ -386,11 +455,11 @@ def derive_gradient_accumulation(global_batch: int, per_device: int, processes: 
         suggestion = f"global_batch_size: {lower} or {upper}"
         if per_device_options:
             suggestion += f", or per_device_train_batch_size one of {per_device_options[-6:]}"
-        raise SftkitError(
-            f"recipe {recipe_path}: global_batch_size {global_batch} is not a multiple of per_device_train_batch_size "
-            f"{per_device} x {processes} process(es) = {rows_per_pass}. Use {suggestion}."
+        raise decisions.error(
+            f"global_batch_size {global_batch} is not a multiple of per_device_train_batch_size {per_device} x "
+            f"{processes} process(es) = {rows_per_pass}. Use {suggestion}."
         )
-    return global_batch // rows_per_pass
+    return BatchGeometry(per_device, global_batch // rows_per_pass, processes, global_batch)
 
 
 # ---------------------------------------------------------------- putting it together

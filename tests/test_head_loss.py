@@ -32,6 +32,7 @@ from trl import SFTConfig
 from sftkit import embedded
 from sftkit.data.order import EpochOrder
 from sftkit.errors import SftkitError
+from sftkit.recipe import Decisions
 from sftkit.setup.speed import resolve_speed
 from sftkit.train import head_loss as head_loss_module
 from sftkit.train import levers
@@ -373,5 +374,5 @@ def test_a_kernel_handed_a_cap_it_does_not_take_fails_instead_of_ignoring_it():
 def test_logits_is_a_recipe_choice_kept_on_any_machine():
     for gpu in (None, 80 * 2**30):
         values = {"lm_head_loss": "logits"}
-        resolve_speed(values, [], gpu_memory=gpu)
+        resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=gpu)
         assert values["lm_head_loss"] == "logits"

@@ -9,7 +9,7 @@ import yaml
 
 from sftkit.cli import build_parser
 from sftkit.errors import SftkitError
-from sftkit.recipe import derive_gradient_accumulation
+from sftkit.recipe import BatchGeometry, Decisions, batch_geometry
 from sftkit.setup.resolve import load_recipe
 from sftkit.values import parse_overrides
 
@@ -137,13 +137,17 @@ def test_global_batch_size_derives_accumulation(tmp_path):
     recipe = load_recipe(str(recipe_with(tmp_path, "global_batch_size: 32\n")))
     assert recipe.training.gradient_accumulation_steps == 8
     assert recipe.values["gradient_accumulation_steps"] == 8
-    assert derive_gradient_accumulation(32, per_device=4, processes=2, recipe_path="r.yaml") == 4
-    assert derive_gradient_accumulation(32, per_device=4, processes=8, recipe_path="r.yaml") == 1
+    assert recipe.batch == BatchGeometry(per_device=4, accumulation=8, processes=1, global_batch=32)
+    assert any(note == "global_batch_size 32 = 4 per device x 1 process(es) x 8 accumulation step(s)"
+               for note in recipe.notes)
+    values, decisions = {"global_batch_size": 32, "per_device_train_batch_size": 4}, Decisions("r.yaml")
+    assert batch_geometry(values, processes=2, decisions=decisions).accumulation == 4
+    assert batch_geometry(values, processes=8, decisions=decisions).rows_per_step == 32
 
 
 def test_indivisible_global_batch_proposes_valid_values():
     with pytest.raises(SftkitError) as error:
-        derive_gradient_accumulation(30, per_device=4, processes=2, recipe_path="r.yaml")
+        batch_geometry({"global_batch_size": 30, "per_device_train_batch_size": 4}, 2, Decisions("r.yaml"))
     message = str(error.value)
     assert "global_batch_size: 24 or 32" in message
     assert "per_device_train_batch_size one of [1, 3, 5, 15]" in message

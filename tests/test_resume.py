@@ -175,13 +175,14 @@ def test_a_resume_that_changes_what_is_optimised_is_refused_with_the_differences
 
 
 def test_the_same_global_batch_on_another_number_of_processes_resumes(tmp_path):
+    from sftkit.recipe import BatchGeometry
     from sftkit.train.checkpoints import differences
 
     values = _load(tmp_path).values  # one process: 4 rows x 2 accumulation steps
     checkpoint = _checkpoint(tmp_path / "out", 2, values)
     two_processes = {**values, "gradient_accumulation_steps": 1}  # 4 rows each: the same 8 rows a step
-    assert differences(checkpoint, two_processes, processes=2) == []
+    assert differences(checkpoint, two_processes, BatchGeometry.recorded(two_processes, 2)) == []
     without_global_batch = {key: value for key, value in two_processes.items() if key != "global_batch_size"}
-    assert differences(checkpoint, without_global_batch, processes=4) == [
+    assert differences(checkpoint, without_global_batch, BatchGeometry(4, 1, 4)) == [
         ("rows per optimizer step: 8 -> 16 (per_device_train_batch_size x gradient_accumulation_steps x processes; "
         "global_batch_size keeps it on any number of processes)")]

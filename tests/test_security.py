@@ -99,14 +99,16 @@ def test_secrets_are_never_written(tmp_path):
 
 
 def test_a_checkpoint_records_the_recipe_without_its_secrets_and_a_rotated_token_resumes(tmp_path):
+    from sftkit.recipe import BatchGeometry
     from sftkit.train.checkpoints import CHECKPOINT_RECORD, differences, write_checkpoint_record
 
     values = {"learning_rate": 1e-4, "hub_token": HUB_TOKEN, "dataset_name": DATABASE_URL}
     write_checkpoint_record(tmp_path, values, processes=1)
     written = (tmp_path / CHECKPOINT_RECORD).read_text()
     assert HUB_TOKEN not in written and DATABASE_PASSWORD not in written
-    assert differences(tmp_path, {**values, "hub_token": "hf_RotatedSinceTheCheckpoint1"}, processes=1) == []
-    assert differences(tmp_path, {**values, "learning_rate": 2e-4}, processes=1) == ["learning_rate: 0.0001 -> 0.0002"]
+    batch = BatchGeometry.recorded(values, processes=1)
+    assert differences(tmp_path, {**values, "hub_token": "hf_RotatedSinceTheCheckpoint1"}, batch) == []
+    assert differences(tmp_path, {**values, "learning_rate": 2e-4}, batch) == ["learning_rate: 0.0001 -> 0.0002"]
 
 
 def _render(recipe, capsys, *options: str) -> tuple[int, str]:

@@ -28,7 +28,7 @@ from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.outputs.callbacks import output_callbacks
 from sftkit.outputs.summary import summarise
 from sftkit.outputs.trackers import check_trackers
-from sftkit.recipe import Recipe, number_of_processes
+from sftkit.recipe import Recipe
 from sftkit.redaction import remember
 from sftkit.setup.launcher import partial_batch_note
 from sftkit.setup.preflight import clear_for_overwrite, preflight
@@ -67,14 +67,13 @@ def train(recipe: Recipe, callbacks: Sequence[TrainerCallback] = (), save: bool 
     tokenizer, added_tokens = settle_tokenizer(recipe)
     data = prepare(recipe, tokenizer, state)
     rows = trainer_rows(data, recipe.training)
-    note = partial_batch_note(len(rows.train), recipe.training.per_device_train_batch_size,
-                              recipe.training.gradient_accumulation_steps, recipe.training.max_steps,
-                              state.num_processes, recipe.training.dataloader_drop_last)
+    note = partial_batch_note(len(rows.train), recipe.batch, recipe.training.max_steps,
+                              recipe.training.dataloader_drop_last)
     if note:
         logger.warning(note)
     args = trainer_arguments(recipe, data)
     if state.is_main_process:  # written before the first step, so even a crashed run says what it was
-        record = write_run_record(args.output_dir, recipe.values, {"processes": number_of_processes(),
+        record = write_run_record(args.output_dir, recipe.values, {"processes": recipe.batch.processes,
                                                                    **data.describe()})
         logger.info("run record: %s", record)
 

@@ -14,12 +14,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
-from trl import SFTConfig
 
 from sftkit.errors import SftkitError
 from sftkit.k8s.launch import SINGLE_PROCESS_TYPES, read_accelerate_config
 from sftkit.k8s.validation import VolumeSpec
-from sftkit.recipe import CheckedRecipe, derive_gradient_accumulation, read_recipe, read_recipe_file
+from sftkit.recipe import CheckedRecipe, Decisions, batch_geometry, read_recipe, read_recipe_file, setting
 from sftkit.redaction import is_secret, redacted
 
 MOUNT_DIR = "/etc/sftkit"
@@ -48,20 +47,12 @@ def check_recipe(path: str, nodes: int, gpus_per_node: int,
     renders the job is not the machine that trains, so its hardware, launcher and environment decide nothing here."""
     recipe = read_recipe(path, overrides)
     refuse_secrets(path, recipe)
-    processes = nodes * gpus_per_node
-    per_device = recipe.values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-    global_batch = recipe.values.get("global_batch_size")
-    if global_batch is not None:
-        accumulation = derive_gradient_accumulation(global_batch, per_device, processes, recipe.path)
-        batch = (f"global_batch_size {global_batch} = {per_device} per device x {processes} process(es) x "
-                 f"{accumulation} accumulation step(s)")
-    else:
-        accumulation = recipe.values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
-        rows = per_device * accumulation * processes
-        batch = (f"{rows} rows per optimizer step on {processes} process(es) (per_device_train_batch_size x "
-                 "gradient_accumulation_steps x processes); set global_batch_size to make the same steps on any "
-                 "number of GPUs")
-    return recipe, [f"recipe {path}: checked for {nodes} node(s) x {gpus_per_node} GPU(s); {batch}"]
+    batch = batch_geometry(recipe.values, nodes * gpus_per_node, Decisions(recipe.path))
+    described = batch.derivation() or (
+        f"{batch.rows_per_step} rows per optimizer step on {batch.processes} process(es) (per_device_train_batch_size "
+        "x gradient_accumulation_steps x processes); set global_batch_size to make the same steps on any number of "
+        "GPUs")
+    return recipe, [f"recipe {path}: checked for {nodes} node(s) x {gpus_per_node} GPU(s); {described}"]
 
 
 def refuse_secrets(path: str, recipe: CheckedRecipe) -> None:
@@ -204,7 +195,8 @@ def build_bundle(recipe_path: str, accelerate_config: str | None, nodes: int, gp
     """Check the recipe, with the command line's keys, for this job and gather the files its pods read."""
     recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node, overrides)
     bundle = Bundle(notes=notes)
-    bundle.notes.append(check_output_dir(recipe.values.get("output_dir", SFTConfig.output_dir) or "trainer_output", volumes, allow_ephemeral_output))
+    output_dir = setting(recipe.values, "output_dir") or "trainer_output"
+    bundle.notes.append(check_output_dir(output_dir, volumes, allow_ephemeral_output))
     bundle.notes += unreachable_paths(recipe.values, volumes)
     recipe_file(recipe_path, recipe, overrides or {}, bundle)
     accelerate_file(accelerate_config, nodes, gpus_per_node, recipe, bundle)

@@ -1,5 +1,6 @@
 """Resolving a checked recipe for this machine and launcher: environment, device, precision, speed defaults,
-batch geometry and the launcher's config. What sftkit decides on the user's behalf is returned as notes.
+batch geometry and the launcher's config. What sftkit decides on the user's behalf is returned as notes, gathered
+in one ``Decisions`` that also names the recipe in every error.
 
 The recipe as read (``sftkit.recipe.read_recipe``) is left as it was: resolving works on a copy of its
 values and returns a new Recipe. It does change the process's environment where libraries read it:
@@ -20,11 +21,13 @@ from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerat
 from sftkit.recipe import (
     RECIPE_CLASSES,
     CheckedRecipe,
+    Decisions,
     Recipe,
     SftkitArguments,
-    derive_gradient_accumulation,
+    batch_geometry,
     number_of_processes,
     read_recipe,
+    setting,
 )
 from sftkit.setup.launcher import reconcile_launcher
 from sftkit.setup.speed import LEVERS, resolve_speed
@@ -39,24 +42,24 @@ IMPORT_TIME_ENV = {
 }
 
 
-def resolve_device(values: dict[str, Any], notes: list[str], recipe_path: str) -> None:
+def resolve_device(values: dict[str, Any], decisions: Decisions) -> None:
     """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP. Several GPUs
     without a launcher would run nn.DataParallel in one process, which sftkit's batch arithmetic does not describe:
     that stops with the command that uses them all."""
     if "use_cpu" not in values and not has_accelerator():
         values["use_cpu"] = True
-        notes.append("device: CPU (no GPU found; several processes would run DDP over gloo)")
+        decisions.note("device: CPU (no GPU found; several processes would run DDP over gloo)")
     gpus = gpu_count()
     if gpus > 1 and "WORLD_SIZE" not in os.environ and not values.get("use_cpu"):
         raise SftkitError(
             f"this machine has {gpus} GPUs and no launcher started this run, which would train on them as one process "
             "(nn.DataParallel) with another batch than the recipe says. Start it with\n"
-            f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {recipe_path}\n"
+            f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {decisions.recipe_path}\n"
             "or choose one GPU with CUDA_VISIBLE_DEVICES=0."
         )
 
 
-def resolve_precision(values: dict[str, Any], notes: list[str], recipe_path: str) -> None:
+def resolve_precision(values: dict[str, Any], decisions: Decisions) -> None:
     """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
     import torch
 
@@ -65,69 +68,64 @@ def resolve_precision(values: dict[str, Any], notes: list[str], recipe_path: str
         chosen = "bf16" if values.get("bf16") else "fp16" if values.get("fp16") else "no"
         reason = "as the recipe says"
         if chosen == "fp16" and not torch.cuda.is_available():
-            raise SftkitError(f"recipe {recipe_path}: fp16: true needs a CUDA GPU; on this machine leave precision unset")
+            raise decisions.error("fp16: true needs a CUDA GPU; on this machine leave precision unset")
     else:
         on_cpu = values.get("use_cpu", False)
         chosen = "bf16" if bf16_supported() and not on_cpu else "no"
         reason = "the hardware supports bf16" if chosen == "bf16" else "no bf16-capable GPU"
     values["bf16"], values["fp16"] = chosen == "bf16", chosen == "fp16"
     if launcher is not None and launcher != chosen:
-        notes.append(
+        decisions.note(
             f"the launcher asked for mixed_precision={launcher}; the recipe decides precision, so it is ignored "
             "(set bf16 or fp16 in the recipe to change it)"
         )
     # transformers falls back on the launcher's setting when bf16 and fp16 are both false: pin it.
     os.environ["ACCELERATE_MIXED_PRECISION"] = chosen
     label = {"bf16": "bf16 mixed precision (fp32 master weights)", "fp16": "fp16 mixed precision", "no": "fp32"}
-    notes.append(f"precision: {label[chosen]} ({reason}); weights loaded as {values.get('dtype', 'float32')}")
+    decisions.note(f"precision: {label[chosen]} ({reason}); weights loaded as {values.get('dtype', 'float32')}")
 
 
-def apply_environment(environment: Any, recipe_path: str) -> None:
+def apply_environment(environment: Any, decisions: Decisions) -> None:
     """Set the recipe's ``env:`` variables; one that a library already read at import time is an error, not a no-op."""
     if not isinstance(environment, dict):
-        raise SftkitError(f"recipe {recipe_path}: env must be a mapping of VARIABLE: value")
+        raise decisions.error("env must be a mapping of VARIABLE: value")
     for name, value in environment.items():
         name, value = str(name), str(value)
         library = IMPORT_TIME_ENV.get(name)
         if library in sys.modules and os.environ.get(name) != value:
-            raise SftkitError(
-                f"recipe {recipe_path}: env: {name} is read by {library} when it is imported, which happened before this "
-                f"recipe was loaded, so it would have no effect. Run through the sftkit command (it sets env: first), "
-                f"or set {name} in the environment before starting."
+            raise decisions.error(
+                f"env: {name} is read by {library} when it is imported, which happened before this recipe was "
+                f"loaded, so it would have no effect. Run through the sftkit command (it sets env: first), or set "
+                f"{name} in the environment before starting."
             )
         os.environ[name] = value
 
 
 def resolve(checked: CheckedRecipe) -> Recipe:
-    """The Recipe a run trains with on this machine, under this launcher."""
-    recipe_path, values, notes = checked.path, dict(checked.values), []
-    apply_environment(checked.environment, recipe_path)
-    output_dir = str(values.get("output_dir") or SFTConfig.output_dir or "trainer_output")
-    if "resume_from_checkpoint" in values:
-        values["resume_from_checkpoint"] = resolve_resume(values, recipe_path, output_dir)
-        if values["resume_from_checkpoint"] is None:
-            notes.append(f"resume_from_checkpoint auto: no checkpoint in {output_dir}, so the run starts fresh")
-    resolve_device(values, notes, recipe_path)
-    resolve_precision(values, notes, recipe_path)
-    asked = set(values)
-    resolve_speed(values, notes, gpu_memory())
-    chosen = sorted(lever for lever in LEVERS if lever in values and lever not in asked)
-    if values.get("global_batch_size") is not None:
-        per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-        processes = number_of_processes()
-        values["gradient_accumulation_steps"] = derive_gradient_accumulation(
-            values["global_batch_size"], per_device, processes, recipe_path
-        )
-        notes.append(
-            f"global_batch_size {values['global_batch_size']} = {per_device} per device x {processes} process(es) "
-            f"x {values['gradient_accumulation_steps']} accumulation step(s)"
-        )
+    """The Recipe a run trains with on this machine, under this launcher.
 
-    per_device = values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-    accumulation = values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps)
-    adjusted = reconcile_launcher(values, per_device, accumulation, number_of_processes(), notes, recipe_path)
+    Each step below fills ``values``, a copy of the recipe's values that becomes the record of the run
+    (sftkit_run.yaml), and notes what it decided on the user's behalf in the one ``Decisions``.
+    """
+    decisions, values = Decisions(checked.path), dict(checked.values)
+    apply_environment(checked.environment, decisions)
+    if "resume_from_checkpoint" in values:
+        output_dir = str(setting(values, "output_dir") or "trainer_output")
+        values["resume_from_checkpoint"] = resolve_resume(values, output_dir, decisions)
+        if values["resume_from_checkpoint"] is None:
+            decisions.note(f"resume_from_checkpoint auto: no checkpoint in {output_dir}, so the run starts fresh")
+    resolve_device(values, decisions)
+    resolve_precision(values, decisions)
+    asked = set(values)
+    resolve_speed(values, decisions, gpu_memory())
+    chosen = sorted(lever for lever in LEVERS if lever in values and lever not in asked)
+    batch = batch_geometry(values, number_of_processes(), decisions)
+    if batch.global_batch is not None:
+        values["gradient_accumulation_steps"] = batch.accumulation
+        decisions.note(batch.derivation())
+    adjusted = reconcile_launcher(values, batch, decisions)
     if values.get("resume_from_checkpoint"):
-        check_resume(values["resume_from_checkpoint"], values, number_of_processes(), recipe_path)
+        check_resume(values["resume_from_checkpoint"], values, batch, decisions)
 
     built = {}
     for cls in RECIPE_CLASSES:
@@ -138,7 +136,7 @@ def resolve(checked: CheckedRecipe) -> Recipe:
         try:
             built[cls] = cls(**arguments)
         except (ValueError, TypeError) as error:
-            raise SftkitError(f"recipe {recipe_path} with this launcher's settings: {error}") from None
+            raise SftkitError(f"recipe {decisions.recipe_path} with this launcher's settings: {error}") from None
     return Recipe(
         script=built[ScriptArguments],
         training=built[SFTConfig],
@@ -146,8 +144,9 @@ def resolve(checked: CheckedRecipe) -> Recipe:
         mixture=built[DatasetMixtureConfig],
         sftkit=built[SftkitArguments],
         values=values,
-        path=recipe_path,
-        notes=notes,
+        path=decisions.recipe_path,
+        notes=decisions.notes,
+        batch=batch,
         entry_adapters=checked.entry_adapters,
         chosen_levers=chosen,
     )

@@ -16,6 +16,7 @@ from trl import SFTConfig
 from sftkit import embedded
 from sftkit.errors import SftkitError
 from sftkit.hardware import usable_cpus
+from sftkit.recipe import Decisions, setting
 from sftkit.train.attention import VARLEN, varlen_available
 from sftkit.train.head_loss import KERNELS, kernel_available
 from sftkit.train.model import parameter_count
@@ -28,7 +29,7 @@ LEVERS = ("attn_implementation", "lm_head_loss", "optim", "dataloader_num_worker
 HEAD_TILE_TOKENS = 4096  # tokens a logits-free head projects at once (TRL's fused head: 4,096 x 32,768 columns)
 
 
-def resolve_speed(values: dict[str, Any], notes: list[str], gpu_memory: int | None) -> None:
+def resolve_speed(values: dict[str, Any], decisions: Decisions, gpu_memory: int | None) -> None:
     """Fill the speed defaults for this hardware and replace levers that cannot run here.
 
     ``gpu_memory``: bytes on the CUDA GPU this process trains on, None without one.
@@ -37,26 +38,26 @@ def resolve_speed(values: dict[str, Any], notes: list[str], gpu_memory: int | No
     config = _model_config(values) if cuda else None
     if cuda and "optim" not in values:
         values["optim"] = "adamw_torch_fused"  # the same AdamW, one kernel for all parameters
-        notes.append("speed: fused AdamW (adamw_torch_fused)")
-    _resolve_attention(values, notes, cuda, config)
+        decisions.note("speed: fused AdamW (adamw_torch_fused)")
+    _resolve_attention(values, decisions, cuda, config)
     if cuda and _dense_packed_mask(values):
         side = _tokens_per_micro_step(values, config)
-        notes.append(f"speed: packed rows under sdpa attend through a dense mask of {side:,} x {side:,} tokens "
+        decisions.note(f"speed: packed rows under sdpa attend through a dense mask of {side:,} x {side:,} tokens "
                      f"({side * side / 2**30:.1f} GiB) every micro-step; variable-length or flex attention builds none")
-    _resolve_head_loss(values, notes, cuda)
+    _resolve_head_loss(values, decisions, cuda)
     if values.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         values["use_liger_kernel"] = False
-        notes.append("speed: use_liger_kernel needs the liger-kernel package, which is not installed; using the "
+        decisions.note("speed: use_liger_kernel needs the liger-kernel package, which is not installed; using the "
                      "plain kernels (same results)")
     elif values.get("use_liger_kernel") and not cuda:
         values["use_liger_kernel"] = False
-        notes.append("speed: use_liger_kernel needs a CUDA GPU (its kernels are Triton); using the plain kernels "
+        decisions.note("speed: use_liger_kernel needs a CUDA GPU (its kernels are Triton); using the plain kernels "
                      "(same results)")
-    _resolve_batch_shape(values, notes)
+    _resolve_batch_shape(values, decisions)
     if cuda:
-        _resolve_data_loading(values, notes)
+        _resolve_data_loading(values, decisions)
         if "gradient_checkpointing" not in values and "activation_checkpointing" not in values and config:
-            _resolve_checkpointing(values, notes, gpu_memory, config)
+            _resolve_checkpointing(values, decisions, gpu_memory, config)
 
 
 def _model_config(values: dict[str, Any]) -> Any:
@@ -101,7 +102,7 @@ def _attention_unavailable(attention: str, config: Any) -> str | None:
     return missing.get(attention) or None
 
 
-def _resolve_attention(values: dict[str, Any], notes: list[str], cuda: bool, config: Any) -> None:
+def _resolve_attention(values: dict[str, Any], decisions: Decisions, cuda: bool, config: Any) -> None:
     """Packed rows get attention that keeps them apart without building a mask, where it can run."""
     attention = values.get("attn_implementation")
     packed = bool(values.get("packing"))
@@ -112,14 +113,14 @@ def _resolve_attention(values: dict[str, Any], notes: list[str], cuda: bool, con
                        if _attention_unavailable(name, config) is None), None)
         if chosen is not None:
             values["attn_implementation"] = chosen
-            notes.append(f"speed: packed rows use {chosen} (variable-length attention, no mask); set "
+            decisions.note(f"speed: packed rows use {chosen} (variable-length attention, no mask); set "
                          "attn_implementation to choose")
         elif _attention_unavailable("flex_attention", config) is None:
             values["attn_implementation"] = "flex_attention"
-            notes.append("speed: packed rows use flex_attention (a block mask, no dense mask); set "
+            decisions.note("speed: packed rows use flex_attention (a block mask, no dense mask); set "
                          "attn_implementation to choose")
         else:
-            notes.append("speed: packed rows use sdpa: this model supports neither variable-length nor flex "
+            decisions.note("speed: packed rows use sdpa: this model supports neither variable-length nor flex "
                          "attention (a dense mask per batch)")
         return
     if attention == VARLEN and not packed:
@@ -129,7 +130,7 @@ def _resolve_attention(values: dict[str, Any], notes: list[str], cuda: bool, con
         why = "trains on a CUDA GPU only" if not cuda else _attention_unavailable(attention, config)
         if why:
             values["attn_implementation"] = "sdpa"
-            notes.append(f"speed: {attention}: {why}; using sdpa (same results, packed sequences still kept apart)")
+            decisions.note(f"speed: {attention}: {why}; using sdpa (same results, packed sequences still kept apart)")
 
 
 def _dense_packed_mask(values: dict[str, Any]) -> bool:
@@ -138,13 +139,13 @@ def _dense_packed_mask(values: dict[str, Any]) -> bool:
 
 
 def _tokens_per_micro_step(values: dict[str, Any], config: Any) -> int:
-    length = values.get("max_length", SFTConfig.max_length)
+    length = setting(values, "max_length")
     if length is None:
         length = getattr(config, "max_position_embeddings", SFTConfig.max_length)
-    return values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size) * length
+    return setting(values, "per_device_train_batch_size") * length
 
 
-def _resolve_head_loss(values: dict[str, Any], notes: list[str], cuda: bool) -> None:
+def _resolve_head_loss(values: dict[str, Any], decisions: Decisions, cuda: bool) -> None:
     """The training loss from the hidden states, the logits never built: a kernel that runs here. The trainer checks
     it against the loaded model's head (sftkit.train.head_loss) and takes an exact path where it differs."""
     asked = values.get("lm_head_loss", "auto")
@@ -157,30 +158,30 @@ def _resolve_head_loss(values: dict[str, Any], notes: list[str], cuda: bool) -> 
             else "trl"
         values["lm_head_loss"] = chosen
         if chosen != "trl":
-            notes.append(f"speed: the loss is computed by the {chosen} linear cross-entropy kernel where it "
+            decisions.note(f"speed: the loss is computed by the {chosen} linear cross-entropy kernel where it "
                          "reproduces the model's head (no logits; TRL's entropy and token accuracy are not logged); "
                          "set lm_head_loss to choose")
         return
     if (why := kernel_available(asked, cuda)) is not None:
         values["lm_head_loss"] = "trl"
-        notes.append(f"speed: lm_head_loss {asked}: {why}; using TRL's fused head (lm_head_loss: trl, the same "
+        decisions.note(f"speed: lm_head_loss {asked}: {why}; using TRL's fused head (lm_head_loss: trl, the same "
                      "loss, no logits either)")
 
 
-def _resolve_batch_shape(values: dict[str, Any], notes: list[str]) -> None:
+def _resolve_batch_shape(values: dict[str, Any], decisions: Decisions) -> None:
     """torch.compile compiles once per batch shape: with it, every batch gets the same one."""
-    unbounded = values.get("max_length", SFTConfig.max_length) is None
+    unbounded = setting(values, "max_length") is None
     if values.get("fixed_batch_shape") and unbounded:
         raise SftkitError("fixed_batch_shape: true pads batches to max_length, which is null: set max_length")
     if values.get("fixed_batch_shape") is None and values.get("torch_compile"):
         if unbounded:
-            notes.append("speed: torch_compile without max_length: every batch shape compiles anew")
+            decisions.note("speed: torch_compile without max_length: every batch shape compiles anew")
         else:
             values["fixed_batch_shape"] = True
-            notes.append("speed: batches padded to one shape, so torch.compile compiles once (fixed_batch_shape)")
+            decisions.note("speed: batches padded to one shape, so torch.compile compiles once (fixed_batch_shape)")
 
 
-def _resolve_data_loading(values: dict[str, Any], notes: list[str]) -> None:
+def _resolve_data_loading(values: dict[str, Any], decisions: Decisions) -> None:
     """Worker processes collate (and, in lazy mode, tokenize) the next batches while the GPU computes."""
     if "dataloader_num_workers" in values:
         return
@@ -188,10 +189,10 @@ def _resolve_data_loading(values: dict[str, Any], notes: list[str]) -> None:
     workers = max(1, min(4, usable_cpus() // processes_here - 1))
     values["dataloader_num_workers"] = workers
     values.setdefault("dataloader_persistent_workers", True)  # not forked again for every epoch and eval
-    notes.append(f"speed: {workers} data-loading worker(s) per process")
+    decisions.note(f"speed: {workers} data-loading worker(s) per process")
 
 
-def _resolve_checkpointing(values: dict[str, Any], notes: list[str], gpu_memory: int, config: Any) -> None:
+def _resolve_checkpointing(values: dict[str, Any], decisions: Decisions, gpu_memory: int, config: Any) -> None:
     """No activation recomputation (a third more compute) when the run fits in GPU memory without it."""
     tokens = _tokens_per_micro_step(values, config)
     try:
@@ -201,7 +202,7 @@ def _resolve_checkpointing(values: dict[str, Any], notes: list[str], gpu_memory:
         return
     needed = estimate > CHECKPOINTING_MEMORY_FRACTION * gpu_memory
     values["gradient_checkpointing"] = needed
-    notes.append(f"speed: gradient checkpointing {'on' if needed else 'off'}: training needs about "
+    decisions.note(f"speed: gradient checkpointing {'on' if needed else 'off'}: training needs about "
                  f"{estimate / 2**30:.1f} GiB without it, of this GPU's {gpu_memory / 2**30:.1f} GiB; set "
                  "gradient_checkpointing to choose")
 

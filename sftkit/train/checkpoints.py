@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import SFTConfig
 
 from sftkit.errors import SftkitError
+from sftkit.recipe import BatchGeometry, Decisions
 from sftkit.redaction import redacted
 
 STAGING_DIR = ".sftkit-staging"
@@ -65,22 +65,17 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rows_per_step(values: dict[str, Any], processes: int) -> int:
-    """Rows (or packed sequences) one optimizer step trains, all processes together."""
-    if values.get("global_batch_size") is not None:
-        return values["global_batch_size"]
-    return (values.get("per_device_train_batch_size", SFTConfig.per_device_train_batch_size)
-            * values.get("gradient_accumulation_steps", SFTConfig.gradient_accumulation_steps) * processes)
-
-
 def write_checkpoint_record(checkpoint: Path, values: dict[str, Any], processes: int) -> None:
     """The resolved recipe of the run that wrote ``checkpoint``, its secrets redacted, for ``differences``."""
-    record = {"recipe": redacted(values), "processes": processes, "rows_per_step": rows_per_step(values, processes)}
+    rows_per_step = BatchGeometry.recorded(values, processes).rows_per_step
+    record = {"recipe": redacted(values), "processes": processes, "rows_per_step": rows_per_step}
     (checkpoint / CHECKPOINT_RECORD).write_text(yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
 
 
-def differences(checkpoint: Path, values: dict[str, Any], processes: int) -> list[str]:
-    """What the recipe now changes in what the checkpoint's run optimised: ``key: then -> now`` lines."""
+def differences(checkpoint: Path, values: dict[str, Any], batch: BatchGeometry) -> list[str]:
+    """What the recipe now changes in what the checkpoint's run optimised: ``key: then -> now`` lines. The batch is
+    compared as rows per optimizer step (``batch``: the resuming run's), however processes and accumulation split
+    it."""
     path = checkpoint / CHECKPOINT_RECORD
     if not path.is_file():  # a checkpoint sftkit did not write: nothing to compare against
         return []
@@ -91,8 +86,8 @@ def differences(checkpoint: Path, values: dict[str, Any], processes: int) -> lis
     optimisers = (then.get("optim"), values.get("optim"))
     if optimisers[0] != optimisers[1] and not set(optimisers) <= SAME_OPTIMISER:
         changed.append(f"optim: {optimisers[0]!r} -> {optimisers[1]!r}")
-    if record["rows_per_step"] != rows_per_step(values, processes):
-        changed.append(f"rows per optimizer step: {record['rows_per_step']} -> {rows_per_step(values, processes)} "
+    if record["rows_per_step"] != batch.rows_per_step:
+        changed.append(f"rows per optimizer step: {record['rows_per_step']} -> {batch.rows_per_step} "
                        "(per_device_train_batch_size x gradient_accumulation_steps x processes; global_batch_size "
                        "keeps it on any number of processes)")
     return changed
@@ -135,7 +130,7 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def check_intact(checkpoint: Path, recipe_path: str) -> None:
+def check_intact(checkpoint: Path, decisions: Decisions) -> None:
     """Refuse a damaged checkpoint before anything loads, naming the file and the previous one that is whole."""
     problem = damage(checkpoint)
     if problem is None:
@@ -147,10 +142,10 @@ def check_intact(checkpoint: Path, recipe_path: str) -> None:
     instead = (f"resume from {whole}, the latest whole checkpoint before it (resume_from_checkpoint: {whole}), or "
                f"remove {checkpoint} so that auto finds it" if whole else
                f"no earlier checkpoint is whole: remove {checkpoint} and start over")
-    raise SftkitError(f"recipe {recipe_path}: checkpoint {checkpoint} is damaged ({problem}); {instead}")
+    raise decisions.error(f"checkpoint {checkpoint} is damaged ({problem}); {instead}")
 
 
-def resolve_resume(values: dict[str, Any], recipe_path: str, output_dir: str) -> str | None:
+def resolve_resume(values: dict[str, Any], output_dir: str, decisions: Decisions) -> str | None:
     """``resume_from_checkpoint``: ``auto`` is the latest complete checkpoint in output_dir, or a fresh start when
     there is none; ``true`` is the latest one, which must exist; a path must be a checkpoint."""
     asked = values.get("resume_from_checkpoint")
@@ -159,25 +154,25 @@ def resolve_resume(values: dict[str, Any], recipe_path: str, output_dir: str) ->
     if asked in (True, "true", "True", "auto"):
         latest = latest_checkpoint(output_dir)
         if latest is None and asked != "auto":
-            raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint: true, but output_dir {output_dir} holds no "
-                              "checkpoint-N folder to resume from; use auto to start fresh when there is none")
+            raise decisions.error(f"resume_from_checkpoint: true, but output_dir {output_dir} holds no checkpoint-N "
+                                  "folder to resume from; use auto to start fresh when there is none")
         if latest is not None:
-            check_intact(latest, recipe_path)
+            check_intact(latest, decisions)
         return str(latest) if latest is not None else None
     if not isinstance(asked, str) or not (Path(asked) / "trainer_state.json").is_file():
-        raise SftkitError(f"recipe {recipe_path}: resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N "
-                          f"folder with a trainer_state.json); use auto for the latest one in output_dir")
-    check_intact(Path(asked), recipe_path)
+        raise decisions.error(f"resume_from_checkpoint {asked!r} is not a checkpoint (a checkpoint-N folder with a "
+                              "trainer_state.json); use auto for the latest one in output_dir")
+    check_intact(Path(asked), decisions)
     return asked
 
 
-def check_resume(checkpoint: str, values: dict[str, Any], processes: int, recipe_path: str) -> None:
+def check_resume(checkpoint: str, values: dict[str, Any], batch: BatchGeometry, decisions: Decisions) -> None:
     """Refuse to resume a checkpoint under a recipe that optimises something else, listing what differs."""
-    changed = differences(Path(checkpoint), values, processes)
+    changed = differences(Path(checkpoint), values, batch)
     if changed:
         listed = "\n  ".join(changed)
-        raise SftkitError(
-            f"recipe {recipe_path}: resume_from_checkpoint {checkpoint} was written by a run that optimised something "
+        raise decisions.error(
+            f"resume_from_checkpoint {checkpoint} was written by a run that optimised something "
             f"else; the recipe now changes:\n  {listed}\nResume with the checkpoint's values (its "
             f"{CHECKPOINT_RECORD} has them), or start a fresh run in another output_dir."
         )
