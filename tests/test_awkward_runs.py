@@ -14,7 +14,7 @@ import yaml
 from helpers import ROOT, write_jsonl
 
 from sftkit import embedded
-from sftkit.data.preparation import PREFLIGHT_ROWS
+from sftkit.data.passes import PREFLIGHT_ROWS
 from sftkit.data.render_guard import sample_indices
 
 pytestmark = pytest.mark.slow  # several processes, kills or whole training runs

@@ -58,8 +58,9 @@ def test_realised_token_shares_are_the_asked_ones_within_two_points(tmp_path, ho
     assert [account.asked for account in train] == pytest.approx(SHARES)
     for account in train:
         assert abs(account.share - account.asked) < 0.02, account
-    available = [drawn.available for drawn in data.draws]
-    drawn = [drawn.drawn for drawn in data.draws]
+    draws = [source.draw for source in data.plan.sources]
+    available = [drawn.available for drawn in draws]
+    drawn = [drawn.drawn for drawn in draws]
     if how == "under":  # no row twice, and the scarcest source gives every row it has
         assert all(d <= a for d, a in zip(drawn, available, strict=True)) and drawn.count(max(drawn)) >= 1
         assert any(d == a for d, a in zip(drawn, available, strict=True))
@@ -71,15 +72,16 @@ def test_realised_token_shares_are_the_asked_ones_within_two_points(tmp_path, ho
 def test_rows_are_drawn_at_random_and_held_out_rows_never_train(tmp_path):
     recipe = load_recipe(str(mixture_recipe(tmp_path, mixture="over")))
     data = prepare_data(recipe, load_tokenizer(recipe))
-    long = data.sources[0]
-    train_rows, eval_rows = set(long.drawn["train"].tolist()), set(long.drawn["eval"].tolist())
+    long = data.plan.sources[0]
+    train_rows, eval_rows = set(long.train.lines.tolist()), set(long.eval.lines.tolist())
     assert not train_rows & eval_rows  # a repeated row is never on both sides
+    assert long.source.train.num_rows == 300  # the plan selects rows; the loaded source stays as it was loaded
     assert len(eval_rows) == 30  # test_split_size 0.1 of each source
     # Down-sampled from a file sorted by length: the rows drawn span the file, not its first (shortest) rows.
     folder = tmp_path / "under"
     folder.mkdir()
     under = load_recipe(str(mixture_recipe(folder, mixture="under")))
-    drawn = prepare_data(under, load_tokenizer(under)).sources[0].drawn["train"]
+    drawn = prepare_data(under, load_tokenizer(under)).plan.sources[0].train.lines
     assert len(drawn) < 270 and drawn.max() > 250 and drawn.min() < 20
 
 

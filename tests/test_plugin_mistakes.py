@@ -24,7 +24,8 @@ from sftkit import Adapter, Columns, RowError, hookimpl, hookspecs, plugins
 from sftkit.adapters.messages import MessagesAdapter
 from sftkit.contract import BROKEN_CONTRACT, DEBUG_ENV, RowView
 from sftkit.data.adapt import choose_adapter, resolve_options
-from sftkit.data.on_demand import OnDemandSource, on_demand_rows
+from sftkit.data.on_demand import on_demand_rows
+from sftkit.data.plan import SourceRows
 from sftkit.data.rows import RowChain, prepare_rows
 from sftkit.data.templates import reply_end
 from sftkit.data.tokenization import TokenizeSettings
@@ -84,7 +85,7 @@ def through_eager_preparation(adapter, rows, tokenizer):
 
 
 def through_rows_drawn_on_demand(adapter, rows, tokenizer):
-    return on_demand_rows([OnDemandSource(datasets.Dataset.from_list(rows), chain(tokenizer, adapter), "faq")], [0])[0]
+    return on_demand_rows([SourceRows("faq", chain(tokenizer, adapter), datasets.Dataset.from_list(rows))], [0])[0]
 
 
 PATHS = [through_testing, through_the_chain, through_eager_preparation, through_rows_drawn_on_demand]

@@ -8,7 +8,7 @@ import datasets
 import pytest
 from helpers import TINY_MODEL, write_jsonl, write_recipe
 
-from sftkit.data.preparation import split_held_out
+from sftkit.data.plan import split_held_out
 from sftkit.data.sources import load_raw, load_sources
 from sftkit.errors import SftkitError
 from sftkit.setup.resolve import load_recipe
@@ -107,8 +107,8 @@ def test_mixture_entries_have_their_own_format_and_options(tmp_path, sharegpt_ro
     )
     recipe = load_recipe(str(recipe_path))
     data = prepare_data(recipe, load_tokenizer(recipe))
-    assert [choice.installed.adapter.name for choice in data.adapters] == ["sharegpt", "alpaca"]
-    assert data.adapters[1].reason.startswith("dataset_format auto: alpaca")
+    assert [choice.installed.adapter.name for choice in data.plan.adapters] == ["sharegpt", "alpaca"]
+    assert data.plan.adapters[1].reason.startswith("dataset_format auto: alpaca")
     assert data.train.report.valid == 30
     assert recipe.values["datasets"][0]["dataset_format"] == "sharegpt"  # the run record keeps them
 
@@ -152,7 +152,7 @@ def test_rows_that_are_not_utf8_are_invalid_rows_where_they_stand(tmp_path, shar
     recipe = load_recipe(str(write_recipe(tmp_path / "recipe.yaml", **values)))
     data = prepare_data(recipe, load_tokenizer(recipe))
     if keys.get("streaming"):
-        sample, lines = data.train.rows, data.sources[0].drawn["train"]  # the run's first rows, and their lines
+        sample, lines = data.train.rows, data.train.parts[0].lines  # the run's first rows, and their lines
         reasons = {int(lines[row]): reason for row, reason in zip(sample["source_row"], sample["invalid"],
                                                                   strict=True)}
     else:

@@ -32,7 +32,7 @@ def streamed_recipe(folder, **values):
 
 
 def reader_of(data):
-    return data.train.on_demand.format["format_kwargs"]["transform"].reader
+    return data.train.on_demand.format["format_kwargs"]["transform"].rows
 
 
 def test_a_streamed_mixture_trains_its_token_shares(tmp_path):

@@ -77,20 +77,20 @@ class RowReport:
         return f"{row_name(source, row)}: {message}"
 
 
-def report_rows(dataset: datasets.Dataset, split: str, sources: Sequence[Any]) -> RowReport:
+def report_rows(dataset: datasets.Dataset, split: str, parts: Sequence[Any]) -> RowReport:
     """Count the rows that adapting or tokenizing marked ``invalid``, and the notes of the valid ones, each named by
-    its source (of ``sources``) and its row there; only the rows that have either are read one by one (a large
-    clean split costs no pass)."""
+    its source's rows (of ``parts``: ``name``, and ``line`` of a ``source_row``); only the rows that have either are
+    read one by one (a large clean split costs no pass)."""
     report = RowReport(split, dataset.num_rows)
     table = dataset.with_format("arrow")[:]
     invalid, notes = table.column("invalid"), table.column("notes")
     with_notes = pc.greater(pc.list_value_length(notes), 0).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(pc.is_valid(invalid).to_numpy(zero_copy_only=False) | with_notes)
     columns = {name: table.column(name).take(rows).to_pylist()
-               for name in ("invalid", "problem", "notes", "source_index", "source_split", "source_row")}
-    for reason, problem, row_notes, index, source_split, source_row in zip(*columns.values(), strict=True):
-        source = sources[index]
-        where = (source.name, source.loaded_row(source_split, source_row))
+               for name in ("invalid", "problem", "notes", "source_index", "source_row")}
+    for reason, problem, row_notes, index, source_row in zip(*columns.values(), strict=True):
+        part = parts[index]
+        where = (part.name, part.line(source_row))
         if reason is not None:
             report.invalid[reason] += 1
             if len(report.examples[reason]) < SHOWN_ROWS:
@@ -154,7 +154,7 @@ def append_skipped(output_dir: str, entries: Sequence[Mapping[str, Any]]) -> Non
             file.write(json.dumps(redacted(entry), ensure_ascii=False, default=str) + "\n")  # redacted, then encoded
 
 
-def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str, resuming: bool) -> int:
+def write_skipped(splits: Sequence[Any], output_dir: str, resuming: bool) -> int:
     """skipped_rows.jsonl with every row of ``splits`` (PreparedSplit) found invalid before step 1: a new list, or,
     when the run resumes, with the rows its interrupted part met mid-run kept (it will not meet them again)."""
     path = Path(output_dir) / SKIPPED_ROWS_FILE
@@ -165,10 +165,9 @@ def write_skipped(splits: Sequence[Any], sources: Sequence[Any], output_dir: str
         rows = split.rows
         for position in [p for p, reason in enumerate(rows["invalid"]) if reason is not None]:
             entry = rows[position]
-            source = sources[entry["source_index"]]
-            raw = getattr(source, entry["source_split"])[entry["source_row"]]
-            entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], source.name,
-                                         source.loaded_row(entry["source_split"], entry["source_row"]), raw,
+            part = split.parts[entry["source_index"]]
+            entries.append(skipped_entry(split.name, entry["row"], entry["invalid"], entry["problem"], part.name,
+                                         part.line(entry["source_row"]), part.rows[entry["source_row"]],
                                          "before step 1"))
     append_skipped(output_dir, entries + kept)
     return len(entries)

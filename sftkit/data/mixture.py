@@ -18,13 +18,13 @@ drawn, in proportion to its size, so a repeated row never lands on both sides.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import numpy as np
 
 from sftkit.data.rows import RowChain
-from sftkit.data.sources import Source
 from sftkit.data.tokenization import IGNORE
 from sftkit.errors import SftkitError
 
@@ -41,6 +41,8 @@ class Draw:
     drawn: int  # rows drawn for training (repeats counted)
     tokens_per_row: float  # trained tokens a row, on the measured sample
     held_out: int  # its rows held out for evaluation
+    train_rows: np.ndarray = field(repr=False, compare=False)  # the loaded rows drawn for training, sorted
+    eval_rows: np.ndarray | None = field(repr=False, compare=False)  # the loaded rows held out, sorted
 
     def describe(self, name: str) -> str:
         repeats = f", each row {self.drawn / self.available:.2f} times on average" if self.drawn > self.available else ""
@@ -73,34 +75,28 @@ def _held_out_counts(sizes: Sequence[int], test_split_size: float | None) -> lis
     return [max(1, round(test_split_size * size / total)) for size in sizes]
 
 
-def draw_mixture(sources: list[Source], chains: list[RowChain], fractions: Sequence[float | None], how: str,
-                 test_split_size: float | None, seed: int) -> list[Draw]:
-    """Hold out each source's eval rows, then draw its training rows at its share of the trained tokens.
-
-    Replaces each source's ``train`` (and ``eval``) with the rows drawn, as a selection of its rows, and returns
-    what was drawn from each.
-    """
+def draw_mixture(names: Sequence[str], rows: Sequence[datasets.Dataset], chains: Sequence[RowChain],
+                 fractions: Sequence[float | None], how: str, test_split_size: float | None, seed: int) -> list[Draw]:
+    """Hold out each source's eval rows, then draw its training rows at its share of the trained tokens: each
+    source's rows selected (by their place in ``rows``, each source's loaded rows), and what was drawn."""
     if None in fractions:
         raise SftkitError("datasets: set fraction on every entry of the mixture, or on none")
     if any(fraction <= 0 for fraction in fractions):
         raise SftkitError("datasets: every fraction must be above 0 (leave an entry out to leave its source out)")
     asked = np.array(fractions, dtype=float) / sum(fractions)
-    held_out = _held_out_counts([source.train.num_rows for source in sources], test_split_size)
-    permutations, measured = [], []
-    for index, (source, chain, count) in enumerate(zip(sources, chains, held_out, strict=True)):
-        permutation = np.random.default_rng([seed, index]).permutation(source.train.num_rows)
+    held_out = _held_out_counts([loaded.num_rows for loaded in rows], test_split_size)
+    permutations, held, measured = [], [], []
+    for index, (name, loaded, chain, count) in enumerate(zip(names, rows, chains, held_out, strict=True)):
+        permutation = np.random.default_rng([seed, index]).permutation(loaded.num_rows)
         if count >= len(permutation):
-            raise SftkitError(f"datasets[{index}] ({source.name}): test_split_size {test_split_size} leaves no training "
+            raise SftkitError(f"datasets[{index}] ({name}): test_split_size {test_split_size} leaves no training "
                               f"rows out of its {len(permutation)}")
-        if count:
-            source.drawn["eval"] = np.sort(permutation[:count])
-            source.eval = source.train.select(source.drawn["eval"])
+        held.append(np.sort(permutation[:count]) if count else None)
         permutations.append(permutation[count:])
-        measured.append(trained_tokens_per_row(chain, [source.train[int(row)] for row in
-                                                       permutations[-1][:SAMPLE_ROWS]]))
-    for index, (source, tokens) in enumerate(zip(sources, measured, strict=True)):
+        measured.append(trained_tokens_per_row(chain, [loaded[int(row)] for row in permutations[-1][:SAMPLE_ROWS]]))
+    for index, (name, tokens) in enumerate(zip(names, measured, strict=True)):
         if tokens == 0:
-            raise SftkitError(f"datasets[{index}] ({source.name}): none of {min(SAMPLE_ROWS, len(permutations[index]))} "
+            raise SftkitError(f"datasets[{index}] ({name}): none of {min(SAMPLE_ROWS, len(permutations[index]))} "
                               "rows sampled trains a token, so it cannot take a share of the trained tokens; check it "
                               "with sftkit check --config on a recipe with this dataset alone")
     # Rows drawn from each source in proportion to its share over its tokens a row; the mixture's size in rows is
@@ -110,13 +106,11 @@ def draw_mixture(sources: list[Source], chains: list[RowChain], fractions: Seque
     sizes = np.array([len(permutation) for permutation in permutations])
     total = (sizes / per_row).min() if how == "under" else (sizes / per_row).max()
     draws = []
-    for source, permutation, share, row_share, tokens, count in zip(sources, permutations, asked, per_row, measured,
-                                                                     held_out, strict=True):
+    for permutation, share, row_share, tokens, count, eval_rows in zip(permutations, asked, per_row, measured,
+                                                                        held_out, held, strict=True):
         drawn = max(1, round(row_share * total))
         if how == "under":
             drawn = min(drawn, len(permutation))
-        source.drawn["train"] = _drawn_rows(permutation, drawn)
-        source.train = source.train.select(source.drawn["train"])
-        source.fingerprint += f"|mixture {how} seed {seed}: {drawn} rows, {count} held out"
-        draws.append(Draw(float(share), len(permutation), drawn, tokens, count))
+        draws.append(Draw(float(share), len(permutation), drawn, tokens, count, _drawn_rows(permutation, drawn),
+                          eval_rows))
     return draws

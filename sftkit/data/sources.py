@@ -8,14 +8,13 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import datasets.data_files
-import numpy as np
 import xxhash
 
 from sftkit import embedded
@@ -32,27 +31,19 @@ HEAD_ROWS = 64  # a stream's first rows, read to choose and check its adapter
 STREAMED_EVAL_ROWS = 2000  # the most rows of a streamed dataset's own test split held in memory for evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
-    """One dataset of the run, with the adapter settings that read it."""
+    """One dataset of the run as loaded, with the adapter settings that read it. Loaded once and never changed: the
+    rows a split takes of it (a mixture's draw, a held-out part) are the plan's (``sftkit.data.plan``)."""
 
     name: str
-    train: datasets.Dataset
+    train: datasets.Dataset  # every loaded row; a stream's first rows (to choose and check its adapter)
     eval: datasets.Dataset | None  # the dataset's own test split, when it has one
     dataset_format: str
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
     fingerprint: str = ""  # what the rows are: local files by their content, Hub datasets by their revision
     fraction: float | None = None  # its share of a mixture's trained tokens, as the recipe asks (sftkit.data.mixture)
-    stream: datasets.IterableDataset | None = None  # streamed: every row, read as iterated (``train`` holds a few)
-    drawn: dict[str, np.ndarray] = field(default_factory=dict)  # per split, the loaded rows a mixture drew
-
-    def __post_init__(self) -> None:
-        if not self.fingerprint and isinstance(self.train, datasets.Dataset):
-            self.fingerprint = f"{self.train._fingerprint}|{self.eval._fingerprint if self.eval is not None else ''}"
-
-    def loaded_row(self, split: str, position: int) -> int:
-        """The row of the loaded split (its line in a file) that ``position`` of ``split`` is."""
-        return int(self.drawn[split][position]) if split in self.drawn else position
+    stream: datasets.IterableDataset | None = None  # streamed: every row, read as iterated
 
 
 def _builder_for(files: list[str], name: str) -> str:
@@ -219,8 +210,7 @@ def _mixture(recipe: Recipe) -> list[Source]:
         if entry.columns is not None:
             train = train.select_columns(entry.columns)
         fingerprint = f"{digest}|{entry.split}|{entry.columns}" if digest else ""
-        sources.append(_streamed(Source(entry.path, train, None, dataset_format, options, fingerprint,
-                                        entry.fraction)))
+        sources.append(_source(entry.path, train, None, dataset_format, options, fingerprint, entry.fraction))
     return sources
 
 
@@ -231,16 +221,18 @@ def _head(rows: datasets.IterableDataset, count: int, name: str) -> datasets.Dat
     return datasets.Dataset.from_list(head)
 
 
-def _streamed(source: Source) -> Source:
-    """A streamed source keeps its stream, with its first rows as a dataset (to choose and check the adapter) and
-    its own test split, if it has one, read into memory (at most STREAMED_EVAL_ROWS rows)."""
-    if not isinstance(source.train, datasets.IterableDataset):
-        return source
-    source.stream, source.train = source.train, _head(source.train, HEAD_ROWS, source.name)
-    if source.eval is not None:
-        source.eval = _head(source.eval, STREAMED_EVAL_ROWS, source.name)
-    source.fingerprint = source.fingerprint or f"stream {source.name} {source.train._fingerprint}"
-    return source
+def _source(name: str, train: datasets.Dataset | datasets.IterableDataset,
+            evaluation: datasets.Dataset | datasets.IterableDataset | None, dataset_format: str,
+            options: Mapping[str, Any], fingerprint: str, fraction: float | None = None) -> Source:
+    """The Source of loaded splits. A streamed one keeps its stream, with its first rows as a dataset (to choose and
+    check the adapter) and its own test split, if it has one, read into memory (at most STREAMED_EVAL_ROWS rows)."""
+    if isinstance(train, datasets.IterableDataset):
+        head = _head(train, HEAD_ROWS, name)
+        evaluation = _head(evaluation, STREAMED_EVAL_ROWS, name) if evaluation is not None else None
+        return Source(name, head, evaluation, dataset_format, options,
+                      fingerprint or f"stream {name} {head._fingerprint}", fraction, train)
+    fingerprint = fingerprint or f"{train._fingerprint}|{evaluation._fingerprint if evaluation is not None else ''}"
+    return Source(name, train, evaluation, dataset_format, options, fingerprint, fraction)
 
 
 def load_sources(recipe: Recipe) -> list[Source]:
@@ -253,5 +245,5 @@ def load_sources(recipe: Recipe) -> list[Source]:
     evaluation = loaded.get(script.dataset_test_split)
     sftkit = recipe.sftkit
     fingerprint = f"{digest}|{script.dataset_train_split}|{script.dataset_test_split}" if digest else ""
-    return [_streamed(Source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options,
-                             fingerprint))]
+    return [_source(script.dataset_name, train, evaluation, sftkit.dataset_format, sftkit.dataset_options,
+                    fingerprint)]

@@ -26,9 +26,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from sftkit.contract import RowError
-from sftkit.data.bad_rows import INVALID_KEY, skipped_entry
 from sftkit.data.mixture import SAMPLE_ROWS, trained_tokens_per_row
+from sftkit.data.on_demand import prepared_when_drawn
 from sftkit.data.order import order_keys
 from sftkit.data.rows import RowChain
 from sftkit.errors import SftkitError
@@ -140,29 +139,6 @@ class StreamReader:
         return self.window[position % WINDOW]
 
 
-class PrepareStreamed:
-    """A ``set_transform`` function: positions of the run in, rows prepared through their source's chain out."""
-
-    def __init__(self, reader: StreamReader) -> None:
-        self.reader = reader
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "row": [], INVALID_KEY: []}
-        for position in map(int, batch["row"]):
-            index, line, raw = self.reader[position]
-            stream = self.reader.streams[index]
-            (result,) = stream.chain([raw])
-            invalid = skipped_entry("train", position, result.reason, str(result), stream.name, line, raw,
-                                    "mid-run") if isinstance(result, RowError) else None
-            out["input_ids"].append([] if invalid else result["input_ids"])
-            out["labels"].append([] if invalid else result["labels"])
-            out["row"].append(position)
-            out[INVALID_KEY].append(invalid)
-        return out
-
-
 def streamed_rows(reader: StreamReader, count: int) -> datasets.Dataset:
     """The run's ``count`` positions, each row read and prepared when the trainer draws it."""
-    rows = datasets.Dataset.from_dict({"row": list(range(count))})
-    rows.set_transform(PrepareStreamed(reader))
-    return rows
+    return prepared_when_drawn(reader, reader.streams, range(count))

@@ -15,8 +15,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from sftkit.contract import RowError, is_conversation, record_shape
 from sftkit.data.account import account_lines
-from sftkit.data.bad_rows import enforce, row_name
-from sftkit.data.preparation import Preparation, PreparedData, PreparedSplit, prepare_data
+from sftkit.data.bad_rows import enforce
+from sftkit.data.preparation import prepare_data
+from sftkit.data.prepared import Preparation, PreparedData, PreparedSplit
 from sftkit.data.templates import as_templates_read, rendering_tokenizer, reply_end, tools_of
 from sftkit.data.tokenization import IGNORE
 from sftkit.outputs.trackers import check_trackers
@@ -106,7 +107,7 @@ def _conversational(data: PreparedData) -> bool:
     """Whether the rows are conversations (rendered by the chat template), judged by the first valid train row."""
     for position, reason in enumerate(data.train.rows["invalid"]):
         if reason is None:
-            return is_conversation(data.record(data.train, position))
+            return is_conversation(data.train.record(position))
     return False
 
 
@@ -119,10 +120,10 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     config = check_model(recipe)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer, enforce_policy=False)
-    splits = [split for split in (data.train, data.eval) if split is not None]
+    splits = data.splits
     lines = [f"recipe         {recipe.path}"]
     lines += [f"note           {note}" for note in recipe.notes]
-    for choice in data.adapters:
+    for choice in data.plan.adapters:
         installed = choice.installed
         lines.append(f"adapter        {installed.adapter.name} from {installed.distribution} {installed.version} "
                      f"for {choice.source_name}: {choice.reason}")
@@ -131,7 +132,7 @@ def check(recipe: Recipe, shown_rows: int, colour: bool) -> None:
     lines.append(f"preparation    {data.preparation}{sample}")
     rows = [line for split in splits for line in split.report.lines()]
     lines += [f"{'rows' if index == 0 else '':<15}{line}" for index, line in enumerate(rows)]
-    lines.append(f"eval           {data.eval_origin}")
+    lines.append(f"eval           {data.plan.eval_origin}")
     lines += [f"{'sources' if index == 0 else '':<15}{line}" for index, line in enumerate(account_lines(data.accounts))]
     lengths = [_lengths(split, recipe.training.max_length) for split in splits]
     lines += [f"{'lengths' if index == 0 else '':<15}{line}" for index, line in enumerate(lengths)]
@@ -163,12 +164,11 @@ def _shown_rows(data: PreparedData, tokenizer: PreTrainedTokenizerBase, count: i
         example = data.train.rows[position]
         trained = sum(label != IGNORE for label in example["labels"][1:])
         noted = "".join(f"; {count} {note}" for note, count in Counter(example["notes"]).items())
-        source = data.sources[example["source_index"]]
-        where = row_name(source.name, source.loaded_row(example["source_split"], example["source_row"]))
+        where = data.train.row_name(position)
         lines.append(f"\n--- {where}: {trained} of {len(example['input_ids'])} tokens trained ({marks}){noted} ---")
         lines.append(mark_trained(example["input_ids"], example["labels"], tokenizer, colour))
         try:
-            difference = _same_as_inference(example, data.record(data.train, position), tokenizer)
+            difference = _same_as_inference(example, data.train.record(position), tokenizer)
         except RowError as error:
             difference = f"inference could not render this prompt: {error}"
         lines.append(f"inference      {difference or 'the prompt is token for token what inference sends'}")

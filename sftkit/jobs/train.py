@@ -23,7 +23,8 @@ from trl import SFTConfig, get_peft_config, get_quantization_config, pack_datase
 from sftkit.data.account import metric_names
 from sftkit.data.bad_rows import SKIPPED_ROWS_FILE
 from sftkit.data.order import EpochOrder, in_training_order, order_seed, pack_in_order
-from sftkit.data.preparation import PreparedData, prepare_data, valid_rows
+from sftkit.data.preparation import prepare_data
+from sftkit.data.prepared import PreparedData, valid_rows
 from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.outputs.callbacks import output_callbacks
 from sftkit.outputs.summary import summarise
@@ -138,10 +139,9 @@ def prepare(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, state: PartialSt
     """The rows prepared (``sftkit.data.preparation``), reported, and the skipped ones listed."""
     args = recipe.training
     data = prepare_data(recipe, tokenizer)
-    logger.info("eval rows: %s", data.eval_origin)
-    for split in (data.train, data.eval):
-        if split is not None:
-            logger.info("rows: %s", "\n  ".join(split.report.lines()))
+    logger.info("eval rows: %s", data.plan.eval_origin)
+    for split in data.splits:
+        logger.info("rows: %s", "\n  ".join(split.report.lines()))
     resuming = args.resume_from_checkpoint is not None
     if state.is_main_process and (skipped := data.write_skipped(args.output_dir, resuming)):
         logger.warning("%d invalid rows skipped (on_invalid: skip); listed in %s", skipped,
@@ -272,8 +272,8 @@ def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
     evaluation = valid_rows(data.eval.rows)
     sources = evaluation.with_format("arrow")["source_index"].to_numpy()
     by_source = {}
-    if len(data.sources) > 1:
-        names = metric_names([source.name for source in data.sources])
+    if len(data.plan.sources) > 1:
+        names = metric_names(data.plan.names)
         by_source = {name: evaluation.select(np.flatnonzero(sources == index)) for index, name in enumerate(names)
                      if (sources == index).any()}
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from sftkit.data.preparation import PreparedData
+from sftkit.data.prepared import PreparedData
 from sftkit.outputs.plot import LossCurves, loss_curves
 from sftkit.outputs.samples import SampleAnswers, sample_answers
 from sftkit.recipe import Recipe

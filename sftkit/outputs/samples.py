@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from sftkit.contract import is_conversation, record_shape
-from sftkit.data.preparation import PreparedData
+from sftkit.data.prepared import PreparedData
 from sftkit.errors import SftkitError
 from sftkit.outputs.generation import answer
 from sftkit.recipe import Recipe
@@ -68,7 +68,7 @@ def held_out_prompts(data: PreparedData, count: int) -> tuple[list[HeldOutPrompt
     for position, (row, invalid) in enumerate(zip(rows["row"], rows["invalid"], strict=True)):
         if len(prompts) == count:
             break
-        if invalid is None and (prompt := _held_out_prompt(row, data.record(data.eval, position))) is not None:
+        if invalid is None and (prompt := _held_out_prompt(row, data.eval.record(position))) is not None:
             prompts.append(prompt)
     if not prompts:
         return [], "the held-out rows are not conversations (text, or prompt and completion as plain text)"
