@@ -15,7 +15,7 @@ from sftkit.data.plan import Plan, SourceRows, SplitPlan
 from sftkit.data.render_guard import check_rendering, sample_indices
 from sftkit.data.rows import prepare_rows
 from sftkit.hardware import usable_cpus
-from sftkit.recipe import Recipe, number_of_processes
+from sftkit.recipe import Recipe
 
 PARALLEL_FROM_ROWS = 20_000  # below this, a process pool costs more than it saves
 PREFLIGHT_ROWS = 256  # rows a run that prepares on demand prepares before step 1, to check and report
@@ -89,5 +89,4 @@ def processes(recipe: Recipe, plan: Plan) -> int | None:
 
 def rows_per_run(recipe: Recipe) -> int:
     """Rows (packed sequences, when packing) the trainer draws over max_steps, all processes together."""
-    args = recipe.training
-    return args.max_steps * args.gradient_accumulation_steps * args.per_device_train_batch_size * number_of_processes()
+    return recipe.training.max_steps * recipe.batch.rows_per_step
