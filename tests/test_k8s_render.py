@@ -108,7 +108,14 @@ VARIANTS = {
                                      "--hf-token-secret", "hf-token", "--namespace", "ml-team", "--shm-size", "32Gi",
                                      "--env", "NCCL_DEBUG=INFO", "--volume", "sft-cache:/cache",
                                      "--env-from-secret", "WANDB_API_KEY=llm-keys:wandb"),
+    "resources, scheduling, grace period": ("--cpu", "47500m", "--memory", "300Gi", "--termination-grace-period", "600",
+                                            "--node-selector", "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
+                                            "--node-selector", "pool=spot", "--toleration", "nvidia.com/gpu:NoSchedule",
+                                            "--toleration", "cloud.google.com/gke-spot=true:NoExecute"),
 }
+# What only a PyTorchJob can set: a TrainJob's runtime holds them.
+PYTORCHJOB_ONLY = ("--max-restarts", "5", "--ttl-seconds-after-finished", "3600", "--priority-class", "training-high",
+                   "--image-pull-policy", "IfNotPresent")
 
 
 @pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
@@ -117,6 +124,11 @@ def test_the_rendered_job_passes_the_crds_structural_schema(crds, recipe, kind, 
     monkeypatch.chdir(ROOT)
     configmap, job = render(recipe, "--kind", kind, *VARIANTS[variant])
     assert (configmap["kind"], job["kind"]) == ("ConfigMap", {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[kind])
+    assert schema_errors(crds, job) == []
+
+
+def test_a_pytorchjob_with_every_restart_and_scheduling_flag_passes_the_crds_structural_schema(crds, recipe):
+    _, job = render(recipe, "--kind", "pytorchjob", *PYTORCHJOB_ONLY, *VARIANTS["resources, scheduling, grace period"])
     assert schema_errors(crds, job) == []
 
 
@@ -200,10 +212,12 @@ def test_every_pod_gets_the_recipe_shared_memory_gpus_the_volume_and_the_token(r
     assert volumes[mounts["/etc/sftkit"]]["configMap"]["name"] == configmap["metadata"]["name"]
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     assert volumes[mounts["/data"]]["persistentVolumeClaim"] == {"claimName": "sft-data"}
-    assert container["resources"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"nvidia.com/gpu": "8"}}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["resources"]["requests"] == container["resources"]["limits"]
     assert container["env"] == [{"name": "HF_HOME", "value": "/data/hf-cache"}, {"name": "HF_TOKEN", "valueFrom": {
         "secretKeyRef": {"key": "HF_TOKEN", "name": "hf-token"}}}]
-    assert configmap["data"]["recipe.yaml"] == recipe.read_text()
+    assert yaml.safe_load(configmap["data"]["recipe.yaml"]) == {**yaml.safe_load(recipe.read_text()),
+                                                                 "resume_from_checkpoint": "auto"}
     accelerate = yaml.safe_load(configmap["data"]["accelerate.yaml"])
     assert (accelerate["distributed_type"], accelerate["num_machines"], accelerate["num_processes"]) == (
         "MULTI_GPU", 2, 16)
@@ -256,6 +270,108 @@ def test_the_job_is_named_after_the_recipe_unless_named(recipe):
     assert job["metadata"]["name"] == "sft-my-run" and configmap["metadata"]["name"] == "sft-my-run-config"
     assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "sft-my-run"
     assert render(recipe, "--name", "qwen-sft-7")[1]["metadata"]["name"] == "qwen-sft-7"
+
+
+# ---------------------------------------------------------------- resources, restarts and scheduling
+
+
+def resources_of(job: dict) -> dict:
+    return pod_of(job)[1]["resources"]
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_every_pod_requests_and_is_limited_to_its_gpus_cpu_and_memory(recipe, kind):
+    _, job = render(recipe, "--kind", kind, "--cpu", "47500m", "--memory", "300Gi")
+    amounts = {"cpu": "47500m", "memory": "300Gi", "nvidia.com/gpu": "8"}
+    assert resources_of(job) == {"requests": amounts, "limits": amounts}  # Guaranteed: evicted last
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_default_resources_hold_shared_memory_and_each_processs_weights_and_say_so(recipe, capsys, kind):
+    from transformers import AutoConfig
+
+    from sftkit import embedded
+    from sftkit.k8s.defaults import DEFAULT_CPUS_PER_GPU, PROCESS_MEMORY_GIB
+    from sftkit.train.model import parameter_count
+
+    _, job = render(recipe, "--kind", kind, "--shm-size", "32Gi", gpus=4)
+    weights = parameter_count(AutoConfig.from_pretrained(embedded.resolve(TINY_MODEL))) * 4  # float32
+    memory = -(-(32 * 2**30 + 4 * (weights + PROCESS_MEMORY_GIB * 2**30)) // 2**30)
+    amounts = {"cpu": str(4 * DEFAULT_CPUS_PER_GPU), "memory": f"{memory}Gi", "nvidia.com/gpu": "4"}
+    assert resources_of(job) == {"requests": amounts, "limits": amounts}
+    assert (f"sftkit: each pod requests (and is limited to) 4 nvidia.com/gpu, {4 * DEFAULT_CPUS_PER_GPU} CPU "
+            f"({DEFAULT_CPUS_PER_GPU} per GPU), memory {memory}Gi = /dev/shm 32Gi + 4 process(es) x (") in (
+        capsys.readouterr().err)
+
+
+def test_without_the_models_config_here_memory_falls_back_to_the_documented_default(tmp_path, capsys):
+    from sftkit.k8s.defaults import FALLBACK_WEIGHTS_GIB, PROCESS_MEMORY_GIB
+
+    path = write_recipe(tmp_path / "hub.yaml", model_name_or_path="acme-unlisted/not-in-any-cache",
+                        dataset_name="embedded:x", output_dir="/data/out")
+    _, job = render(path, gpus=2)
+    memory = 16 + 2 * (FALLBACK_WEIGHTS_GIB + PROCESS_MEMORY_GIB)
+    assert resources_of(job)["limits"]["memory"] == f"{memory}Gi"
+    assert (f"a default of {FALLBACK_WEIGHTS_GIB} GiB of weights a process, as the config of "
+            "acme-unlisted/not-in-any-cache cannot be read on this machine") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_scheduling_flags_and_the_grace_period_reach_the_pod_spec(recipe, kind):
+    _, job = render(recipe, "--kind", kind, *VARIANTS["resources, scheduling, grace period"])
+    spec, _ = pod_of(job)
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "spot"}
+    assert spec["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoExecute"}]
+    assert spec["terminationGracePeriodSeconds"] == 600
+
+
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_by_default_pods_have_300_seconds_to_checkpoint_and_the_recipe_resumes(recipe, capsys, kind):
+    configmap, job = render(recipe, "--kind", kind)
+    spec, _ = pod_of(job)
+    assert spec["terminationGracePeriodSeconds"] == 300
+    assert "nodeSelector" not in spec and "tolerations" not in spec and "priorityClassName" not in spec
+    assert yaml.safe_load(configmap["data"]["recipe.yaml"])["resume_from_checkpoint"] == "auto"
+    notes = capsys.readouterr().err
+    assert "resume_from_checkpoint: auto written into the recipe" in notes
+    assert "pods get 300 s after SIGTERM to save a checkpoint" in notes
+
+
+def test_a_pytorchjob_restarts_failed_pods_and_cleans_up_after_itself(recipe):
+    specs = render(recipe, "--kind", "pytorchjob", nodes=3)[1]["spec"]
+    # Never would leave a preempted or crashed job dead; OnFailure restarts it, and it resumes.
+    assert {spec["restartPolicy"] for spec in specs["pytorchReplicaSpecs"].values()} == {"OnFailure"}
+    assert specs["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 604800}
+
+
+def test_pytorchjob_only_flags_reach_the_run_policy_and_the_pods(recipe):
+    job = render(recipe, "--kind", "pytorchjob", *PYTORCHJOB_ONLY)[1]
+    spec, container = pod_of(job)
+    assert job["spec"]["runPolicy"] == {"backoffLimit": 5, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 3600}
+    assert spec["priorityClassName"] == "training-high" and container["imagePullPolicy"] == "IfNotPresent"
+    assert all(replica["template"]["spec"]["priorityClassName"] == "training-high"
+               for replica in job["spec"]["pytorchReplicaSpecs"].values())
+
+
+def test_a_recipe_that_chooses_its_checkpoint_keeps_it_with_a_warning(tmp_path, capsys):
+    path = write_recipe(tmp_path / "pinned.yaml", model_name_or_path=TINY_MODEL, dataset_name="embedded:x",
+                        output_dir="/data/out", resume_from_checkpoint="/data/out/checkpoint-200")
+    configmap, _ = render(path)
+    assert configmap["data"]["recipe.yaml"] == path.read_text()
+    assert ("warning: resume_from_checkpoint: /data/out/checkpoint-200 in the recipe: a restarted pod does not go on "
+            "from the latest checkpoint") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-restarts", "-1"), ("--termination-grace-period", "5m"),
+                                             ("--ttl-seconds-after-finished", "a week")])
+def test_a_count_of_seconds_or_restarts_must_be_a_whole_number(recipe, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["k8s", "render", "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "1", "--image", IMAGE,
+              "--kind", "pytorchjob", flag, value])
+    assert exit_status.value.code == 2
+    assert f"argument {flag}: expected a whole number of at least 0, got {value!r}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- DeepSpeed's files travel with the job
@@ -359,6 +475,22 @@ def test_two_deepspeed_configs_are_refused(tmp_path, capsys, monkeypatch):
     (("--env-from-secret", "HF_TOKEN=Hf_Token"), "the Secret 'Hf_Token' is not a valid name"),
     (("--env-from-secret", "HF_TOKEN=hf-token:bad key"), "the key 'bad key' is not a Secret key"),
     (("--env-from-secret", "MASTER_ADDR=net"), "the operator sets MASTER_ADDR in each pod"),
+    (("--cpu", "lots"), "--cpu 'lots' is not a Kubernetes quantity: .* e.g. 48 or 47500m"),
+    (("--memory", "256 GB"), "--memory '256 GB' is not a Kubernetes quantity"),
+    (("--memory", "8Gi"), "--memory 8Gi is not more than --shm-size 16Gi: the memory-backed /dev/shm counts"),
+    (("--toleration", "nvidia.com/gpu:NoSchedul"),
+     "--toleration 'nvidia.com/gpu:NoSchedul': the effect 'NoSchedul' is not one of NoSchedule, PreferNoSchedule"),
+    (("--toleration", "nvidia.com/gpu"), "--toleration 'nvidia.com/gpu': write KEY\\[=VALUE\\]:EFFECT"),
+    (("--toleration", "spot=yes please:NoSchedule"), "'yes please' is not a label value"),
+    (("--node-selector", "gpu"), "--node-selector 'gpu': write KEY=VALUE"),
+    (("--node-selector", "GPU Type=h100"), "--node-selector 'GPU Type=h100': 'GPU Type' is not a label key"),
+    (("--node-selector", "pool=a", "--node-selector", "pool=b"), "--node-selector: a label is given twice"),
+    (("--kind", "pytorchjob", "--priority-class", "High"), "--priority-class 'High' is not a valid name"),
+    (("--kind", "pytorchjob", "--image-pull-policy", "always"),
+     "--image-pull-policy 'always': choose Always, IfNotPresent, Never"),
+    (("--max-restarts", "2"), "--max-restarts: a TrainJob cannot set this .* render --kind pytorchjob"),
+    (("--priority-class", "high", "--image-pull-policy", "Always"),
+     "--priority-class, --image-pull-policy: a TrainJob cannot set these"),
 ])
 def test_names_images_and_quantities_are_refused_locally(recipe, capsys, options, message):
     assert re.search(message, refused(recipe, capsys, *options))

@@ -38,6 +38,7 @@ class Bundle:
 
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)  # the checked recipe the pods train
 
 
 def check_recipe(path: str, nodes: int, gpus_per_node: int,
@@ -114,16 +115,38 @@ def _read_json(path: str, what: str) -> str:
     return text
 
 
-def recipe_file(path: str, recipe: CheckedRecipe, overrides: dict[str, Any], bundle: Bundle) -> None:
-    """The recipe as written, with the command line's keys written in (the pods train what was checked); a
-    DeepSpeed JSON it names by path travels beside it."""
+RESUME = {"resume_from_checkpoint": "auto"}
+
+
+def resume_on_restart(path: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A restarted pod must go on from the latest checkpoint in output_dir, not start over: the recipe gets
+    resume_from_checkpoint: auto (a fresh start when there is none) unless it chooses for itself."""
+    chosen = {**read_recipe_file(path), **overrides}.get("resume_from_checkpoint", RESUME)
+    if chosen is RESUME:
+        note = ("resume_from_checkpoint: auto written into the recipe, so that a restarted pod goes on from the latest "
+                "checkpoint in output_dir")
+        return RESUME, [note]
+    if chosen != "auto":
+        why = ("the first run, with no checkpoint yet, fails" if chosen is True
+               else "a restarted pod does not go on from the latest checkpoint")
+        note = (f"warning: resume_from_checkpoint: {chosen} in the recipe: {why}; resume_from_checkpoint: auto goes on "
+                "from the latest and starts fresh when there is none")
+        return {}, [note]
+    return {}, []
+
+
+def recipe_file(path: str, recipe: CheckedRecipe, overrides: dict[str, Any], added: dict[str, Any],
+                bundle: Bundle) -> None:
+    """The recipe as written, with the command line's keys and render's own (added) written in (the pods train
+    what was checked); a DeepSpeed JSON it names by path travels beside it."""
     deepspeed = recipe.values.get("deepspeed")
-    if not isinstance(deepspeed, str) and not overrides:
+    if not isinstance(deepspeed, str) and not overrides and not added:
         bundle.files[RECIPE_FILE] = Path(path).read_text()
         return
     values = read_recipe_file(path)
-    values.update({key: recipe.values[key] for key in overrides})
+    values.update({key: recipe.values[key] for key in {**overrides, **added}})
     changes = [f"{' '.join(f'--{key}' for key in overrides)} from the command line"] if overrides else []
+    changes += [f"{key}: {value} for restarts" for key, value in added.items()]
     if isinstance(deepspeed, str):
         bundle.files[DEEPSPEED_FILE] = _read_json(deepspeed, f"recipe {path}: deepspeed")
         values["deepspeed"] = mounted_path(DEEPSPEED_FILE)
@@ -192,13 +215,16 @@ def accelerate_file(config_path: str | None, nodes: int, gpus_per_node: int, rec
 def build_bundle(recipe_path: str, accelerate_config: str | None, nodes: int, gpus_per_node: int,
                  volumes: list[VolumeSpec], allow_ephemeral_output: bool,
                  overrides: dict[str, Any] | None = None) -> Bundle:
-    """Check the recipe, with the command line's keys, for this job and gather the files its pods read."""
-    recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node, overrides)
-    bundle = Bundle(notes=notes)
+    """Check the recipe, with the command line's keys and resume_from_checkpoint: auto, for this job and gather the
+    files its pods read."""
+    overrides = overrides or {}
+    added, resume_notes = resume_on_restart(recipe_path, overrides)
+    recipe, notes = check_recipe(recipe_path, nodes, gpus_per_node, {**overrides, **added})
+    bundle = Bundle(notes=notes + resume_notes, values=recipe.values)
     output_dir = setting(recipe.values, "output_dir") or "trainer_output"
     bundle.notes.append(check_output_dir(output_dir, volumes, allow_ephemeral_output))
     bundle.notes += unreachable_paths(recipe.values, volumes)
-    recipe_file(recipe_path, recipe, overrides or {}, bundle)
+    recipe_file(recipe_path, recipe, overrides, added, bundle)
     accelerate_file(accelerate_config, nodes, gpus_per_node, recipe, bundle)
     size = sum(len(text.encode()) for text in bundle.files.values())
     if size > CONFIGMAP_MAX_BYTES:

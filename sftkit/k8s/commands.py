@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from sftkit.k8s.defaults import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+from sftkit.k8s.defaults import (
+    CLEAN_POD_POLICY,
+    DEFAULT_CPUS_PER_GPU,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_RUNTIME,
+    DEFAULT_SHM_SIZE,
+    DEFAULT_TERMINATION_GRACE_PERIOD,
+    DEFAULT_TTL_SECONDS_AFTER_FINISHED,
+)
 
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _whole(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}")
     return int(text)
 
 
@@ -58,6 +72,35 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"size of the memory-backed /dev/shm of each pod (default {DEFAULT_SHM_SIZE})")
     parser.add_argument("--runtime", default=DEFAULT_RUNTIME, metavar="NAME",
                         help=f"the ClusterTrainingRuntime of a TrainJob (default {DEFAULT_RUNTIME})")
+    resources = parser.add_argument_group("resources of each pod (requests and limits alike)")
+    resources.add_argument("--cpu", metavar="QUANTITY",
+                           help=f"CPU cores, e.g. 48 or 47500m (default {DEFAULT_CPUS_PER_GPU} per GPU)")
+    resources.add_argument("--memory", metavar="QUANTITY",
+                           help="memory, e.g. 256Gi (default: --shm-size plus, for each GPU's process, the model's "
+                                "weights and 4 GiB; see docs/kubernetes.md)")
+    restarts = parser.add_argument_group("restarts (each resumes from the latest checkpoint)")
+    restarts.add_argument("--max-restarts", type=_whole, metavar="N",
+                          help=f"PyTorchJob: restarts of failed pods, runPolicy.backoffLimit (default "
+                               f"{DEFAULT_MAX_RESTARTS}); a TrainJob's are its runtime's")
+    restarts.add_argument("--ttl-seconds-after-finished", type=_whole, metavar="S",
+                          help=f"PyTorchJob: delete the finished job and its pods after S seconds (default "
+                               f"{DEFAULT_TTL_SECONDS_AFTER_FINISHED}, a week; pods still running at the end go at "
+                               f"once: cleanPodPolicy {CLEAN_POD_POLICY})")
+    restarts.add_argument("--termination-grace-period", type=_whole, default=DEFAULT_TERMINATION_GRACE_PERIOD,
+                          metavar="S", help="seconds a pod has after SIGTERM (preemption, deletion) to save its "
+                                            f"checkpoint before it is killed (default {DEFAULT_TERMINATION_GRACE_PERIOD})")
+    scheduling = parser.add_argument_group("scheduling")
+    scheduling.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                            help="run only on nodes with this label (repeatable), e.g. "
+                                 "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3")
+    scheduling.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                            help="tolerate a taint (repeatable), EFFECT NoSchedule, PreferNoSchedule or NoExecute, "
+                                 "e.g. nvidia.com/gpu:NoSchedule or cloud.google.com/gke-spot=true:NoSchedule")
+    scheduling.add_argument("--priority-class", metavar="NAME",
+                            help="PyTorchJob: the pods' PriorityClass; a TrainJob's is its runtime's")
+    scheduling.add_argument("--image-pull-policy", metavar="POLICY",
+                            help="PyTorchJob: Always, IfNotPresent or Never (default: Kubernetes', Always for a "
+                                 ":latest tag, else IfNotPresent); a TrainJob's is its runtime's")
     parser.add_argument("--allow-ephemeral-output", action="store_true",
                         help="render even if output_dir is on no volume (the model vanishes with the pod)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML to FILE instead of standard output")
@@ -73,7 +116,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_render(options: argparse.Namespace) -> None:
     from sftkit.k8s.render import JobRequest, render, secret_variable
-    from sftkit.k8s.validation import environment_variable, volume_spec
+    from sftkit.k8s.validation import environment_variable, node_selector, toleration, volume_spec
     from sftkit.values import parse_overrides
 
     request = JobRequest(
@@ -84,6 +127,12 @@ def run_render(options: argparse.Namespace) -> None:
         secret_environment=[secret_variable(value) for value in options.env_from_secret],
         shm_size=options.shm_size, runtime=options.runtime,
         allow_ephemeral_output=options.allow_ephemeral_output, overrides=parse_overrides(options.overrides),
+        cpu=options.cpu, memory=options.memory, max_restarts=options.max_restarts,
+        ttl_seconds_after_finished=options.ttl_seconds_after_finished,
+        termination_grace_period=options.termination_grace_period,
+        node_selector=[node_selector(value) for value in options.node_selector],
+        tolerations=[toleration(value) for value in options.toleration], priority_class=options.priority_class,
+        image_pull_policy=options.image_pull_policy,
     )
     render(request, options.output)
 

@@ -19,13 +19,23 @@ import yaml
 
 from sftkit.errors import SftkitError
 from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, build_bundle, mounted_path
-from sftkit.k8s.defaults import DEFAULT_RUNTIME, DEFAULT_SHM_SIZE
+from sftkit.k8s.defaults import (
+    CLEAN_POD_POLICY,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_RUNTIME,
+    DEFAULT_SHM_SIZE,
+    DEFAULT_TERMINATION_GRACE_PERIOD,
+    DEFAULT_TTL_SECONDS_AFTER_FINISHED,
+)
+from sftkit.k8s.resources import PodResources, pod_resources
 from sftkit.k8s.validation import (
     ENV_NAME,
+    IMAGE_PULL_POLICIES,
     LABEL_MAX,
     RENDEZVOUS_VARIABLES,
     SUBDOMAIN_MAX,
     TORCHRUN_RESERVED,
+    Toleration,
     VolumeSpec,
     dns_1035_label,
     dns_1123_label,
@@ -95,6 +105,17 @@ class JobRequest:
     runtime: str = DEFAULT_RUNTIME
     allow_ephemeral_output: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys given on the command line
+    cpu: str | None = None  # None: DEFAULT_CPUS_PER_GPU a GPU
+    memory: str | None = None  # None: derived from the recipe's model and --shm-size
+    # PyTorchJob only (a TrainJob's runtime holds them). None: sftkit's defaults for the first two, Kubernetes' for
+    # the others.
+    max_restarts: int | None = None
+    ttl_seconds_after_finished: int | None = None
+    priority_class: str | None = None
+    image_pull_policy: str | None = None
+    termination_grace_period: int = DEFAULT_TERMINATION_GRACE_PERIOD
+    node_selector: list[tuple[str, str]] = field(default_factory=list)
+    tolerations: list[Toleration] = field(default_factory=list)
 
 
 def pod_names(kind: str, name: str, nodes: int) -> list[str]:
@@ -131,6 +152,24 @@ def check_request(request: JobRequest) -> None:
         raise SftkitError(f"--kind {request.kind!r}: choose trainjob (Kubeflow Trainer v2) or pytorchjob (v1)")
     image_reference(request.image)
     positive_quantity(request.shm_size, "--shm-size")
+    if request.cpu is not None:
+        positive_quantity(request.cpu, "--cpu", "48 or 47500m")
+    if request.memory is not None:
+        positive_quantity(request.memory, "--memory")
+    for flag, number in (("--max-restarts", request.max_restarts), ("--termination-grace-period",
+                         request.termination_grace_period),
+                         ("--ttl-seconds-after-finished", request.ttl_seconds_after_finished)):
+        if number is not None and number < 0:
+            raise SftkitError(f"{flag} {number}: a number of at least 0")
+    if request.kind == "trainjob":
+        _refuse_runtime_settings(request)
+    if request.priority_class is not None:
+        dns_1123_subdomain(request.priority_class, "--priority-class")
+    if request.image_pull_policy not in (None, *IMAGE_PULL_POLICIES):
+        raise SftkitError(f"--image-pull-policy {request.image_pull_policy!r}: choose {', '.join(IMAGE_PULL_POLICIES)}")
+    keys = [key for key, _ in request.node_selector]
+    if len(set(keys)) != len(keys):
+        raise SftkitError(f"--node-selector: a label is given twice ({', '.join(keys)}); a node has one value for each label")
     dns_1123_subdomain(request.runtime, "--runtime")
     if request.namespace is not None:
         dns_1123_label(request.namespace, "--namespace")
@@ -159,6 +198,22 @@ def check_request(request: JobRequest) -> None:
                                   "files; mount the claim elsewhere")
 
 
+def _refuse_runtime_settings(request: JobRequest) -> None:
+    """A TrainJob (Trainer v2.3) patches only its pods' node selector, tolerations, grace period and volumes; the
+    JobSet's restarts and lifetime and the pods' priority and pull policy are its runtime's."""
+    given = [flag for flag, value in (("--max-restarts", request.max_restarts),
+                                      ("--ttl-seconds-after-finished", request.ttl_seconds_after_finished),
+                                      ("--priority-class", request.priority_class),
+                                      ("--image-pull-policy", request.image_pull_policy)) if value is not None]
+    if given:
+        raise SftkitError(
+            f"{', '.join(given)}: a TrainJob cannot set {'this' if len(given) == 1 else 'these'} (Kubeflow Trainer "
+            "v2.3's runtimePatches reach only the pods' node selector, tolerations, grace period and volumes): they "
+            "belong to its ClusterTrainingRuntime. Pass --runtime NAME of a runtime that sets them (docs/kubernetes.md "
+            "shows one with failurePolicy.maxRestarts), or render --kind pytorchjob"
+        )
+
+
 def secret_variables(request: JobRequest) -> list[SecretVariable]:
     """The variables the pods read from Secrets; --hf-token-secret NAME is --env-from-secret HF_TOKEN=NAME."""
     token = [SecretVariable("HF_TOKEN", request.hf_token_secret, "HF_TOKEN")] if request.hf_token_secret else []
@@ -181,10 +236,43 @@ def secret_notes(request: JobRequest) -> list[str]:
     return notes
 
 
+# ---------------------------------------------------------------- what both kinds of pod get
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def restarts(request: JobRequest) -> int:
+    return _or(request.max_restarts, DEFAULT_MAX_RESTARTS)
+
+
+def resource_amounts(request: JobRequest, resources: PodResources) -> dict[str, str]:
+    """Each pod's requests, and its limits: the same, so that it is Guaranteed, not evicted first."""
+    return {"cpu": resources.cpu, "memory": resources.memory, GPU_RESOURCE: str(request.gpus_per_node)}
+
+
+def toleration_fields(toleration: Toleration) -> dict[str, str]:
+    """A taint's key with any value (Exists) or with the one given (Equal)."""
+    value = {"operator": "Exists"} if toleration.value is None else {"operator": "Equal", "value": toleration.value}
+    return {"key": toleration.key, **value, "effect": toleration.effect}
+
+
+def restart_note(request: JobRequest) -> str:
+    grace = f"pods get {request.termination_grace_period} s after SIGTERM to save a checkpoint"
+    if request.kind == "trainjob":
+        return (f"restarts: those of the runtime {request.runtime} (its JobSet failurePolicy.maxRestarts; "
+                f"docs/kubernetes.md shows a runtime that sets it); {grace}")
+    return (f"restarts: OnFailure, up to {restarts(request)} (runPolicy.backoffLimit), each resuming from the latest "
+            f"checkpoint; {grace}; the job is deleted "
+            f"{_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED)} s after it ends")
+
+
 # ---------------------------------------------------------------- Kubeflow Trainer v2: TrainJob
 
 
-def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str) -> dict[str, Any]:
+def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str,
+              resources: PodResources) -> dict[str, Any]:
     from kubeflow_trainer_api import models as v2
 
     def quantity(value: str) -> v2.IoK8sApimachineryPkgApiResourceQuantity:
@@ -209,21 +297,25 @@ def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap:
     environment += [v2.IoK8sApiCoreV1EnvVar(name=variable.name, value_from=v2.IoK8sApiCoreV1EnvVarSource(
         secret_key_ref=v2.IoK8sApiCoreV1SecretKeySelector(name=variable.secret, key=variable.key)))
         for variable in secret_variables(request)]
-    gpus = {GPU_RESOURCE: quantity(str(request.gpus_per_node))}
+    amounts = {key: quantity(value) for key, value in resource_amounts(request, resources).items()}
     trainer = v2.TrainerV1alpha1Trainer(
         image=request.image,
         command=LAUNCH_COMMAND,
         env=environment or None,
         num_nodes=request.nodes,
         num_proc_per_node=request.gpus_per_node,
-        resources_per_node=v2.IoK8sApiCoreV1ResourceRequirements(requests=gpus, limits=gpus),
+        resources_per_node=v2.IoK8sApiCoreV1ResourceRequirements(requests=amounts, limits=amounts),
     )
-    # Volumes (and the pods' labels) reach the runtime's pods only through a runtime patch (Trainer v2.2+); the
-    # node container's env cannot: it is the trainer's.
+    # Volumes, scheduling and the grace period (and the pods' labels) reach the runtime's pods only through a
+    # runtime patch (Trainer v2.2+); the node container's env cannot: it is the trainer's.
     pod = v2.TrainerV1alpha1PodTemplatePatch(
         metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=labels),
         spec=v2.TrainerV1alpha1PodSpecPatch(
-            volumes=volumes, containers=[v2.TrainerV1alpha1ContainerPatch(name=TRAINJOB_NODE, volume_mounts=mounts)]),
+            volumes=volumes, containers=[v2.TrainerV1alpha1ContainerPatch(name=TRAINJOB_NODE, volume_mounts=mounts)],
+            termination_grace_period_seconds=request.termination_grace_period,
+            node_selector=dict(request.node_selector) or None,
+            tolerations=[v2.IoK8sApiCoreV1Toleration(**toleration_fields(toleration))
+                         for toleration in request.tolerations] or None),
     )
     nodes = v2.TrainerV1alpha1ReplicatedJobPatch(
         name=TRAINJOB_NODE,
@@ -251,7 +343,8 @@ def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap:
 # ---------------------------------------------------------------- training operator v1: PyTorchJob
 
 
-def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str) -> dict[str, Any]:
+def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str,
+                resources: PodResources) -> dict[str, Any]:
     from kubeflow.training import models as v1
     from kubeflow.training.constants import constants
     from kubernetes import client
@@ -273,23 +366,29 @@ def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configma
     environment += [client.V1EnvVar(name=variable.name, value_from=client.V1EnvVarSource(
         secret_key_ref=client.V1SecretKeySelector(name=variable.secret, key=variable.key)))
         for variable in secret_variables(request)]
-    gpus = {GPU_RESOURCE: str(request.gpus_per_node)}
+    amounts = resource_amounts(request, resources)
     container = client.V1Container(
         name=constants.PYTORCHJOB_CONTAINER,  # the operator finds its container by this name
         image=request.image,
+        image_pull_policy=request.image_pull_policy,
         command=LAUNCH_COMMAND,
         env=environment or None,
         # MASTER_PORT comes from this port; the same as the v2 runtime's.
         ports=[client.V1ContainerPort(name=PYTORCHJOB_PORT_NAME, container_port=MASTER_PORT)],
-        resources=client.V1ResourceRequirements(requests=gpus, limits=gpus),
+        resources=client.V1ResourceRequirements(requests=amounts, limits=amounts),
         volume_mounts=mounts,
     )
 
+    pod = client.V1PodSpec(
+        containers=[container], volumes=volumes, termination_grace_period_seconds=request.termination_grace_period,
+        node_selector=dict(request.node_selector) or None, priority_class_name=request.priority_class,
+        tolerations=[client.V1Toleration(**toleration_fields(toleration)) for toleration in request.tolerations] or None)
+
     def replicas(count: int) -> v1.KubeflowOrgV1ReplicaSpec:
-        # Never restart a single pod: it could not rejoin a rendezvous the others have left.
-        return v1.KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="Never", template=client.V1PodTemplateSpec(
-            metadata=client.V1ObjectMeta(labels=labels),
-            spec=client.V1PodSpec(containers=[container], volumes=volumes)))
+        # A failed pod restarts (up to backoffLimit times); the others' collectives fail with it and they restart
+        # too, so the world forms again and resumes from the latest checkpoint (resume_from_checkpoint: auto).
+        return v1.KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="OnFailure", template=client.V1PodTemplateSpec(
+            metadata=client.V1ObjectMeta(labels=labels), spec=pod))
 
     specs = {constants.REPLICA_TYPE_MASTER: replicas(1)}
     if request.nodes > 1:
@@ -301,7 +400,9 @@ def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configma
         spec=v1.KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(request.gpus_per_node),
             pytorch_replica_specs=specs,
-            run_policy=v1.KubeflowOrgV1RunPolicy(),
+            run_policy=v1.KubeflowOrgV1RunPolicy(
+                backoff_limit=restarts(request), clean_pod_policy=CLEAN_POD_POLICY,
+                ttl_seconds_after_finished=_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED)),
         ),
     )
     return client.ApiClient().sanitize_for_serialization(job)
@@ -340,12 +441,14 @@ def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[st
                           request.volumes, request.allow_ephemeral_output, request.overrides)
     labels = {"app.kubernetes.io/name": "sftkit", "app.kubernetes.io/instance": name}
     configmap = f"{name}-config"
+    resources = pod_resources(bundle.values, request.gpus_per_node, request.shm_size, request.cpu, request.memory)
     build = _trainjob if request.kind == "trainjob" else _pytorchjob
-    documents = [_configmap(configmap, request, labels, bundle), build(request, name, labels, configmap)]
+    documents = [_configmap(configmap, request, labels, bundle), build(request, name, labels, configmap, resources)]
     kind = "TrainJob" if request.kind == "trainjob" else "PyTorchJob"
     summary = (f"{kind} {name}: {request.nodes} node(s) x {request.gpus_per_node} GPU(s), image {request.image}; "
                f"ConfigMap {configmap}")
-    return documents, [*bundle.notes, summary, *secret_notes(request)]
+    requested = f"each pod requests (and is limited to) {request.gpus_per_node} {GPU_RESOURCE}, {resources.note}"
+    return documents, [*bundle.notes, summary, requested, restart_note(request), *secret_notes(request)]
 
 
 class _Dumper(yaml.SafeDumper):

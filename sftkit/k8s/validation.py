@@ -67,12 +67,11 @@ def image_reference(value: str, flag: str = "--image") -> str:
     return value
 
 
-def positive_quantity(value: str, flag: str) -> str:
+def positive_quantity(value: str, flag: str, examples: str = "16Gi, 512Mi or 64G") -> str:
     number = re.match(r"\+?([0-9.]+)", value)
     if not QUANTITY.fullmatch(value) or number is None or float(number.group(1)) <= 0:
         raise SftkitError(
-            f"{flag} {value!r} is not a Kubernetes quantity: a positive number with an optional suffix, e.g. 16Gi, "
-            "512Mi or 64G"
+            f"{flag} {value!r} is not a Kubernetes quantity: a positive number with an optional suffix, e.g. {examples}"
         )
     return value
 
@@ -116,3 +115,70 @@ def volume_spec(value: str) -> VolumeSpec:
     if not path.is_absolute() or path == PurePosixPath("/") or ":" in mount or ".." in path.parts:
         raise SftkitError(f"--volume {value!r}: the mount point must be an absolute directory other than /, e.g. /data")
     return VolumeSpec(claim, str(path))
+
+
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIXES = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                     "E": 1e18}
+
+
+def quantity_value(value: str) -> float:
+    """A quantity checked by positive_quantity, as a plain number (bytes for memory), to compare two of them."""
+    number, suffix = re.fullmatch(r"\+?([0-9.]+(?:[eE][-+]?[0-9.]+)?)([a-zA-Z]*)", value).groups()
+    return float(number) * _BINARY_SUFFIXES.get(suffix, _DECIMAL_SUFFIXES.get(suffix, 1))
+
+
+# A label key (node selectors, tolerations): an optional DNS subdomain and '/', then a name of at most 63 characters.
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+IMAGE_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+def _label_key(key: str, flag: str, value: str) -> str:
+    prefix, _, name = key.rpartition("/")
+    if (len(name) > LABEL_MAX or not LABEL_NAME.fullmatch(name)
+            or (prefix and (len(prefix) > SUBDOMAIN_MAX or not DNS_1123_SUBDOMAIN.fullmatch(prefix)))):
+        raise SftkitError(
+            f"{flag} {value!r}: {key!r} is not a label key: an optional DNS prefix and '/', then at most {LABEL_MAX} "
+            "letters, digits, '-', '_' and '.', starting and ending with a letter or digit (e.g. "
+            "nvidia.com/gpu.product)"
+        )
+    return key
+
+
+def _label_value(text: str, flag: str, value: str) -> str:
+    if text and (len(text) > LABEL_MAX or not LABEL_NAME.fullmatch(text)):
+        raise SftkitError(f"{flag} {value!r}: {text!r} is not a label value: at most {LABEL_MAX} letters, digits, "
+                          "'-', '_' and '.', starting and ending with a letter or digit")
+    return text
+
+
+def node_selector(value: str) -> tuple[str, str]:
+    """--node-selector KEY=VALUE: pods go only to nodes with that label."""
+    key, separator, text = value.partition("=")
+    if not separator or not key:
+        raise SftkitError(f"--node-selector {value!r}: write KEY=VALUE, e.g. --node-selector "
+                          "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3")
+    return _label_key(key, "--node-selector", value), _label_value(text, "--node-selector", value)
+
+
+@dataclass(frozen=True)
+class Toleration:
+    """A taint the pods tolerate: the key's any value (operator Exists) when value is None, else that value."""
+
+    key: str
+    value: str | None
+    effect: str
+
+
+def toleration(value: str) -> Toleration:
+    """--toleration KEY[=VALUE]:EFFECT, e.g. cloud.google.com/gke-spot=true:NoSchedule."""
+    taint, separator, effect = value.rpartition(":")
+    key, equals, text = taint.partition("=")
+    if not separator or not key:
+        raise SftkitError(f"--toleration {value!r}: write KEY[=VALUE]:EFFECT, e.g. --toleration "
+                          "nvidia.com/gpu:NoSchedule or --toleration cloud.google.com/gke-spot=true:NoSchedule")
+    if effect not in TAINT_EFFECTS:
+        raise SftkitError(f"--toleration {value!r}: the effect {effect!r} is not one of {', '.join(TAINT_EFFECTS)}")
+    return Toleration(_label_key(key, "--toleration", value),
+                      _label_value(text, "--toleration", value) if equals else None, effect)
