@@ -374,5 +374,5 @@ def test_a_kernel_handed_a_cap_it_does_not_take_fails_instead_of_ignoring_it():
 def test_logits_is_a_recipe_choice_kept_on_any_machine():
     for gpu in (None, 80 * 2**30):
         values = {"lm_head_loss": "logits"}
-        resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=gpu)
+        values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=gpu)
         assert values["lm_head_loss"] == "logits"

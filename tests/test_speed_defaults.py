@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from trl.trainer.utils import add_fused_lm_head
 
 from sftkit.errors import SftkitError
 from sftkit.recipe import Decisions
+from sftkit.setup import resolve
+from sftkit.setup.resolve import resolve_device, resolve_precision
 from sftkit.setup.speed import resolve_speed, training_memory_estimate
 from sftkit.train.batches import FACTS_KEY
 from sftkit.train.compilation import FixedShapeCollator
@@ -46,32 +49,50 @@ def _kept_for_backward(model: torch.nn.Module, tokens: int, autocast: bool) -> i
 
 def test_fused_adamw_is_the_default_on_cuda_only_and_an_explicit_optim_wins():
     values, notes = {}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     assert values["optim"] == "adamw_torch_fused" and notes
     values = {"optim": "adamw_torch"}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
     assert values["optim"] == "adamw_torch"
     values = {}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)
     assert "optim" not in values
+
+
+def test_decisions_return_what_they_set_and_change_nothing_they_read(monkeypatch):
+    """Each decision reads the values read-only, as resolve passes them, and returns the keys it sets: here a recipe
+    that every speed decision acts on, after the device and precision decisions."""
+    monkeypatch.setattr(resolve, "has_accelerator", lambda: False)
+    monkeypatch.setattr(resolve, "gpu_count", lambda: 0)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # the precision decision pins it
+    written = {"model_name_or_path": TINY_MODEL, "packing": True, "use_liger_kernel": True, "torch_compile": True,
+               "max_length": 512, "per_device_train_batch_size": 2}
+    record, decisions = dict(written), Decisions("recipe.yaml")
+    record |= resolve_device(MappingProxyType(record), decisions)
+    record |= resolve_precision(MappingProxyType(record), decisions)
+    assert record == {**written, "use_cpu": True, "bf16": False, "fp16": False}
+    decided = resolve_speed(MappingProxyType(record), decisions, gpu_memory=80 * GIB)
+    assert set(decided) == {"optim", "attn_implementation", "lm_head_loss", "fixed_batch_shape",
+                            "dataloader_num_workers", "dataloader_persistent_workers", "gradient_checkpointing",
+                            *(["use_liger_kernel"] if importlib.util.find_spec("liger_kernel") is None else [])}
 
 
 def test_levers_that_cannot_run_here_fall_back_and_say_so():
     values, notes = {"attn_implementation": "flex_attention"}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
     assert values["attn_implementation"] == "sdpa" and "flex_attention: trains on a CUDA GPU only" in notes[0]
     if importlib.util.find_spec("flash_attn") is None:
         for attention, missing in (("flash_attention_2", "flash-attn 2 is not installed"),
                                    ("flash_attention_4", "flash-attn-4 is not installed")):
             values, notes = {"model_name_or_path": TINY_MODEL, "attn_implementation": attention}, []
-            resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+            values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
             assert values["attn_implementation"] == "sdpa" and any(missing in note for note in notes)
     if importlib.util.find_spec("liger_kernel") is None:
         values, notes = {"use_liger_kernel": True}, []
-        resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+        values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
         assert values["use_liger_kernel"] is False and any("liger-kernel package" in note for note in notes)
     values, notes = {"use_liger_kernel": True}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
     assert values["use_liger_kernel"] is False and any("use_liger_kernel needs" in note for note in notes)
 
 
@@ -92,40 +113,40 @@ def test_memory_estimate_covers_what_autograd_keeps(hidden, intermediate, autoca
 def test_checkpointing_is_off_when_the_run_fits_and_on_when_it_does_not():
     base = {"model_name_or_path": TINY_MODEL, "per_device_train_batch_size": 8, "max_length": 1024}
     values, notes = dict(base), []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     assert values["gradient_checkpointing"] is False
     assert any("gradient checkpointing off" in note and "of this GPU's 80.0 GiB" in note for note in notes)
     values, notes = dict(base), []
     # the tiny model's full-vocabulary head needs more
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=GIB // 20)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=GIB // 20)
     assert values["gradient_checkpointing"] is True and any("gradient checkpointing on" in n for n in notes)
 
 
 def test_an_explicit_checkpointing_choice_wins_and_the_cpu_keeps_trl_default():
     values = {"model_name_or_path": TINY_MODEL, "gradient_checkpointing": True}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
     assert values["gradient_checkpointing"] is True
     values = {"model_name_or_path": TINY_MODEL, "activation_checkpointing": True}  # transformers 5's new name
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
     assert "gradient_checkpointing" not in values
     values = {"model_name_or_path": TINY_MODEL}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)
     assert values == {"model_name_or_path": TINY_MODEL, "lm_head_loss": "trl"}  # only TRL's head is chosen on a CPU
 
 
 def test_packed_rows_get_variable_length_attention_on_a_gpu_only():
     values, notes = {"model_name_or_path": TINY_MODEL, "packing": True}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     # No flash-attn package here: torch's own variable-length kernel (a Qwen2 model supports it).
     assert values["attn_implementation"] == "torch_varlen"
     assert any("packed rows use torch_varlen (variable-length attention, no mask)" in note for note in notes)
     for given, gpu in (({"model_name_or_path": TINY_MODEL, "packing": False}, 80 * GIB),
                        ({"model_name_or_path": TINY_MODEL, "packing": True}, None)):
-        resolve_speed(given, Decisions("recipe.yaml"), gpu_memory=gpu)
+        given |= resolve_speed(given, Decisions("recipe.yaml"), gpu_memory=gpu)
         assert "attn_implementation" not in given
     values, notes = {"model_name_or_path": TINY_MODEL, "packing": True, "attn_implementation": "sdpa",
                      "per_device_train_batch_size": 64, "max_length": 1024}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     assert values["attn_implementation"] == "sdpa"
     assert any("dense mask of 65,536 x 65,536 tokens (4.0 GiB)" in note for note in notes)
 
@@ -145,26 +166,26 @@ def test_attention_is_chosen_by_what_the_model_supports(monkeypatch):
                                         (NoVarlenNoFlex, None, "supports neither variable-length nor flex")):
         monkeypatch.setattr(speed, "_model_class", lambda config, model_class=model_class: model_class)
         values, notes = {"model_name_or_path": TINY_MODEL, "packing": True}, []
-        resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+        values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
         assert values.get("attn_implementation") == expected and any(said in note for note in notes)
         values, notes = {"model_name_or_path": TINY_MODEL, "packing": True, "attn_implementation": "torch_varlen"}, []
         # asked for, but the model cannot: sdpa, said
-        resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+        values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
         assert values["attn_implementation"] == "sdpa"
         assert any("torch_varlen: this model's attention layers do not support it" in note for note in notes)
 
 
 def test_the_loss_comes_from_a_kernel_on_a_gpu_and_from_trls_head_where_none_runs():
     values, notes = {}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     # Neither liger-kernel nor cut-cross-entropy here: torch's chunked kernel (torch 2.13).
     assert values["lm_head_loss"] == "torch" and any("torch linear cross-entropy kernel" in note for note in notes)
     values, notes = {"lm_head_loss": "cce"}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
     assert values["lm_head_loss"] == "trl"
     assert any("lm_head_loss cce:" in note and "using TRL's fused head" in note for note in notes)
     values = {"lm_head_loss": "torch"}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)  # asked for, and it runs on a CPU: kept
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=None)  # asked for, and it runs on a CPU: kept
     assert values["lm_head_loss"] == "torch"
 
 
@@ -175,7 +196,7 @@ def test_variable_length_attention_needs_packed_rows():
 
 def test_gpu_runs_load_data_in_worker_processes_unless_told_otherwise():
     values, notes = {}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=80 * GIB)
     assert values["dataloader_num_workers"] >= 1 and values["dataloader_persistent_workers"] is True
 
 
@@ -187,7 +208,7 @@ def test_cpus_are_those_this_process_may_use():
     usable, machine = map(int, result.stdout.split())
     assert usable == 1 and machine >= 1
     values = {"dataloader_num_workers": 0}
-    resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
+    values |= resolve_speed(values, Decisions("recipe.yaml"), gpu_memory=80 * GIB)
     assert values["dataloader_num_workers"] == 0 and "dataloader_persistent_workers" not in values
 
 
@@ -251,5 +272,5 @@ def test_a_fixed_shape_needs_a_length_to_fix():
     with pytest.raises(SftkitError, match="fixed_batch_shape: true pads batches to max_length, which is null"):
         resolve_speed({"fixed_batch_shape": True, "max_length": None}, Decisions("recipe.yaml"), gpu_memory=None)
     values, notes = {"torch_compile": True, "max_length": None}, []
-    resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
+    values |= resolve_speed(values, Decisions("recipe.yaml", notes), gpu_memory=None)
     assert "fixed_batch_shape" not in values and "compiles anew" in notes[-1]

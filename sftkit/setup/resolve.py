@@ -2,9 +2,10 @@
 batch geometry and the launcher's config. What sftkit decides on the user's behalf is returned as notes, gathered
 in one ``Decisions`` that also names the recipe in every error.
 
-The recipe as read (``sftkit.recipe.read_recipe``) is left as it was: resolving works on a copy of its
-values and returns a new Recipe. It does change the process's environment where libraries read it:
-the recipe's ``env:`` mapping, and the precision the launcher must not override.
+The recipe as read (``sftkit.recipe.read_recipe``) is left as it was: each decision (device, precision, speed)
+reads the values decided so far, read-only, and returns the keys it sets; ``resolve`` applies them, in order, to
+the record of the run and returns a new Recipe. Resolving does change the process's environment where libraries
+read it: the recipe's ``env:`` mapping, and the precision the launcher must not override.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
@@ -42,24 +45,26 @@ IMPORT_TIME_ENV = {
 }
 
 
-def resolve_device(values: dict[str, Any], decisions: Decisions) -> None:
+def resolve_device(values: Mapping[str, Any], decisions: Decisions) -> dict[str, Any]:
     """On a machine without an accelerator, train on the CPU, with several processes as gloo DDP. Several GPUs
     without a launcher would run nn.DataParallel in one process, which sftkit's batch arithmetic does not describe:
     that stops with the command that uses them all."""
+    decided: dict[str, Any] = {}
     if "use_cpu" not in values and not has_accelerator():
-        values["use_cpu"] = True
+        decided["use_cpu"] = True
         decisions.note("device: CPU (no GPU found; several processes would run DDP over gloo)")
     gpus = gpu_count()
-    if gpus > 1 and "WORLD_SIZE" not in os.environ and not values.get("use_cpu"):
+    if gpus > 1 and "WORLD_SIZE" not in os.environ and not decided.get("use_cpu", values.get("use_cpu")):
         raise SftkitError(
             f"this machine has {gpus} GPUs and no launcher started this run, which would train on them as one process "
             "(nn.DataParallel) with another batch than the recipe says. Start it with\n"
             f"  accelerate launch --multi_gpu --num_processes {gpus} -m sftkit --config {decisions.recipe_path}\n"
             "or choose one GPU with CUDA_VISIBLE_DEVICES=0."
         )
+    return decided
 
 
-def resolve_precision(values: dict[str, Any], decisions: Decisions) -> None:
+def resolve_precision(values: Mapping[str, Any], decisions: Decisions) -> dict[str, bool]:
     """bf16 mixed precision where the hardware has it, else fp32; explicit settings win; the launcher never does."""
     import torch
 
@@ -73,7 +78,6 @@ def resolve_precision(values: dict[str, Any], decisions: Decisions) -> None:
         on_cpu = values.get("use_cpu", False)
         chosen = "bf16" if bf16_supported() and not on_cpu else "no"
         reason = "the hardware supports bf16" if chosen == "bf16" else "no bf16-capable GPU"
-    values["bf16"], values["fp16"] = chosen == "bf16", chosen == "fp16"
     if launcher is not None and launcher != chosen:
         decisions.note(
             f"the launcher asked for mixed_precision={launcher}; the recipe decides precision, so it is ignored "
@@ -83,6 +87,7 @@ def resolve_precision(values: dict[str, Any], decisions: Decisions) -> None:
     os.environ["ACCELERATE_MIXED_PRECISION"] = chosen
     label = {"bf16": "bf16 mixed precision (fp32 master weights)", "fp16": "fp16 mixed precision", "no": "fp32"}
     decisions.note(f"precision: {label[chosen]} ({reason}); weights loaded as {values.get('dtype', 'float32')}")
+    return {"bf16": chosen == "bf16", "fp16": chosen == "fp16"}
 
 
 def apply_environment(environment: Any, decisions: Decisions) -> None:
@@ -104,33 +109,37 @@ def apply_environment(environment: Any, decisions: Decisions) -> None:
 def resolve(checked: CheckedRecipe) -> Recipe:
     """The Recipe a run trains with on this machine, under this launcher.
 
-    Each step below fills ``values``, a copy of the recipe's values that becomes the record of the run
-    (sftkit_run.yaml), and notes what it decided on the user's behalf in the one ``Decisions``.
+    ``record`` starts as a copy of the recipe's values and becomes the record of the run (sftkit_run.yaml). Each
+    decision reads it through ``view``, which none can change, so it sees every earlier decision applied; what it
+    returns is applied here, in this order, and what it decided on the user's behalf is noted in the one
+    ``Decisions``.
     """
-    decisions, values = Decisions(checked.path), dict(checked.values)
+    decisions, record = Decisions(checked.path), dict(checked.values)
+    view = MappingProxyType(record)
     apply_environment(checked.environment, decisions)
-    if "resume_from_checkpoint" in values:
-        output_dir = str(setting(values, "output_dir") or "trainer_output")
-        values["resume_from_checkpoint"] = resolve_resume(values, output_dir, decisions)
-        if values["resume_from_checkpoint"] is None:
+    if "resume_from_checkpoint" in record:
+        output_dir = str(setting(view, "output_dir") or "trainer_output")
+        record["resume_from_checkpoint"] = resolve_resume(record, output_dir, decisions)
+        if record["resume_from_checkpoint"] is None:
             decisions.note(f"resume_from_checkpoint auto: no checkpoint in {output_dir}, so the run starts fresh")
-    resolve_device(values, decisions)
-    resolve_precision(values, decisions)
-    asked = set(values)
-    resolve_speed(values, decisions, gpu_memory())
-    chosen = sorted(lever for lever in LEVERS if lever in values and lever not in asked)
-    batch = batch_geometry(values, number_of_processes(), decisions)
+    record |= resolve_device(view, decisions)
+    record |= resolve_precision(view, decisions)
+    speed = resolve_speed(view, decisions, gpu_memory())
+    # The levers sftkit chose for this machine: those it set where the recipe did not (not those it replaced).
+    chosen = sorted(lever for lever in LEVERS if lever in speed and lever not in record)
+    record |= speed
+    batch = batch_geometry(view, number_of_processes(), decisions)
     if batch.global_batch is not None:
-        values["gradient_accumulation_steps"] = batch.accumulation
+        record["gradient_accumulation_steps"] = batch.accumulation
         decisions.note(batch.derivation())
-    adjusted = reconcile_launcher(values, batch, decisions)
-    if values.get("resume_from_checkpoint"):
-        check_resume(values["resume_from_checkpoint"], values, batch, decisions)
+    adjusted = reconcile_launcher(record, batch, decisions)
+    if record.get("resume_from_checkpoint"):
+        check_resume(record["resume_from_checkpoint"], record, batch, decisions)
 
     built = {}
     for cls in RECIPE_CLASSES:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        arguments = {key: value for key, value in {**values, **adjusted}.items() if key in names}
+        arguments = {key: value for key, value in {**record, **adjusted}.items() if key in names}
         if cls is DatasetMixtureConfig and checked.mixture_entries:
             arguments["datasets"] = checked.mixture_entries
         try:
@@ -143,7 +152,7 @@ def resolve(checked: CheckedRecipe) -> Recipe:
         model=built[ModelConfig],
         mixture=built[DatasetMixtureConfig],
         sftkit=built[SftkitArguments],
-        values=values,
+        values=record,
         path=decisions.recipe_path,
         notes=decisions.notes,
         batch=batch,
