@@ -14,7 +14,7 @@ import yaml
 from helpers import ROOT, write_jsonl
 
 from sftkit import embedded
-from sftkit.data.passes import PREFLIGHT_ROWS
+from sftkit.data.passes import SAMPLE_ROWS
 from sftkit.data.render_guard import sample_indices
 
 pytestmark = pytest.mark.slow  # several processes, kills or whole training runs
@@ -75,7 +75,7 @@ def test_rows_a_template_cannot_mask_met_mid_run_follow_the_bad_row_policy(tmp_p
     """A lazy run meets rows whose reply the prompt does not open, which its sample checked before step 1 missed:
     counted and listed under on_invalid: skip; under on_invalid: error the run stops with a checkpoint, naming the
     row, instead of crashing."""
-    sampled = set(sample_indices(2000, PREFLIGHT_ROWS))
+    sampled = set(sample_indices(2000, SAMPLE_ROWS))
     rows = [{"messages": [{"role": "user", "content": f"What is {index} + 1?"},
                           {"role": "assistant", "content": f"{index + 1}." if index % 3 == 0 and index not in sampled
                            else f"<think>{index} plus one</think>{index + 1}."}]} for index in range(2000)]

@@ -141,10 +141,10 @@ def test_training_skips_bad_rows_and_records_them(tmp_path):
 def _lazy_run(tmp_path, *overrides: str, bad: list | None = None,
               launcher: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
     """600 rows; those that a lazy run's pre-flight sample leaves out are bad, so only training meets them."""
-    from sftkit.data.passes import PREFLIGHT_ROWS
+    from sftkit.data.passes import SAMPLE_ROWS
     from sftkit.data.render_guard import sample_indices
 
-    sampled = set(sample_indices(600, PREFLIGHT_ROWS))
+    sampled = set(sample_indices(600, SAMPLE_ROWS))
     rows = [sharegpt_row(index, *(GOOD if index in sampled else bad or BAD["unknown role"])) for index in range(600)]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     output = tmp_path / "out"

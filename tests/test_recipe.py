@@ -436,5 +436,7 @@ def test_k8s_render_checks_the_overrides_and_writes_them_into_the_configmaps_rec
     configmap = next(document for document in yaml.safe_load_all((tmp_path / "job.yaml").read_text())
                      if document["kind"] == "ConfigMap")
     rendered = configmap["data"]["recipe.yaml"]
-    assert rendered.startswith(f"# {path}, with --max_steps --learning_rate from the command line\n")
-    assert yaml.safe_load(rendered) == {**yaml.safe_load(path.read_text()), "max_steps": 5, "learning_rate": 1e-4}
+    assert rendered.startswith(f"# {path}, with --max_steps --learning_rate from the command line and "
+                               "resume_from_checkpoint: auto for restarts\n")
+    assert yaml.safe_load(rendered) == {**yaml.safe_load(path.read_text()), "max_steps": 5, "learning_rate": 1e-4,
+                                        "resume_from_checkpoint": "auto"}  # a restarted pod goes on from its checkpoint

@@ -28,7 +28,7 @@ from sftkit.data.rows import RowChain
 from sftkit.data.tokenization import IGNORE
 from sftkit.errors import SftkitError
 
-SAMPLE_ROWS = 1024  # rows of each source measured for its trained tokens per row
+MEASURED_ROWS = 1024  # rows of each source measured for its trained tokens per row
 SHARE_TOLERANCE = 0.02  # a realised share this far from the asked one is worth a warning
 
 
@@ -93,10 +93,10 @@ def draw_mixture(names: Sequence[str], rows: Sequence[datasets.Dataset], chains:
                               f"rows out of its {len(permutation)}")
         held.append(np.sort(permutation[:count]) if count else None)
         permutations.append(permutation[count:])
-        measured.append(trained_tokens_per_row(chain, [loaded[int(row)] for row in permutations[-1][:SAMPLE_ROWS]]))
+        measured.append(trained_tokens_per_row(chain, [loaded[int(row)] for row in permutations[-1][:MEASURED_ROWS]]))
     for index, (name, tokens) in enumerate(zip(names, measured, strict=True)):
         if tokens == 0:
-            raise SftkitError(f"datasets[{index}] ({name}): none of {min(SAMPLE_ROWS, len(permutations[index]))} "
+            raise SftkitError(f"datasets[{index}] ({name}): none of {min(MEASURED_ROWS, len(permutations[index]))} "
                               "rows sampled trains a token, so it cannot take a share of the trained tokens; check it "
                               "with sftkit check --config on a recipe with this dataset alone")
     # Rows drawn from each source in proportion to its share over its tokens a row; the mixture's size in rows is

@@ -18,7 +18,7 @@ from sftkit.hardware import usable_cpus
 from sftkit.recipe import Recipe
 
 PARALLEL_FROM_ROWS = 20_000  # below this, a process pool costs more than it saves
-PREFLIGHT_ROWS = 256  # rows a run that prepares on demand prepares before step 1, to check and report
+SAMPLE_ROWS = 256  # rows a run that prepares on demand prepares before step 1, to check and report
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def planned_parts(plan: Plan, split: SplitPlan) -> list[Part]:
     return parts(plan.rows(split.source_split), split, plan.offsets())
 
 
-def guard(planned: Sequence[Part], count: int, split: str) -> int:
+def run_render_guard(planned: Sequence[Part], count: int, split: str) -> int:
     """The render guard on ``count`` rows spread over the split, before any row is prepared; returns rows rendered."""
     total = sum(len(part.positions) for part in planned)
     picked, records, start = set(sample_indices(total, count)), [], 0

@@ -78,13 +78,13 @@ def _plan(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Plan:
 
 def _checked(recipe: Recipe, prepared: Prepared, enforce_policy: bool) -> dict[str, PreparedSplit]:
     """Each prepared split reported, and the bad-row policy enforced on it."""
-    guard_rows = recipe.sftkit.render_check_rows
+    check_rows = recipe.sftkit.render_check_rows
     if prepared.from_cache:
         logger.info("prepared rows loaded from the cache (their rendering was checked when they were prepared)")
     if prepared.rendered:
         logger.info("render guard: every turn of %d sampled conversations appears in the chat template's rendering",
                     prepared.rendered)
-    elif not guard_rows:
+    elif not check_rows:
         logger.info("render guard: off (render_check_rows: 0); every row is still checked as it is prepared")
     splits = {}
     for name, rows in (("train", prepared.train), ("eval", prepared.eval)):
@@ -95,7 +95,7 @@ def _checked(recipe: Recipe, prepared: Prepared, enforce_policy: bool) -> dict[s
         if enforce_policy:
             enforce(report, recipe.sftkit.on_invalid, recipe.sftkit.max_invalid_fraction)
         splits[name] = PreparedSplit(name, rows.rows, rows.parts, report, prepared.on_demand if sample else None,
-                                     prepared.share and name == "train")
+                                     prepared.order_prefix and name == "train")
     return splits
 
 

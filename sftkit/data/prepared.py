@@ -60,7 +60,7 @@ class Prepared:
     rendered: int
     from_cache: bool
     on_demand: datasets.Dataset | None = None
-    share: bool = False  # the train rows are a bounded packed run's share: a prefix of the training order
+    order_prefix: bool = False  # the train rows are a prefix of the training order (a bounded packed run), not every row
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class PreparedSplit:
     parts: tuple[SourceRows | None, ...]  # each source's rows, which ``source_row`` counts in
     report: RowReport
     on_demand: datasets.Dataset | None = None  # the trainer's rows, each prepared when it is drawn
-    share: bool = False  # the rows are a bounded packed run's share: a prefix of the training order, not every row
+    order_prefix: bool = False  # the rows are a prefix of the training order (a bounded packed run), not every row
 
     def invalid_row_ids(self) -> set[int]:
         """Global ids of the rows already found invalid, so a lazy run does not report them twice."""

@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from sftkit.data.mixture import SAMPLE_ROWS, trained_tokens_per_row
+from sftkit.data.mixture import MEASURED_ROWS, trained_tokens_per_row
 from sftkit.data.on_demand import prepared_when_drawn
 from sftkit.data.order import order_keys
 from sftkit.data.rows import RowChain
@@ -65,7 +65,7 @@ def window_counts(probabilities: Sequence[float]) -> list[int]:
 
 def stream_probabilities(streams: Sequence[Stream], fractions: Sequence[float | None]) -> list[float]:
     """Each source's share of a window's rows: its share of the trained tokens over its trained tokens a row,
-    measured on its first SAMPLE_ROWS rows (a stream offers no random sample)."""
+    measured on its first MEASURED_ROWS rows (a stream offers no random sample)."""
     if len(streams) == 1:
         return [1.0]
     if None in fractions:
@@ -74,7 +74,7 @@ def stream_probabilities(streams: Sequence[Stream], fractions: Sequence[float | 
     asked = np.asarray(fractions, dtype=float) / sum(fractions)
     measured = []
     for stream in streams:
-        head = [row for _, row in itertools.islice(stream.read(), SAMPLE_ROWS)]
+        head = [row for _, row in itertools.islice(stream.read(), MEASURED_ROWS)]
         tokens = trained_tokens_per_row(stream.chain, head)
         if tokens == 0:
             raise SftkitError(f"{stream.name}: none of its first {len(head)} rows trains a token, so it cannot take "

@@ -261,7 +261,8 @@ def trainer_rows(data: PreparedData, args: SFTConfig) -> TrainerRows:
         keys = train.data.column("row").to_numpy()
     elif args.packing:
         ordered = valid_rows(in_training_order(data.train.rows, seed)).select_columns(["input_ids", "labels", "row"])
-        train = pack_in_order(ordered, args.max_length, args.packing_strategy, whole_windows_only=data.train.share)
+        train = pack_in_order(ordered, args.max_length, args.packing_strategy,
+                              whole_windows_only=data.train.order_prefix)
         keys = np.arange(len(train))
     else:
         train = in_training_order(data.train.rows, seed).select_columns(["input_ids", "labels", "row"])

@@ -100,7 +100,7 @@ class SftkitTrainer(SFTTrainer):
         self._choose_head_loss(rules.head_loss, rules.head_loss_chosen)
         self.tokens_fed = self.tokens_trained = 0
         self.step_rows: list[int] = []
-        self.guard = LossGuard(self.args.device, rules.grad_norm_limit, overflow_is_normal=self.args.fp16)
+        self.loss_guard = LossGuard(self.args.device, rules.grad_norm_limit, overflow_is_normal=self.args.fp16)
         self.watched_step = -1
         self.rows = MidRunRows(rules.known_invalid)
         self.stopped: Stop | None = None  # why training ended before max_steps, if it did
@@ -121,7 +121,7 @@ class SftkitTrainer(SFTTrainer):
             self.tokens_fed = self.tokens_trained = 0
             self.rows.forget()
             self.step_rows = []
-            self.guard.forget()
+            self.loss_guard.forget()
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -147,10 +147,10 @@ class SftkitTrainer(SFTTrainer):
         self.rows.count(batch.invalid, drawn, self.state.global_step + 1)
         if self.head_loss is None or return_outputs:
             computed = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self.guard.watch_loss(computed[0] if return_outputs else computed, self.state.global_step + 1)
+            self.loss_guard.watch_loss(computed[0] if return_outputs else computed, self.state.global_step + 1)
             return computed
         loss = self._head_loss(model, inputs, batch, num_items_in_batch)
-        self.guard.watch_loss(loss, self.state.global_step + 1)
+        self.loss_guard.watch_loss(loss, self.state.global_step + 1)
         return loss
 
     def _choose_head_loss(self, asked: str | None, chosen: bool) -> None:
@@ -191,11 +191,11 @@ class SftkitTrainer(SFTTrainer):
     def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
         """Before the parent logs, evaluates or saves: the loss guard, read when a step is logged or saved."""
         if self.state.global_step != self.watched_step:  # called again at the end of an epoch for the same step
-            self.guard.watch_step(self.state.global_step, grad_norm, self.step_rows)
+            self.loss_guard.watch_step(self.state.global_step, grad_norm, self.step_rows)
             self.watched_step, self.step_rows = self.state.global_step, []
         control = self.control
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-            tripped = self.guard.tripped(self.accelerator.num_processes)
+            tripped = self.loss_guard.tripped(self.accelerator.num_processes)
             if tripped:  # nothing the bad step spoiled is saved or evaluated
                 self.stopped = Stop("loss guard", tripped)
                 control.should_save = control.should_evaluate = False

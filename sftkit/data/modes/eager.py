@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit.data.adapt import options_record
 from sftkit.data.cache import cached, code_digest, preparation_key
-from sftkit.data.passes import guard, planned_parts, prepared, processes
+from sftkit.data.passes import planned_parts, prepared, processes, run_render_guard
 from sftkit.data.plan import Plan, SplitPlan
 from sftkit.data.prepared import Prepared, SplitRows
 from sftkit.recipe import Recipe
@@ -30,8 +30,8 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def prepare_splits(plan: Plan, splits: dict[str, SplitPlan], recipe: Recipe,
-                   guard_rows: int) -> tuple[dict[str, SplitRows], int, bool]:
-    """The rows of ``splits`` through the cache, the render guard on ``guard_rows`` of each first.
+                   check_rows: int) -> tuple[dict[str, SplitRows], int, bool]:
+    """The rows of ``splits`` through the cache, the render guard on ``check_rows`` of each first.
 
     Returns the prepared splits, how many conversations the render guard rendered, and whether the splits came
     from the cache (then it rendered none: they were rendered and passed before being saved, and the key covers
@@ -58,7 +58,7 @@ def prepare_splits(plan: Plan, splits: dict[str, SplitPlan], recipe: Recipe,
         out = {}
         for name, split in splits.items():
             planned = planned_parts(plan, split)
-            rendered += guard(planned, guard_rows, name)
+            rendered += run_render_guard(planned, check_rows, name)
             out[name] = prepared(planned, name, key, num_proc)
         return out
 

@@ -10,7 +10,7 @@ from sftkit.data.cache import code_digest, preparation_key
 from sftkit.data.modes.eager import prepare_eval
 from sftkit.data.on_demand import on_demand_rows
 from sftkit.data.order import order_seed, training_order
-from sftkit.data.passes import PREFLIGHT_ROWS, guard, planned_parts, prepared
+from sftkit.data.passes import SAMPLE_ROWS, planned_parts, prepared, run_render_guard
 from sftkit.data.plan import Plan, SplitPlan
 from sftkit.data.prepared import Prepared, SplitRows
 from sftkit.data.render_guard import sample_indices
@@ -20,9 +20,9 @@ from sftkit.recipe import Recipe
 def prepare(plan: Plan, recipe: Recipe) -> Prepared:
     """The trainer's rows in training order, each prepared when drawn, and a prepared sample spread over them."""
     train_ids = plan.train_ids()
-    sample = train_ids[sample_indices(len(train_ids), PREFLIGHT_ROWS)]
+    sample = train_ids[sample_indices(len(train_ids), SAMPLE_ROWS)]
     planned = planned_parts(plan, SplitPlan("train", sample))
-    rendered = guard(planned, recipe.sftkit.render_check_rows, "train")
+    rendered = run_render_guard(planned, recipe.sftkit.render_check_rows, "train")
     key = preparation_key({"sources": [source.fingerprint for source in plan.sources], "sample": sample.tolist()},
                           code=code_digest(type(choice.installed.adapter) for choice in plan.adapters))
     rows = prepared(planned, "train sample", key, None)

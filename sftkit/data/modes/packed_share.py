@@ -34,13 +34,13 @@ def prepare(plan: Plan, recipe: Recipe) -> Prepared:
         chunks.append(chunk["train"].rows)
         taken, size = taken + len(ids), size * 2
         rows = datasets.concatenate_datasets(chunks)
-        share = taken < len(order)
+        order_prefix = taken < len(order)
         packs = pack_in_order(valid_rows(in_training_order(rows, order_seed(args))), args.max_length,
-                              args.packing_strategy, whole_windows_only=share)
-        if len(packs) >= needed or not share:
+                              args.packing_strategy, whole_windows_only=order_prefix)
+        if len(packs) >= needed or not order_prefix:
             logger.info("packed share: %s rows prepared fill %s sequences (%s needed)", f"{taken:,}",
                         f"{len(packs):,}", f"{needed:,}")
             break
     evaluation, eval_rendered, eval_from_cache = prepare_eval(plan, recipe)
     return Prepared(SplitRows(rows, plan.rows("train")), evaluation, rendered + eval_rendered,
-                    from_cache or eval_from_cache, share=share)
+                    from_cache or eval_from_cache, order_prefix=order_prefix)

@@ -8,7 +8,7 @@ import numpy as np
 
 from sftkit.data import streaming
 from sftkit.data.order import order_seed
-from sftkit.data.passes import PREFLIGHT_ROWS, Part, guard, parts, prepared, rows_per_run
+from sftkit.data.passes import SAMPLE_ROWS, Part, parts, prepared, rows_per_run, run_render_guard
 from sftkit.data.plan import Plan, SourceRows
 from sftkit.data.prepared import Prepared, SplitRows
 from sftkit.recipe import Recipe
@@ -22,8 +22,8 @@ def prepare(plan: Plan, recipe: Recipe) -> Prepared:
     probabilities = streaming.stream_probabilities(streams, [source.source.fraction for source in plan.sources])
     reader = streaming.StreamReader(streams, streaming.window_counts(probabilities), recipe.sftkit.mixture,
                                     order_seed(recipe.training))
-    count, guard_rows = rows_per_run(recipe), recipe.sftkit.render_check_rows
-    picked = [(position, *reader[position]) for position in range(min(PREFLIGHT_ROWS, count))]
+    count, check_rows = rows_per_run(recipe), recipe.sftkit.render_check_rows
+    picked = [(position, *reader[position]) for position in range(min(SAMPLE_ROWS, count))]
     sample: list[SourceRows | None] = []
     planned = []
     for index, source in enumerate(plan.sources):  # the run's first rows, as a sample of each source
@@ -37,7 +37,7 @@ def prepare(plan: Plan, recipe: Recipe) -> Prepared:
         positions = np.arange(len(mine))
         planned.append(Part(index, "train", rows, positions, np.array([position for position, _, _ in mine]),
                             rows.rows))
-    rendered = guard(planned, guard_rows, "train")
+    rendered = run_render_guard(planned, check_rows, "train")
     train = SplitRows(prepared(planned, "train sample", "stream-sample", None), tuple(sample))
     evaluation = None
     if plan.eval is not None:  # numbered after each source's sample (its first rows, where it has none)
@@ -45,6 +45,6 @@ def prepare(plan: Plan, recipe: Recipe) -> Prepared:
                                                                                                 strict=True)]
         offsets = np.cumsum([0, *sizes])
         eval_parts = parts(plan.rows("eval"), plan.eval, offsets)
-        rendered += guard(eval_parts, guard_rows, "eval")
+        rendered += run_render_guard(eval_parts, check_rows, "eval")
         evaluation = SplitRows(prepared(eval_parts, "eval", "stream-eval", None), plan.rows("eval"))
     return Prepared(train, evaluation, rendered, False, streaming.streamed_rows(reader, count))
