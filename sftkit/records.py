@@ -9,9 +9,9 @@ A record is one of:
 - ``{"prompt": str | [Message, ...], "completion": str | [Message, ...]}``;
 - ``{"text": str}``.
 
-The record types are the contract's (``sftkit.contract``). sftkit checks every record an adapter returns (``sftkit.data.adapt.check_record``); the helpers raise a
-``RowError`` with the right reason and the column or turn it concerns, so an adapter needs no checks of
-its own for text, roles and tool calls.
+The record types are the contract's (``sftkit.contract``). sftkit checks every record an adapter returns
+(``sftkit.data.adapt.check_record``); the helpers raise a ``RowError`` with the right reason and the column or
+turn it concerns, so an adapter needs no checks of its own for text, roles and tool calls.
 """
 
 from __future__ import annotations
