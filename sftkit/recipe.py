@@ -12,8 +12,8 @@ the pieces defined here: the keys' defaults (``setting``), the ``Decisions`` it 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
 import importlib.util
 import math
 import os
@@ -21,14 +21,16 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
-from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
+from sftkit.recipe_keys import Key, keys_of, trl_keys
 from sftkit.values import Bound, CommandLineValue, Mismatch, coerce, type_name
+
+if TYPE_CHECKING:
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
 
 @dataclass
@@ -92,8 +94,6 @@ class SftkitArguments:
                   "written to output_dir/samples.jsonl and samples.md; 0: none"},
     )
 
-
-RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)
 
 # TRL keys sftkit does not honour, with why and what to do instead: accepting them would train something else than
 # the recipe says. Keys that are honoured only for some values are checked in _check_together.
@@ -165,15 +165,10 @@ class Recipe:
     chosen_levers: list[str] = field(default_factory=list)  # speed levers sftkit set for this machine, not the recipe
 
 
-def _recipe_fields() -> dict[str, tuple[type, Any]]:
-    """Every accepted key -> (owning dataclass, type annotation)."""
-    known: dict[str, tuple[type, Any]] = {}
-    for cls in RECIPE_CLASSES:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.init:
-                known.setdefault(f.name, (cls, hints[f.name]))
-    return known
+@functools.cache
+def known_keys() -> dict[str, Key]:
+    """Every key a recipe may set: TRL's (read without importing TRL, see sftkit.recipe_keys), then sftkit's own."""
+    return {**keys_of((SftkitArguments,)), **trl_keys().keys}
 
 
 # ---------------------------------------------------------------- reading the file
@@ -262,7 +257,7 @@ ENTRY_ADAPTER_KEYS = ("dataset_format", "dataset_options")
 
 
 def _check_mixture(entries: list[dict[str, Any]], source: str) -> None:
-    known = {f.name for f in dataclasses.fields(DatasetConfig)} | set(ENTRY_ADAPTER_KEYS)
+    known = trl_keys().mixture_entry_keys | set(ENTRY_ADAPTER_KEYS)
     for position, entry in enumerate(entries):
         for key in entry:
             if key not in known:
@@ -378,9 +373,7 @@ def setting(values: Mapping[str, Any], key: str) -> Any:
     """A recipe key's value: as the recipe sets it, else its class's default (TRL's, for TRL's keys)."""
     if key in values:
         return values[key]
-    owner, _ = _recipe_fields()[key]
-    default = next(f for f in dataclasses.fields(owner) if f.name == key)
-    return default.default_factory() if default.default is dataclasses.MISSING else default.default
+    return known_keys()[key].default_value()
 
 
 @dataclass
@@ -503,14 +496,14 @@ def read_recipe(path: str | None, overrides: dict[str, Any] | None = None) -> Ch
         return "command line" if key in overrides else f"recipe {recipe_path}"
 
     environment = environment_variables(values.pop("env", None), where("env"))
-    known = _recipe_fields()
+    known = known_keys()
     for key in values:
         if key in REJECTED_KEYS:
             raise SftkitError(f"{where(key)}: {key}: {REJECTED_KEYS[key]}")
         if key not in known:
             raise SftkitError(f"{where(key)}: unknown key {key!r}{_closest(key, known)}")
     for key, value in list(values.items()):
-        annotation = known[key][1]
+        annotation = known[key].annotation
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             continue  # true: the latest checkpoint, found when the recipe is resolved
         try:

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from trl.scripts.utils import DatasetConfig
 
 from sftkit.errors import SftkitError
+
+
+class MixtureEntry:
+    """The type of a ``datasets:`` entry (TRL's ``DatasetConfig``): a mapping, checked key by key by the recipe reader."""
 
 
 class CommandLineValue(str):
@@ -37,7 +40,7 @@ def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
     names = {bool: "true/false", int: "integer", float: "number", str: "string", dict: "mapping", Mapping: "mapping",
-             list: "list"}
+             list: "list", MixtureEntry: "mapping"}
     origin = typing.get_origin(annotation) or annotation
     if origin is list and typing.get_args(annotation):
         return f"list of {type_name(typing.get_args(annotation)[0])}"
@@ -145,7 +148,7 @@ def coerce(value: Any, annotation: Any) -> Any:
         if isinstance(value, dict):
             return {coerce(key, key_type): coerce(item, value_type) for key, item in value.items()}
         raise Mismatch
-    if annotation is DatasetConfig:
+    if annotation is MixtureEntry:
         if not isinstance(value, dict):
             raise Mismatch
         return value  # checked key by key in _check_mixture

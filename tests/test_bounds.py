@@ -11,7 +11,8 @@ import typing
 import pytest
 
 from sftkit.errors import SftkitError
-from sftkit.recipe import BOUNDS, RECIPE_CLASSES, read_recipe
+from sftkit.recipe import BOUNDS, read_recipe
+from sftkit.setup.resolve import RECIPE_CLASSES
 from sftkit.values import Bound, parse_overrides
 
 BASE = "model_name_or_path: embedded:tiny-qwen2\ndataset_name: embedded:infinity-instruct-sample\n"

@@ -312,7 +312,7 @@ def test_without_the_models_config_here_memory_falls_back_to_the_documented_defa
     _, job = render(path, gpus=2)
     memory = 16 + 2 * (FALLBACK_WEIGHTS_GIB + PROCESS_MEMORY_GIB)
     assert resources_of(job)["limits"]["memory"] == f"{memory}Gi"
-    assert (f"a default of {FALLBACK_WEIGHTS_GIB} GiB of weights a process, as the config of "
+    assert (f"a default of {FALLBACK_WEIGHTS_GIB} GiB of weights a process, as the weights of "
             "acme-unlisted/not-in-any-cache cannot be read on this machine") in capsys.readouterr().err
 
 

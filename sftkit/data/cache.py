@@ -13,7 +13,6 @@ import importlib
 import importlib.metadata
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,16 +22,16 @@ import datasets
 from filelock import FileLock
 
 from sftkit import __version__
+from sftkit.caches import cache_home
 from sftkit.contract import debugging
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "SFTKIT_CACHE"
 COMPLETE = "complete.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sftkit") / "prepared"
+    return cache_home() / "prepared"
 
 
 def _package_files(module_name: str) -> dict[str, Path]:

@@ -8,8 +8,10 @@ loads on the host before they move to its GPU and what torch, CUDA and data load
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sftkit import embedded
@@ -30,23 +32,47 @@ class PodResources:
 
 
 def _weights(values: dict[str, Any]) -> tuple[int | None, str]:
-    """Bytes of the model's weights as one process loads them, from its config read on this machine; None where
-    it cannot be read without the network or the model's own code (render downloads and runs nothing)."""
-    from transformers import AutoConfig
-
-    from sftkit.train.model import parameter_count
-
+    """Bytes of the model's weights as one process loads them, counted from its safetensors files' headers on this
+    machine (a local folder, or the Hugging Face cache); None where they are not here (render downloads nothing and
+    imports no torch, so that it answers at once)."""
     name = values.get("model_name_or_path")
     try:
-        config = AutoConfig.from_pretrained(embedded.resolve(name), revision=values.get("model_revision"),
-                                            local_files_only=True)
-        parameters = parameter_count(config)
-    except Exception as error:  # noqa: BLE001 - any config that cannot be read here gets the documented default
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return None, f"the config of {name} cannot be read on this machine ({reason[:120]})"
+        parameters = sum(_tensor_elements(file) for file in _weight_files(str(name), values.get("model_revision")))
+    except (OSError, ValueError) as error:
+        return None, f"the weights of {name} cannot be read on this machine ({str(error)[:120]})"
     half = values.get("dtype") in ("bfloat16", "float16")
     return parameters * (2 if half else 4), (f"{name}: {parameters / 1e9:.2f}B parameters in "
                                              f"{values['dtype'] if half else 'float32'}")
+
+
+def _weight_files(name: str, revision: str | None) -> list[Path]:
+    """The model's safetensors files: in its folder, or in the Hugging Face cache for a Hub name."""
+    folder = Path(embedded.resolve(name))
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise OSError(f"no *.safetensors files in {folder}")
+        return files
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(name, "model.safetensors.index.json", revision=revision)
+    if isinstance(index, str):
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [Path(index).parent / shard for shard in shards]
+    single = try_to_load_from_cache(name, "model.safetensors", revision=revision)
+    if isinstance(single, str):
+        return [Path(single)]
+    raise OSError("no safetensors weights in the Hugging Face cache")
+
+
+def _tensor_elements(file: Path) -> int:
+    """Elements of every tensor in a safetensors file, read from its header (8 bytes of length, then JSON)."""
+    with file.open("rb") as stream:
+        length = int.from_bytes(stream.read(8), "little")
+        if not 0 < length <= 100 * 2**20:
+            raise ValueError(f"{file} is not a safetensors file")
+        header = json.loads(stream.read(length))
+    return sum(math.prod(tensor["shape"]) for key, tensor in header.items() if key != "__metadata__")
 
 
 def pod_resources(values: dict[str, Any], gpus_per_node: int, shm_size: str, cpu: str | None,

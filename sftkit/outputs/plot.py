@@ -1,6 +1,6 @@
 """Loss curves as a picture: train loss, held-out loss and learning rate against step, and the losses against
-tokens seen. One run draws ``output_dir/loss.png`` at every save and at the end (so a crashed run has one too);
-``sftkit plot`` draws several runs on one figure, each labelled by what differs between their run records.
+tokens seen. A run draws ``output_dir/loss.png`` at every save and at the end (``sftkit.outputs.callbacks``, so a crashed run
+has one too); ``sftkit plot`` draws several runs on one figure, each labelled by what differs between their run records.
 
 matplotlib draws on its Agg canvas (no display, no backend switched for the process); a run without matplotlib
 says so once and trains on.
@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainerCallback
 
 from sftkit.errors import SftkitError
 from sftkit.train.run_record import RECORD_NAME
-
-logger = logging.getLogger(__name__)
 
 LOSS_PLOT = "loss.png"
 STATE_FILE = "trainer_state.json"
@@ -111,44 +107,6 @@ def drawable(run: RunHistory) -> bool:
 
 def matplotlib_installed() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
-
-
-class LossCurves(TrainerCallback):
-    """Redraws ``output_dir/loss.png`` at every save and at the end of the run, the final evaluation included."""
-
-    def __init__(self, output_dir: str) -> None:
-        self.path = Path(output_dir) / LOSS_PLOT
-        self.label = Path(output_dir).name
-        self.drawn = self.trained = False
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._draw(state)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trained = True
-        self._draw(state)
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trained:  # the evaluation after training: its loss belongs in the final picture
-            self._draw(state)
-
-    def _draw(self, state: Any) -> None:
-        run = RunHistory(self.label, state.log_history)
-        if state.is_world_process_zero and drawable(run):
-            draw([run], self.path, f"loss curves of {self.label}")
-            self.drawn = True
-
-    def summary_lines(self) -> list[str]:
-        return [f"loss curves    {self.path}" if self.drawn else "loss curves    nothing to draw: no loss was logged"]
-
-
-def loss_curves(output_dir: str) -> LossCurves | None:
-    """The callback that draws the run's loss curves; None, said once, without matplotlib."""
-    if not matplotlib_installed():
-        logger.info("loss curves: matplotlib is not installed, so no %s is drawn (%s; then sftkit plot %s draws "
-                    "it from the saved history)", LOSS_PLOT, INSTALL, output_dir)
-        return None
-    return LossCurves(output_dir)
 
 
 # ---------------------------------------------------------------- sftkit plot

@@ -22,7 +22,6 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 from sftkit.errors import SftkitError
 from sftkit.hardware import bf16_supported, gpu_count, gpu_memory, has_accelerator
 from sftkit.recipe import (
-    RECIPE_CLASSES,
     CheckedRecipe,
     Decisions,
     Recipe,
@@ -35,6 +34,9 @@ from sftkit.recipe import (
 from sftkit.setup.launcher import reconcile_launcher
 from sftkit.setup.speed import LEVERS, resolve_speed
 from sftkit.train.checkpoints import check_resume, resolve_resume
+
+# The classes a resolved recipe is built into, each taking the keys it declares (sftkit.recipe_keys reads TRL's).
+RECIPE_CLASSES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, SftkitArguments)
 
 # Environment variables libraries read once, when they are imported: a recipe's env: sets them too late unless it is
 # applied before those imports (the sftkit command does so).
