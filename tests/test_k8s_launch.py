@@ -208,7 +208,7 @@ def render_job(tmp_path: Path, recipe_values: dict, *options: str) -> tuple[Path
                    "--image", "registry.example.com/sftkit:test", "--volume", f"training-output:{volume}",
                    "--name", "sft-loopback", "-o", str(manifest), *options])
     assert status == 0
-    configmap, job = yaml.safe_load_all(manifest.read_text())
+    configmap, *_, job = yaml.safe_load_all(manifest.read_text())  # a TrainJob's TrainingRuntime between them
     for name, text in configmap["data"].items():
         (mounted / name).write_text(text.replace(MOUNT_DIR, str(mounted)))
     return volume / "model", configmap, job

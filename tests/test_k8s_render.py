@@ -44,14 +44,20 @@ def recipe(tmp_path) -> Path:
                         global_batch_size=192, max_steps=10, output_dir="/data/runs/my-run")
 
 
-def render(recipe: Path, *options: str, nodes: int = 2, gpus: int = 8, volume: str | None = "sft-data:/data",
-           output: Path | None = None) -> list[dict]:
+def render_all(recipe: Path, *options: str, nodes: int = 2, gpus: int = 8, volume: str | None = "sft-data:/data",
+               output: Path | None = None) -> list[dict]:
     """Run sftkit k8s render; the documents it writes."""
     output = output or recipe.parent / "rendered.yaml"
     arguments = ["k8s", "render", "--config", str(recipe), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
                  "--image", IMAGE, "-o", str(output), *(("--volume", volume) if volume else ()), *options]
     assert main(arguments) == 0
     return list(yaml.safe_load_all(output.read_text()))
+
+
+def render(recipe: Path, *options: str, **settings) -> list[dict]:
+    """The ConfigMap and the job (a TrainJob's TrainingRuntime, between them, is left out)."""
+    documents = render_all(recipe, *options, **settings)
+    return [documents[0], documents[-1]]
 
 
 def refused(recipe: Path, capsys, *options: str, volume: str | None = "sft-data:/data", nodes: int = 2) -> str:
@@ -69,19 +75,26 @@ def refused(recipe: Path, capsys, *options: str, volume: str | None = "sft-data:
 # ---------------------------------------------------------------- the CRDs' structural schema
 
 
+def crd_schema(path: Path) -> dict:
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(version for version in crd["spec"]["versions"] if version["served"] and version["storage"])
+    return strict(version["schema"]["openAPIV3Schema"])
+
+
 @pytest.fixture(scope="module")
 def crds() -> dict[str, dict]:
-    """The TrainJob (v2.3.0) and PyTorchJob (v1.9.4) CRDs' schemas, where a copy of Kubeflow's manifests exists."""
+    """The TrainJob (v2.3.0) and PyTorchJob (v1.9.4) CRDs' schemas, where a copy of Kubeflow's manifests exists, and
+    the TrainingRuntime's (v2.3.0), which the tests carry."""
     folder = ROOT.parent / "shared" / "k8s"
     if not folder.is_dir():
         pytest.skip("Kubeflow's CRD manifests are not available beside this checkout")
-    schemas = {}
-    for kind, file in (("TrainJob", "trainer.kubeflow.org_trainjobs.yaml"),
-                       ("PyTorchJob", "kubeflow.org_pytorchjobs.yaml")):
-        crd = yaml.load((folder / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        version = next(version for version in crd["spec"]["versions"] if version["served"] and version["storage"])
-        schemas[kind] = strict(version["schema"]["openAPIV3Schema"])
-    return schemas
+    return {"TrainJob": crd_schema(folder / "trainer.kubeflow.org_trainjobs.yaml"),
+            "PyTorchJob": crd_schema(folder / "kubeflow.org_pytorchjobs.yaml"),
+            "TrainingRuntime": runtime_schema()}
+
+
+def runtime_schema() -> dict:
+    return crd_schema(ROOT / "tests" / "data" / "k8s" / "trainer.kubeflow.org_trainingruntimes.yaml")
 
 
 def strict(schema):
@@ -113,8 +126,8 @@ VARIANTS = {
                                             "--node-selector", "pool=spot", "--toleration", "nvidia.com/gpu:NoSchedule",
                                             "--toleration", "cloud.google.com/gke-spot=true:NoExecute"),
 }
-# What only a PyTorchJob can set: a TrainJob's runtime holds them.
-PYTORCHJOB_ONLY = ("--max-restarts", "5", "--ttl-seconds-after-finished", "3600", "--priority-class", "training-high",
+# What a TrainJob's runtimePatches cannot set: the TrainingRuntime rendered with it holds them.
+RESTARTS_AND_PRIORITY = ("--max-restarts", "5", "--ttl-seconds-after-finished", "3600", "--priority-class", "training-high",
                    "--image-pull-policy", "IfNotPresent")
 
 
@@ -122,14 +135,18 @@ PYTORCHJOB_ONLY = ("--max-restarts", "5", "--ttl-seconds-after-finished", "3600"
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_rendered_job_passes_the_crds_structural_schema(crds, recipe, kind, variant, monkeypatch):
     monkeypatch.chdir(ROOT)
-    configmap, job = render(recipe, "--kind", kind, *VARIANTS[variant])
-    assert (configmap["kind"], job["kind"]) == ("ConfigMap", {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[kind])
-    assert schema_errors(crds, job) == []
+    documents = render_all(recipe, "--kind", kind, *VARIANTS[variant])
+    assert [document["kind"] for document in documents] == {
+        "trainjob": ["ConfigMap", "TrainingRuntime", "TrainJob"], "pytorchjob": ["ConfigMap", "PyTorchJob"]}[kind]
+    for document in documents[1:]:
+        assert schema_errors(crds, document) == []
 
 
-def test_a_pytorchjob_with_every_restart_and_scheduling_flag_passes_the_crds_structural_schema(crds, recipe):
-    _, job = render(recipe, "--kind", "pytorchjob", *PYTORCHJOB_ONLY, *VARIANTS["resources, scheduling, grace period"])
-    assert schema_errors(crds, job) == []
+@pytest.mark.parametrize("kind", ["trainjob", "pytorchjob"])
+def test_a_job_with_every_restart_and_scheduling_flag_passes_the_crds_structural_schema(crds, recipe, kind):
+    documents = render_all(recipe, "--kind", kind, *RESTARTS_AND_PRIORITY, *VARIANTS["resources, scheduling, grace period"])
+    for document in documents[1:]:
+        assert schema_errors(crds, document) == []
 
 
 def test_the_schema_check_finds_what_the_api_server_refuses(crds, recipe):
@@ -163,8 +180,6 @@ def test_trainjob_follows_the_trainer_webhook_and_cel_rules(recipe):
     assert [replicated["name"] for replicated in patch] == ["node"]
     containers = patch[0]["template"]["spec"]["template"]["spec"]["containers"]
     assert containers == [{"name": "node", "volumeMounts": containers[0]["volumeMounts"]}]
-    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                                         "name": "torch-distributed"}
     # The hosts the pods are given (JobSet: <job>-node-0-<index>) and node 0's address are DNS labels.
     assert all(len(f"{name}-node-0-{index}") <= 63 for index in range(4))
 
@@ -346,8 +361,51 @@ def test_a_pytorchjob_restarts_failed_pods_and_cleans_up_after_itself(recipe):
     assert specs["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 604800}
 
 
-def test_pytorchjob_only_flags_reach_the_run_policy_and_the_pods(recipe):
-    job = render(recipe, "--kind", "pytorchjob", *PYTORCHJOB_ONLY)[1]
+def test_a_trainjob_runs_under_a_runtime_of_its_own_that_restarts_every_pod_together(recipe, capsys):
+    _, runtime, job = render_all(recipe, nodes=3)
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": runtime["metadata"]["name"]}
+    jobset = runtime["spec"]["template"]["spec"]
+    assert jobset["failurePolicy"] == {"maxRestarts": 3} and jobset["ttlSecondsAfterFinished"] == 604800
+    (nodes,) = jobset["replicatedJobs"]
+    # The trainer fills the replicated job it marks, and the torch plugin the container named node.
+    assert nodes["name"] == "node"
+    assert nodes["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 3, "torch": {}}
+    # A failed pod fails its Job at once, and the JobSet recreates every pod: the ranks restart together.
+    assert nodes["template"]["spec"]["backoffLimit"] == 0
+    pod = nodes["template"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and [container["name"] for container in pod["containers"]] == ["node"]
+    assert (f"a failed pod restarts the whole JobSet, up to 3 times (failurePolicy.maxRestarts of the TrainingRuntime "
+            f"{runtime['metadata']['name']})") in capsys.readouterr().err
+
+
+def test_restart_and_priority_flags_reach_a_trainjobs_runtime(recipe):
+    _, runtime, _ = render_all(recipe, *RESTARTS_AND_PRIORITY)
+    jobset = runtime["spec"]["template"]["spec"]
+    assert jobset["failurePolicy"] == {"maxRestarts": 5} and jobset["ttlSecondsAfterFinished"] == 3600
+    pod = jobset["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training-high" and pod["containers"][0]["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_a_trainjob_under_a_cluster_runtime_renders_no_runtime_of_its_own(recipe):
+    documents = render_all(recipe, "--runtime", "torch-distributed")
+    assert [document["kind"] for document in documents] == ["ConfigMap", "TrainJob"]
+    assert documents[1]["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                                  "name": "torch-distributed"}
+
+
+def test_the_runtime_schema_check_finds_what_the_api_server_refuses(recipe):
+    _, runtime, _ = render_all(recipe)
+    runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestart"] = 3
+    runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["backoffLimit"] = "none"
+    errors = schema_errors({"TrainingRuntime": runtime_schema()}, runtime)
+    assert any("'maxRestart' was unexpected" in error for error in errors)
+    assert any("backoffLimit: 'none' is not of type 'integer'" in error for error in errors)
+
+
+def test_restart_and_priority_flags_reach_a_pytorchjobs_run_policy_and_pods(recipe):
+    job = render(recipe, "--kind", "pytorchjob", *RESTARTS_AND_PRIORITY)[1]
     spec, container = pod_of(job)
     assert job["spec"]["runPolicy"] == {"backoffLimit": 5, "cleanPodPolicy": "Running", "ttlSecondsAfterFinished": 3600}
     assert spec["priorityClassName"] == "training-high" and container["imagePullPolicy"] == "IfNotPresent"
@@ -488,9 +546,11 @@ def test_two_deepspeed_configs_are_refused(tmp_path, capsys, monkeypatch):
     (("--kind", "pytorchjob", "--priority-class", "High"), "--priority-class 'High' is not a valid name"),
     (("--kind", "pytorchjob", "--image-pull-policy", "always"),
      "--image-pull-policy 'always': choose Always, IfNotPresent, Never"),
-    (("--max-restarts", "2"), "--max-restarts: a TrainJob cannot set this .* render --kind pytorchjob"),
-    (("--priority-class", "high", "--image-pull-policy", "Always"),
-     "--priority-class, --image-pull-policy: a TrainJob cannot set these"),
+    (("--runtime", "torch-distributed", "--max-restarts", "2"),
+     "--max-restarts: a TrainJob under --runtime torch-distributed cannot set this .* Leave out --runtime"),
+    (("--runtime", "torch-distributed", "--priority-class", "high", "--image-pull-policy", "Always"),
+     "--priority-class, --image-pull-policy: a TrainJob under --runtime torch-distributed cannot set these"),
+    (("--kind", "pytorchjob", "--runtime", "torch-distributed"), "a runtime is a TrainJob's; a PyTorchJob has none"),
 ])
 def test_names_images_and_quantities_are_refused_locally(recipe, capsys, options, message):
     assert re.search(message, refused(recipe, capsys, *options))

@@ -8,7 +8,6 @@ from sftkit.k8s.defaults import (
     CLEAN_POD_POLICY,
     DEFAULT_CPUS_PER_GPU,
     DEFAULT_MAX_RESTARTS,
-    DEFAULT_RUNTIME,
     DEFAULT_SHM_SIZE,
     DEFAULT_TERMINATION_GRACE_PERIOD,
     DEFAULT_TTL_SECONDS_AFTER_FINISHED,
@@ -70,8 +69,10 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
                              "defaults to NAME), written in no manifest, e.g. WANDB_API_KEY=wandb")
     parser.add_argument("--shm-size", default=DEFAULT_SHM_SIZE, metavar="QUANTITY",
                         help=f"size of the memory-backed /dev/shm of each pod (default {DEFAULT_SHM_SIZE})")
-    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, metavar="NAME",
-                        help=f"the ClusterTrainingRuntime of a TrainJob (default {DEFAULT_RUNTIME})")
+    parser.add_argument("--runtime", metavar="NAME",
+                        help="TrainJob: run under this ClusterTrainingRuntime (e.g. torch-distributed) instead of the "
+                             "TrainingRuntime rendered with the job; restarts, lifetime, priority and pull policy are "
+                             "then that runtime's")
     resources = parser.add_argument_group("resources of each pod (requests and limits alike)")
     resources.add_argument("--cpu", metavar="QUANTITY",
                            help=f"CPU cores, e.g. 48 or 47500m (default {DEFAULT_CPUS_PER_GPU} per GPU)")
@@ -80,12 +81,12 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
                                 "weights and 4 GiB; see docs/kubernetes.md)")
     restarts = parser.add_argument_group("restarts (each resumes from the latest checkpoint)")
     restarts.add_argument("--max-restarts", type=_whole, metavar="N",
-                          help=f"PyTorchJob: restarts of failed pods, runPolicy.backoffLimit (default "
-                               f"{DEFAULT_MAX_RESTARTS}); a TrainJob's are its runtime's")
+                          help=f"restarts after a failed pod (default {DEFAULT_MAX_RESTARTS}): a PyTorchJob's "
+                               "runPolicy.backoffLimit, the rendered TrainingRuntime's JobSet failurePolicy.maxRestarts")
     restarts.add_argument("--ttl-seconds-after-finished", type=_whole, metavar="S",
-                          help=f"PyTorchJob: delete the finished job and its pods after S seconds (default "
-                               f"{DEFAULT_TTL_SECONDS_AFTER_FINISHED}, a week; pods still running at the end go at "
-                               f"once: cleanPodPolicy {CLEAN_POD_POLICY})")
+                          help=f"delete the finished job's pods after S seconds (default "
+                               f"{DEFAULT_TTL_SECONDS_AFTER_FINISHED}, a week; a PyTorchJob's pods still running at "
+                               f"the end go at once: cleanPodPolicy {CLEAN_POD_POLICY})")
     restarts.add_argument("--termination-grace-period", type=_whole, default=DEFAULT_TERMINATION_GRACE_PERIOD,
                           metavar="S", help="seconds a pod has after SIGTERM (preemption, deletion) to save its "
                                             f"checkpoint before it is killed (default {DEFAULT_TERMINATION_GRACE_PERIOD})")
@@ -97,10 +98,10 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
                             help="tolerate a taint (repeatable), EFFECT NoSchedule, PreferNoSchedule or NoExecute, "
                                  "e.g. nvidia.com/gpu:NoSchedule or cloud.google.com/gke-spot=true:NoSchedule")
     scheduling.add_argument("--priority-class", metavar="NAME",
-                            help="PyTorchJob: the pods' PriorityClass; a TrainJob's is its runtime's")
+                            help="the pods' PriorityClass")
     scheduling.add_argument("--image-pull-policy", metavar="POLICY",
-                            help="PyTorchJob: Always, IfNotPresent or Never (default: Kubernetes', Always for a "
-                                 ":latest tag, else IfNotPresent); a TrainJob's is its runtime's")
+                            help="Always, IfNotPresent or Never (default: Kubernetes', Always for a :latest tag, else "
+                                 "IfNotPresent)")
     parser.add_argument("--allow-ephemeral-output", action="store_true",
                         help="render even if output_dir is on no volume (the model vanishes with the pod)")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML to FILE instead of standard output")

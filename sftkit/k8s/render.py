@@ -22,7 +22,6 @@ from sftkit.k8s.bundle import ACCELERATE_FILE, MOUNT_DIR, RECIPE_FILE, Bundle, b
 from sftkit.k8s.defaults import (
     CLEAN_POD_POLICY,
     DEFAULT_MAX_RESTARTS,
-    DEFAULT_RUNTIME,
     DEFAULT_SHM_SIZE,
     DEFAULT_TERMINATION_GRACE_PERIOD,
     DEFAULT_TTL_SECONDS_AFTER_FINISHED,
@@ -50,6 +49,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 MASTER_PORT = 29500  # what the torch-distributed runtime sets; the PyTorchJob is given the same
 PATCH_MANAGER = "sftkit"
 TRAINJOB_NODE = "node"  # the replicated job and the container of the torch-distributed runtime
+TRAINJOB_ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"  # marks the replicated job the trainer fills
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
 LAUNCH_COMMAND = ["sftkit", "launch", "--config", mounted_path(RECIPE_FILE),
                   "--accelerate-config", mounted_path(ACCELERATE_FILE)]
@@ -102,13 +102,13 @@ class JobRequest:
     environment: list[tuple[str, str]] = field(default_factory=list)
     secret_environment: list[SecretVariable] = field(default_factory=list)
     shm_size: str = DEFAULT_SHM_SIZE
-    runtime: str = DEFAULT_RUNTIME
+    runtime: str | None = None  # a ClusterTrainingRuntime for a TrainJob; None: the TrainingRuntime rendered with it
     allow_ephemeral_output: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys given on the command line
     cpu: str | None = None  # None: DEFAULT_CPUS_PER_GPU a GPU
     memory: str | None = None  # None: derived from the recipe's model and --shm-size
-    # PyTorchJob only (a TrainJob's runtime holds them). None: sftkit's defaults for the first two, Kubernetes' for
-    # the others.
+    # A PyTorchJob's, or the rendered TrainingRuntime's (never another runtime's). None: sftkit's defaults for the
+    # first two, Kubernetes' for the others.
     max_restarts: int | None = None
     ttl_seconds_after_finished: int | None = None
     priority_class: str | None = None
@@ -161,7 +161,7 @@ def check_request(request: JobRequest) -> None:
                          ("--ttl-seconds-after-finished", request.ttl_seconds_after_finished)):
         if number is not None and number < 0:
             raise SftkitError(f"{flag} {number}: a number of at least 0")
-    if request.kind == "trainjob":
+    if request.kind == "trainjob" and request.runtime is not None:
         _refuse_runtime_settings(request)
     if request.priority_class is not None:
         dns_1123_subdomain(request.priority_class, "--priority-class")
@@ -170,7 +170,10 @@ def check_request(request: JobRequest) -> None:
     keys = [key for key, _ in request.node_selector]
     if len(set(keys)) != len(keys):
         raise SftkitError(f"--node-selector: a label is given twice ({', '.join(keys)}); a node has one value for each label")
-    dns_1123_subdomain(request.runtime, "--runtime")
+    if request.runtime is not None:
+        if request.kind != "trainjob":
+            raise SftkitError(f"--runtime {request.runtime}: a runtime is a TrainJob's; a PyTorchJob has none")
+        dns_1123_subdomain(request.runtime, "--runtime")
     if request.namespace is not None:
         dns_1123_label(request.namespace, "--namespace")
     if request.hf_token_secret is not None:
@@ -199,18 +202,19 @@ def check_request(request: JobRequest) -> None:
 
 
 def _refuse_runtime_settings(request: JobRequest) -> None:
-    """A TrainJob (Trainer v2.3) patches only its pods' node selector, tolerations, grace period and volumes; the
-    JobSet's restarts and lifetime and the pods' priority and pull policy are its runtime's."""
+    """A TrainJob under a runtime of the cluster's (Trainer v2.3) patches only its pods' node selector, tolerations,
+    grace period and volumes; the JobSet's restarts and lifetime and the pods' priority and pull policy are that
+    runtime's."""
     given = [flag for flag, value in (("--max-restarts", request.max_restarts),
                                       ("--ttl-seconds-after-finished", request.ttl_seconds_after_finished),
                                       ("--priority-class", request.priority_class),
                                       ("--image-pull-policy", request.image_pull_policy)) if value is not None]
     if given:
         raise SftkitError(
-            f"{', '.join(given)}: a TrainJob cannot set {'this' if len(given) == 1 else 'these'} (Kubeflow Trainer "
-            "v2.3's runtimePatches reach only the pods' node selector, tolerations, grace period and volumes): they "
-            "belong to its ClusterTrainingRuntime. Pass --runtime NAME of a runtime that sets them (docs/kubernetes.md "
-            "shows one with failurePolicy.maxRestarts), or render --kind pytorchjob"
+            f"{', '.join(given)}: a TrainJob under --runtime {request.runtime} cannot set "
+            f"{'this' if len(given) == 1 else 'these'} (Kubeflow Trainer v2.3's runtimePatches reach only the pods' "
+            "node selector, tolerations, grace period and volumes): they belong to that ClusterTrainingRuntime. Leave "
+            "out --runtime, and the TrainingRuntime rendered with the job sets them"
         )
 
 
@@ -260,15 +264,59 @@ def toleration_fields(toleration: Toleration) -> dict[str, str]:
 
 def restart_note(request: JobRequest) -> str:
     grace = f"pods get {request.termination_grace_period} s after SIGTERM to save a checkpoint"
+    ttl = _or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED)
+    lifetime = f"the job's pods are deleted {ttl} s after it ends"
+    if request.kind == "trainjob" and request.runtime is not None:
+        return (f"restarts: those of the ClusterTrainingRuntime {request.runtime} (its JobSet "
+                f"failurePolicy.maxRestarts); {grace}")
     if request.kind == "trainjob":
-        return (f"restarts: those of the runtime {request.runtime} (its JobSet failurePolicy.maxRestarts; "
-                f"docs/kubernetes.md shows a runtime that sets it); {grace}")
+        return (f"restarts: a failed pod restarts the whole JobSet, up to {restarts(request)} times "
+                f"(failurePolicy.maxRestarts of the TrainingRuntime {runtime_name(job_name(request))}), each resuming "
+                f"from the latest checkpoint; {grace}; {lifetime}")
     return (f"restarts: OnFailure, up to {restarts(request)} (runPolicy.backoffLimit), each resuming from the latest "
-            f"checkpoint; {grace}; the job is deleted "
-            f"{_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED)} s after it ends")
+            f"checkpoint; {grace}; {lifetime}")
 
 
 # ---------------------------------------------------------------- Kubeflow Trainer v2: TrainJob
+
+
+def runtime_name(job: str) -> str:
+    """The TrainingRuntime rendered with the TrainJob ``job``."""
+    return f"{job}-runtime"
+
+
+def _training_runtime(request: JobRequest, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A TrainingRuntime of the job's own: the torch-distributed runtime's shape (one replicated job "node", torch
+    ML policy), plus what a TrainJob's runtimePatches cannot set. A pod that fails fails its Job at once
+    (restartPolicy Never, backoffLimit 0), and the JobSet then recreates every pod (failurePolicy.maxRestarts):
+    all processes of a distributed run restart together, each resuming from the latest complete checkpoint."""
+    from kubeflow_trainer_api import models as v2
+
+    container = v2.IoK8sApiCoreV1Container(name=TRAINJOB_NODE, image=request.image,
+                                           image_pull_policy=request.image_pull_policy)
+    pods = v2.IoK8sApiCoreV1PodTemplateSpec(spec=v2.IoK8sApiCoreV1PodSpec(
+        containers=[container], restart_policy="Never", priority_class_name=request.priority_class))
+    nodes = v2.JobsetV1alpha2ReplicatedJob(
+        name=TRAINJOB_NODE, replicas=1,
+        template=v2.IoK8sApiBatchV1JobTemplateSpec(
+            metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels={TRAINJOB_ANCESTOR: "trainer"}),
+            spec=v2.IoK8sApiBatchV1JobSpec(backoff_limit=0, template=pods)),
+    )
+    jobset = v2.JobsetV1alpha2JobSetSpec(
+        replicated_jobs=[nodes], failure_policy=v2.JobsetV1alpha2FailurePolicy(max_restarts=restarts(request)),
+        ttl_seconds_after_finished=_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED))
+    runtime = v2.TrainerV1alpha1TrainingRuntime(
+        api_version="trainer.kubeflow.org/v1alpha1",
+        kind="TrainingRuntime",
+        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=runtime_name(name), namespace=request.namespace,
+            labels={**labels, "trainer.kubeflow.org/framework": "torch"}),
+        spec=v2.TrainerV1alpha1TrainingRuntimeSpec(
+            ml_policy=v2.TrainerV1alpha1MLPolicy(num_nodes=request.nodes,
+                                                 torch=v2.TrainerV1alpha1TorchMLPolicySource()),
+            template=v2.TrainerV1alpha1JobSetTemplateSpec(spec=jobset)),
+    )
+    return runtime.to_dict()
 
 
 def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str,
@@ -332,7 +380,9 @@ def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap:
         metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
         spec=v2.TrainerV1alpha1TrainJobSpec(
             runtime_ref=v2.TrainerV1alpha1RuntimeRef(
-                name=request.runtime, kind="ClusterTrainingRuntime", api_group="trainer.kubeflow.org"),
+                name=request.runtime or runtime_name(name),
+                kind="TrainingRuntime" if request.runtime is None else "ClusterTrainingRuntime",
+                api_group="trainer.kubeflow.org"),
             trainer=trainer,
             runtime_patches=[patch],
         ),
@@ -447,6 +497,9 @@ def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[st
     kind = "TrainJob" if request.kind == "trainjob" else "PyTorchJob"
     summary = (f"{kind} {name}: {request.nodes} node(s) x {request.gpus_per_node} GPU(s), image {request.image}; "
                f"ConfigMap {configmap}")
+    if request.kind == "trainjob" and request.runtime is None:
+        documents.insert(1, _training_runtime(request, name, labels))
+        summary += f"; TrainingRuntime {runtime_name(name)}"
     requested = f"each pod requests (and is limited to) {request.gpus_per_node} {GPU_RESOURCE}, {resources.note}"
     return documents, [*bundle.notes, summary, requested, restart_note(request), *secret_notes(request)]
 
