@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 def output_callbacks(recipe: Recipe, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> list[TrainerCallback]:
     """The callbacks that draw the loss curves and answer held-out prompts, those that can run here."""
     callbacks = [loss_curves(recipe.training.output_dir), sample_answers(recipe, data, tokenizer),
-                 trainjob_progress(recipe.training.report_to)]  # progress on the TrainJob, inside one
+                 trainjob_progress(recipe)]  # progress on the TrainJob, inside one
     return [callback for callback in callbacks if callback is not None]
 
 
