@@ -93,7 +93,7 @@ class StandIn:
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 if self.path != STATUS_PATH:
@@ -163,7 +163,8 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for command in (
         ["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-config", "ca.cnf"],
-        ["req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=kubeflow-trainer-controller-manager"],
+        ["req", *key, "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=kubeflow-trainer-controller-manager"],
         ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
          "-out", "server.crt", "-days", "2", "-extfile", "server.ext"],
     ):
@@ -222,7 +223,8 @@ def test_reports_fit_the_trainjob_schema_count_down_in_seconds_and_follow_the_ro
         if step == 6:
             stand_in.token_file.write_text("token-2\n")
         if step % 2 == 0:
-            callback.on_log(None, run, control, logs={"loss": 6.0 - step * 0.5, "grad_norm": 1.0, "learning_rate": 3e-3})
+            logs = {"loss": 6.0 - step * 0.5, "grad_norm": 1.0, "learning_rate": 3e-3}
+            callback.on_log(None, run, control, logs=logs)
             settle()
     callback.on_log(None, run, control, logs={"eval_loss": 0.4808})
     settle()
@@ -275,25 +277,24 @@ def test_reports_wait_their_turn_and_the_latest_one_goes(stand_in):
     assert [report["trainerStatus"]["progressPercentage"] for report in stand_in.reports] == [0, 40]
 
 
-def recipe(report_to: Any, resolved: list[str]) -> Any:
-    """What the factory reads of a recipe: the report_to it set, and the one transformers resolved."""
-    return SimpleNamespace(values={"report_to": report_to} if report_to is not None else {},
-                           training=SimpleNamespace(report_to=resolved))
+def recipe(report_to: Any) -> Any:
+    """What the factory reads of a recipe: the report_to it set."""
+    return SimpleNamespace(values={"report_to": report_to} if report_to is not None else {})
 
 
 def test_only_rank_0_inside_a_trainjob_reports_and_in_place_of_transformers_callback(stand_in, caplog):
     """Outside a TrainJob nothing; inside one, sftkit's callback and not transformers', which transformers turns on
     there by itself (two would overwrite each other's reports), unless the recipe's report_to names kubeflow."""
     environment = stand_in.environment()
-    assert trainjob_progress(recipe(None, []), environ={}) is None  # outside, or with the feature gate off
+    assert trainjob_progress(recipe(None), SimpleNamespace(report_to=[]), environ={}) == []  # outside, or gate off
     caplog.set_level("INFO", logger="sftkit")
-    chosen = recipe(["tensorboard", "kubeflow"], ["tensorboard", "kubeflow"])
-    assert trainjob_progress(chosen, environ=environment) is None
-    assert chosen.training.report_to == ["tensorboard", "kubeflow"] and "report_to names kubeflow" in caplog.text
+    args = SimpleNamespace(report_to=["tensorboard", "kubeflow"])
+    assert trainjob_progress(recipe(["tensorboard", "kubeflow"]), args, environ=environment) == []
+    assert args.report_to == ["tensorboard", "kubeflow"] and "report_to names kubeflow" in caplog.text
     for asked in (None, "none", "all", ["tensorboard"]):
-        automatic = recipe(asked, ["tensorboard", "kubeflow"])
-        callback = trainjob_progress(automatic, environ=environment)
-        assert isinstance(callback, TrainJobProgress) and automatic.training.report_to == ["tensorboard"], asked
+        args = SimpleNamespace(report_to=["tensorboard", "kubeflow"])
+        [callback] = trainjob_progress(recipe(asked), args, environ=environment)
+        assert isinstance(callback, TrainJobProgress) and args.report_to == ["tensorboard"], asked
     run, control = state(rank_zero=False), TrainerControl()
     callback.on_train_begin(None, run, control)
     callback.on_log(None, run, control, logs={"loss": 1.0})
@@ -411,7 +412,7 @@ def test_a_run_inside_a_trainjob_reports_its_progress_and_one_outside_sends_noth
     remaining = [status.get("estimatedRemainingSeconds") for status in statuses]
     assert remaining[0] is None and remaining[-1] == 0 and all(value >= 0 for value in remaining if value is not None)
     assert all(value == 0 for value, step in zip(remaining, steps) if step == 20)
-    assert all(status["lastUpdatedTime"].endswith("Z") for status in statuses)  # sftkit's reports, none of transformers'
+    assert all(status["lastUpdatedTime"].endswith("Z") for status in statuses)  # sftkit's, none of transformers'
     last = {metric["name"]: float(metric["value"]) for metric in statuses[-1]["metrics"]}
     assert set(last) == {"current_step", "total_steps", "loss", "eval_loss"} and last["total_steps"] == 20
     assert any(m["name"] == "eval_loss" for m in statuses[0]["metrics"] + statuses[1]["metrics"])  # eval_on_start

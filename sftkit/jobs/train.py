@@ -27,6 +27,7 @@ from sftkit.data.preparation import prepare_data
 from sftkit.data.prepared import PreparedData, valid_rows
 from sftkit.errors import SftkitError, StoppedBySignal
 from sftkit.outputs.callbacks import output_callbacks
+from sftkit.outputs.progress import trainjob_progress
 from sftkit.outputs.summary import summarise
 from sftkit.outputs.trackers import check_trackers
 from sftkit.recipe import Recipe
@@ -173,7 +174,8 @@ def build_trainer(recipe: Recipe, args: SFTConfig, data: PreparedData, rows: Tra
         model=model_path(recipe), args=args, train_dataset=rows.train, eval_dataset=rows.eval,
         processing_class=copy.deepcopy(tokenizer),  # TRL re-applies the template to its copy and pads its vocabulary
         peft_config=peft_config, quantization_config=get_quantization_config(recipe.model), rules=rules,
-        callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer)],  # loss.png, sample answers
+        callbacks=[*callbacks, *output_callbacks(recipe, data, tokenizer),  # loss.png, sample answers
+                   *trainjob_progress(recipe, args)],  # inside a TrainJob: its progress, in place of transformers'
     )
     if peft_config is not None:
         trainable = sum(parameter.numel() for parameter in trainer.model.parameters() if parameter.requires_grad)

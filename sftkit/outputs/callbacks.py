@@ -11,7 +11,6 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from sftkit.data.prepared import PreparedData
 from sftkit.outputs.plot import INSTALL, LOSS_PLOT, RunHistory, draw, drawable, matplotlib_installed
-from sftkit.outputs.progress import trainjob_progress
 from sftkit.outputs.samples import SampleAnswers, sample_answers
 from sftkit.recipe import Recipe
 
@@ -20,8 +19,7 @@ logger = logging.getLogger(__name__)
 
 def output_callbacks(recipe: Recipe, data: PreparedData, tokenizer: PreTrainedTokenizerBase) -> list[TrainerCallback]:
     """The callbacks that draw the loss curves and answer held-out prompts, those that can run here."""
-    callbacks = [loss_curves(recipe.training.output_dir), sample_answers(recipe, data, tokenizer),
-                 trainjob_progress(recipe)]  # progress on the TrainJob, inside one
+    callbacks = [loss_curves(recipe.training.output_dir), sample_answers(recipe, data, tokenizer)]
     return [callback for callback in callbacks if callback is not None]
 
 

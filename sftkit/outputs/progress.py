@@ -9,13 +9,14 @@ three variables: ``KUBEFLOW_TRAINER_SERVER_URL``, the controller's status endpoi
 a projected service-account token with the TrainJob as its audience, rotated by the kubelet. A report is a POST of
 ``{"trainerStatus": {...}}`` with that token as a bearer token. The controller applies each report as the whole
 ``trainerStatus`` (a field left out is removed), so every report carries everything known. Without the variables
-this module does nothing.
+this module does nothing. transformers reports there too, with a callback it turns on by itself inside a TrainJob;
+this one takes its place (``trainjob_progress``).
 
 Reports leave from a thread of their own, at most one every ``MIN_INTERVAL_SECONDS`` (as the Kubeflow SDK and
 transformers' callback send them; the controller's API client is rate-limited): a report waiting for its turn is
-replaced by a newer one, never lost. A slow or absent endpoint never delays a step; a failed report is said once,
-as a warning, and training goes on. The last report of a run (100%, nothing remaining, for a run that reached
-max_steps) is waited for, at most ``TIMEOUT_SECONDS``.
+replaced by a newer one, so the latest always goes. A slow or absent endpoint never delays a step; a failed report
+is said once, as a warning, and training goes on. The last report of a run (100%, nothing remaining, for a run that
+reached max_steps) is waited for, at most ``TIMEOUT_SECONDS``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from trl import SFTConfig
 
 from sftkit.recipe import Recipe
 
@@ -80,8 +82,9 @@ class Endpoint:
         context = ssl.create_default_context(cafile=self.ca_cert)
         request = urllib.request.Request(self.url, data=json.dumps(report).encode(), method="POST", headers={
             "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        # A direct connection: the endpoint is a service inside the cluster, which a proxy for the outside would not reach.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+        # A direct connection: the endpoint is a service inside the cluster, where a proxy for the outside would not go.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=context))
         with opener.open(request, timeout=timeout) as response:
             response.read()
 
@@ -232,19 +235,20 @@ class TrainJobProgress(TrainerCallback):
         return pace * (max_steps - step) if math.isfinite(pace) else None
 
 
-def trainjob_progress(recipe: Recipe, environ: Mapping[str, str] = os.environ) -> TrainJobProgress | None:
-    """The callback that reports progress to the TrainJob this run is part of; None outside one.
+def trainjob_progress(recipe: Recipe, args: SFTConfig,
+                      environ: Mapping[str, str] = os.environ) -> list[TrainerCallback]:
+    """The callback that reports progress to the TrainJob this run is part of, to add to the trainer made with
+    ``args``; none outside one.
 
-    Inside one, transformers turns on its own Kubeflow callback (it adds ``kubeflow`` to ``report_to``), which
-    would overwrite these reports with its own: this callback takes its place, before the trainer is made. A recipe
+    Inside one, transformers turns on a Kubeflow callback of its own (it adds ``kubeflow`` to ``report_to``), whose
+    reports would overwrite these: this callback takes its place, so ``kubeflow`` leaves ``args.report_to``. A recipe
     whose ``report_to`` names ``kubeflow`` keeps transformers' callback instead."""
     endpoint = Endpoint.from_environment(environ)
     if endpoint is None:
-        return None
+        return []
     asked = recipe.values.get("report_to")
     if "kubeflow" in ([asked] if isinstance(asked, str) else list(asked or [])):
         logger.info("progress: report_to names kubeflow, so transformers' callback reports to the TrainJob")
-        return None
-    args = recipe.training
+        return []
     args.report_to = [name for name in args.report_to if name != "kubeflow"]
-    return TrainJobProgress(endpoint, MIN_INTERVAL_SECONDS, TIMEOUT_SECONDS)
+    return [TrainJobProgress(endpoint, MIN_INTERVAL_SECONDS, TIMEOUT_SECONDS)]
