@@ -6,6 +6,6 @@ class SftkitError(Exception):
 
 
 class StoppedBySignal(SftkitError):
-    """The run stopped on SIGTERM after saving a checkpoint: not finished, and resumable."""
+    """The run stopped on SIGTERM (or SLURM's SIGUSR1) after saving a checkpoint: not finished, and resumable."""
 
     exit_code = 128 + 15  # what a process ended by SIGTERM reports, so schedulers restart it

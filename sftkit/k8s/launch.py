@@ -244,8 +244,9 @@ def accelerate_arguments(rendezvous: Rendezvous, distributed_type: str | None) -
 def launch_command(rendezvous: Rendezvous, accelerate_config: str | None, distributed_type: str | None,
                    sftkit_arguments: list[str]) -> list[str]:
     config = ["--config_file", accelerate_config] if accelerate_config else []
+    # -q: a process that fails (or stops on a signal) has said why; the launcher's traceback would repeat it.
     return ["accelerate", "launch", *config, *accelerate_arguments(rendezvous, distributed_type),
-            "-m", "sftkit", *sftkit_arguments]
+            "-q", "-m", "sftkit", *sftkit_arguments]
 
 
 def read_accelerate_config(file: Path) -> dict:

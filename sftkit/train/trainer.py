@@ -258,7 +258,7 @@ class SftkitTrainer(SFTTrainer):
             self.rows.invalid += counts.get("rows_invalid", 0)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.stopped is None and self.signal.stopped_at is not None:
-            self.stopped = Stop("signal", f"SIGTERM after step {self.signal.stopped_at}")
+            self.stopped = Stop("signal", f"{self.signal.stopped_on} after step {self.signal.stopped_at}")
         return result
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
