@@ -1,8 +1,9 @@
 """The manifests: a ConfigMap with the recipe and a Kubeflow job whose pods run ``sftkit launch``, as YAML.
 
-Objects are built from Kubeflow's own typed models (``kubeflow-trainer-api`` for the v2 ``TrainJob``,
-``kubeflow-training`` with the Kubernetes client's models for the v1 ``PyTorchJob``), so field names
-and types are those the operators' schemas define. Every pod gets the ConfigMap at ``/etc/sftkit``,
+The objects are plain mappings in the API's own field names; the tests hold every rendered document
+to its CRD's structural schema (Kubeflow Trainer v2.3.0's TrainJob and TrainingRuntime, the training
+operator v1.9.4's PyTorchJob), strictly, so that no field is misspelled or mistyped, and rendering
+imports no client library (it answers at once). Every pod gets the ConfigMap at ``/etc/sftkit``,
 a memory-backed ``/dev/shm`` (NCCL's shared-memory transport and data-loading workers need more than
 the 64 MiB a container gets by default), its GPUs, and the persistent volumes that hold ``output_dir``.
 """
@@ -48,9 +49,11 @@ SHM_MOUNT = "/dev/shm"
 GPU_RESOURCE = "nvidia.com/gpu"
 MASTER_PORT = 29500  # what the torch-distributed runtime sets; the PyTorchJob is given the same
 PATCH_MANAGER = "sftkit"
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 TRAINJOB_NODE = "node"  # the replicated job and the container of the torch-distributed runtime
 TRAINJOB_ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"  # marks the replicated job the trainer fills
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
+PYTORCHJOB_CONTAINER = "pytorch"
 LAUNCH_COMMAND = ["sftkit", "launch", "--config", mounted_path(RECIPE_FILE),
                   "--accelerate-config", mounted_path(ACCELERATE_FILE)]
 
@@ -277,6 +280,49 @@ def restart_note(request: JobRequest) -> str:
             f"checkpoint; {grace}; {lifetime}")
 
 
+# ---------------------------------------------------------------- what both kinds of pod mount and read
+
+
+def _present(value: Any) -> Any:
+    """The object without its unset (None) fields, as the API server stores it."""
+    if isinstance(value, dict):
+        return {key: _present(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_present(item) for item in value]
+    return value
+
+
+def _volumes(request: JobRequest, configmap: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "sftkit-config", "configMap": {"name": configmap}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": request.shm_size}},
+        *({"name": f"volume-{index}", "persistentVolumeClaim": {"claimName": volume.claim}}
+          for index, volume in enumerate(request.volumes)),
+    ]
+
+
+def _mounts(request: JobRequest) -> list[dict[str, Any]]:
+    return [
+        {"name": "sftkit-config", "mountPath": MOUNT_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": SHM_MOUNT},
+        *({"name": f"volume-{index}", "mountPath": volume.mount} for index, volume in enumerate(request.volumes)),
+    ]
+
+
+def _environment(request: JobRequest) -> list[dict[str, Any]] | None:
+    """The pods' variables: plain values, and those read from Secrets (secretKeyRef)."""
+    plain = [{"name": name, "value": value} for name, value in request.environment]
+    secret = [{"name": variable.name, "valueFrom": {"secretKeyRef": {"name": variable.secret, "key": variable.key}}}
+              for variable in secret_variables(request)]
+    return plain + secret or None
+
+
+def _scheduling(request: JobRequest) -> dict[str, Any]:
+    return {"terminationGracePeriodSeconds": request.termination_grace_period,
+            "nodeSelector": dict(request.node_selector) or None,
+            "tolerations": [toleration_fields(toleration) for toleration in request.tolerations] or None}
+
+
 # ---------------------------------------------------------------- Kubeflow Trainer v2: TrainJob
 
 
@@ -290,104 +336,56 @@ def _training_runtime(request: JobRequest, name: str, labels: dict[str, str]) ->
     ML policy), plus what a TrainJob's runtimePatches cannot set. A pod that fails fails its Job at once
     (restartPolicy Never, backoffLimit 0), and the JobSet then recreates every pod (failurePolicy.maxRestarts):
     all processes of a distributed run restart together, each resuming from the latest complete checkpoint."""
-    from kubeflow_trainer_api import models as v2
-
-    container = v2.IoK8sApiCoreV1Container(name=TRAINJOB_NODE, image=request.image,
-                                           image_pull_policy=request.image_pull_policy)
-    pods = v2.IoK8sApiCoreV1PodTemplateSpec(spec=v2.IoK8sApiCoreV1PodSpec(
-        containers=[container], restart_policy="Never", priority_class_name=request.priority_class))
-    nodes = v2.JobsetV1alpha2ReplicatedJob(
-        name=TRAINJOB_NODE, replicas=1,
-        template=v2.IoK8sApiBatchV1JobTemplateSpec(
-            metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels={TRAINJOB_ANCESTOR: "trainer"}),
-            spec=v2.IoK8sApiBatchV1JobSpec(backoff_limit=0, template=pods)),
-    )
-    jobset = v2.JobsetV1alpha2JobSetSpec(
-        replicated_jobs=[nodes], failure_policy=v2.JobsetV1alpha2FailurePolicy(max_restarts=restarts(request)),
-        ttl_seconds_after_finished=_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED))
-    runtime = v2.TrainerV1alpha1TrainingRuntime(
-        api_version="trainer.kubeflow.org/v1alpha1",
-        kind="TrainingRuntime",
-        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=runtime_name(name), namespace=request.namespace,
-            labels={**labels, "trainer.kubeflow.org/framework": "torch"}),
-        spec=v2.TrainerV1alpha1TrainingRuntimeSpec(
-            ml_policy=v2.TrainerV1alpha1MLPolicy(num_nodes=request.nodes,
-                                                 torch=v2.TrainerV1alpha1TorchMLPolicySource()),
-            template=v2.TrainerV1alpha1JobSetTemplateSpec(spec=jobset)),
-    )
-    return runtime.to_dict()
+    container = {"name": TRAINJOB_NODE, "image": request.image, "imagePullPolicy": request.image_pull_policy}
+    nodes = {
+        "name": TRAINJOB_NODE, "replicas": 1,
+        "template": {
+            "metadata": {"labels": {TRAINJOB_ANCESTOR: "trainer"}},
+            "spec": {"backoffLimit": 0, "template": {"spec": {
+                "containers": [container], "restartPolicy": "Never", "priorityClassName": request.priority_class}}},
+        },
+    }
+    return _present({
+        "apiVersion": TRAINER_API, "kind": "TrainingRuntime",
+        "metadata": {"name": runtime_name(name), "namespace": request.namespace,
+                     "labels": {**labels, "trainer.kubeflow.org/framework": "torch"}},
+        "spec": {
+            "mlPolicy": {"numNodes": request.nodes, "torch": {}},
+            "template": {"spec": {
+                "replicatedJobs": [nodes], "failurePolicy": {"maxRestarts": restarts(request)},
+                "ttlSecondsAfterFinished": _or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED),
+            }},
+        },
+    })
 
 
 def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str,
               resources: PodResources) -> dict[str, Any]:
-    from kubeflow_trainer_api import models as v2
-
-    def quantity(value: str) -> v2.IoK8sApimachineryPkgApiResourceQuantity:
-        return v2.IoK8sApimachineryPkgApiResourceQuantity(value)
-
-    volumes = [
-        v2.IoK8sApiCoreV1Volume(name="sftkit-config",
-                                config_map=v2.IoK8sApiCoreV1ConfigMapVolumeSource(name=configmap)),
-        v2.IoK8sApiCoreV1Volume(name="dshm", empty_dir=v2.IoK8sApiCoreV1EmptyDirVolumeSource(
-            medium="Memory", size_limit=quantity(request.shm_size))),
-        *(v2.IoK8sApiCoreV1Volume(name=f"volume-{index}", persistent_volume_claim=(
-            v2.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(claim_name=volume.claim)))
-          for index, volume in enumerate(request.volumes)),
-    ]
-    mounts = [
-        v2.IoK8sApiCoreV1VolumeMount(name="sftkit-config", mount_path=MOUNT_DIR, read_only=True),
-        v2.IoK8sApiCoreV1VolumeMount(name="dshm", mount_path=SHM_MOUNT),
-        *(v2.IoK8sApiCoreV1VolumeMount(name=f"volume-{index}", mount_path=volume.mount)
-          for index, volume in enumerate(request.volumes)),
-    ]
-    environment = [v2.IoK8sApiCoreV1EnvVar(name=name, value=value) for name, value in request.environment]
-    environment += [v2.IoK8sApiCoreV1EnvVar(name=variable.name, value_from=v2.IoK8sApiCoreV1EnvVarSource(
-        secret_key_ref=v2.IoK8sApiCoreV1SecretKeySelector(name=variable.secret, key=variable.key)))
-        for variable in secret_variables(request)]
-    amounts = {key: quantity(value) for key, value in resource_amounts(request, resources).items()}
-    trainer = v2.TrainerV1alpha1Trainer(
-        image=request.image,
-        command=LAUNCH_COMMAND,
-        env=environment or None,
-        num_nodes=request.nodes,
-        num_proc_per_node=request.gpus_per_node,
-        resources_per_node=v2.IoK8sApiCoreV1ResourceRequirements(requests=amounts, limits=amounts),
-    )
+    amounts = resource_amounts(request, resources)
+    trainer = {
+        "image": request.image, "command": LAUNCH_COMMAND, "env": _environment(request),
+        "numNodes": request.nodes, "numProcPerNode": request.gpus_per_node,
+        "resourcesPerNode": {"requests": amounts, "limits": amounts},
+    }
     # Volumes, scheduling and the grace period (and the pods' labels) reach the runtime's pods only through a
     # runtime patch (Trainer v2.2+); the node container's env cannot: it is the trainer's.
-    pod = v2.TrainerV1alpha1PodTemplatePatch(
-        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=labels),
-        spec=v2.TrainerV1alpha1PodSpecPatch(
-            volumes=volumes, containers=[v2.TrainerV1alpha1ContainerPatch(name=TRAINJOB_NODE, volume_mounts=mounts)],
-            termination_grace_period_seconds=request.termination_grace_period,
-            node_selector=dict(request.node_selector) or None,
-            tolerations=[v2.IoK8sApiCoreV1Toleration(**toleration_fields(toleration))
-                         for toleration in request.tolerations] or None),
-    )
-    nodes = v2.TrainerV1alpha1ReplicatedJobPatch(
-        name=TRAINJOB_NODE,
-        template=v2.TrainerV1alpha1JobTemplatePatch(spec=v2.TrainerV1alpha1JobSpecPatch(template=pod)),
-    )
-    patch = v2.TrainerV1alpha1RuntimePatch(
-        manager=PATCH_MANAGER,
-        training_runtime_spec=v2.TrainerV1alpha1TrainingRuntimeSpecPatch(template=v2.TrainerV1alpha1JobSetTemplatePatch(
-            spec=v2.TrainerV1alpha1JobSetSpecPatch(replicated_jobs=[nodes]))),
-    )
-    job = v2.TrainerV1alpha1TrainJob(
-        api_version="trainer.kubeflow.org/v1alpha1",
-        kind="TrainJob",
-        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
-        spec=v2.TrainerV1alpha1TrainJobSpec(
-            runtime_ref=v2.TrainerV1alpha1RuntimeRef(
-                name=request.runtime or runtime_name(name),
-                kind="TrainingRuntime" if request.runtime is None else "ClusterTrainingRuntime",
-                api_group="trainer.kubeflow.org"),
-            trainer=trainer,
-            runtime_patches=[patch],
-        ),
-    )
-    return job.to_dict()
+    pod = {"metadata": {"labels": labels}, "spec": {
+        "volumes": _volumes(request, configmap),
+        "containers": [{"name": TRAINJOB_NODE, "volumeMounts": _mounts(request)}],
+        **_scheduling(request)}}
+    nodes = {"name": TRAINJOB_NODE, "template": {"spec": {"template": pod}}}
+    runtime = {"name": request.runtime or runtime_name(name),
+               "kind": "TrainingRuntime" if request.runtime is None else "ClusterTrainingRuntime",
+               "apiGroup": "trainer.kubeflow.org"}
+    return _present({
+        "apiVersion": TRAINER_API, "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": request.namespace, "labels": labels},
+        "spec": {
+            "runtimeRef": runtime, "trainer": trainer,
+            "runtimePatches": [{"manager": PATCH_MANAGER,
+                                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [nodes]}}}}],
+        },
+    })
 
 
 # ---------------------------------------------------------------- training operator v1: PyTorchJob
@@ -395,96 +393,52 @@ def _trainjob(request: JobRequest, name: str, labels: dict[str, str], configmap:
 
 def _pytorchjob(request: JobRequest, name: str, labels: dict[str, str], configmap: str,
                 resources: PodResources) -> dict[str, Any]:
-    from kubeflow.training import models as v1
-    from kubeflow.training.constants import constants
-    from kubernetes import client
-
-    volumes = [
-        client.V1Volume(name="sftkit-config", config_map=client.V1ConfigMapVolumeSource(name=configmap)),
-        client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory",
-                                                                            size_limit=request.shm_size)),
-        *(client.V1Volume(name=f"volume-{index}", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
-            claim_name=volume.claim)) for index, volume in enumerate(request.volumes)),
-    ]
-    mounts = [
-        client.V1VolumeMount(name="sftkit-config", mount_path=MOUNT_DIR, read_only=True),
-        client.V1VolumeMount(name="dshm", mount_path=SHM_MOUNT),
-        *(client.V1VolumeMount(name=f"volume-{index}", mount_path=volume.mount)
-          for index, volume in enumerate(request.volumes)),
-    ]
-    environment = [client.V1EnvVar(name=name, value=value) for name, value in request.environment]
-    environment += [client.V1EnvVar(name=variable.name, value_from=client.V1EnvVarSource(
-        secret_key_ref=client.V1SecretKeySelector(name=variable.secret, key=variable.key)))
-        for variable in secret_variables(request)]
     amounts = resource_amounts(request, resources)
-    container = client.V1Container(
-        name=constants.PYTORCHJOB_CONTAINER,  # the operator finds its container by this name
-        image=request.image,
-        image_pull_policy=request.image_pull_policy,
-        command=LAUNCH_COMMAND,
-        env=environment or None,
+    container = {
+        "name": PYTORCHJOB_CONTAINER,  # the operator finds its container by this name
+        "image": request.image, "imagePullPolicy": request.image_pull_policy,
+        "command": LAUNCH_COMMAND, "env": _environment(request),
         # MASTER_PORT comes from this port; the same as the v2 runtime's.
-        ports=[client.V1ContainerPort(name=PYTORCHJOB_PORT_NAME, container_port=MASTER_PORT)],
-        resources=client.V1ResourceRequirements(requests=amounts, limits=amounts),
-        volume_mounts=mounts,
-    )
+        "ports": [{"name": PYTORCHJOB_PORT_NAME, "containerPort": MASTER_PORT}],
+        "resources": {"requests": amounts, "limits": amounts},
+        "volumeMounts": _mounts(request),
+    }
+    pod = {"containers": [container], "volumes": _volumes(request, configmap), **_scheduling(request),
+           "priorityClassName": request.priority_class}
 
-    pod = client.V1PodSpec(
-        containers=[container], volumes=volumes, termination_grace_period_seconds=request.termination_grace_period,
-        node_selector=dict(request.node_selector) or None, priority_class_name=request.priority_class,
-        tolerations=[client.V1Toleration(**toleration_fields(toleration)) for toleration in request.tolerations] or None)
-
-    def replicas(count: int) -> v1.KubeflowOrgV1ReplicaSpec:
+    def replicas(count: int) -> dict[str, Any]:
         # A failed pod restarts (up to backoffLimit times); the others' collectives fail with it and they restart
         # too, so the world forms again and resumes from the latest checkpoint (resume_from_checkpoint: auto).
-        return v1.KubeflowOrgV1ReplicaSpec(replicas=count, restart_policy="OnFailure", template=client.V1PodTemplateSpec(
-            metadata=client.V1ObjectMeta(labels=labels), spec=pod))
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": {"metadata": {"labels": labels},
+                                                                             "spec": pod}}
 
-    specs = {constants.REPLICA_TYPE_MASTER: replicas(1)}
+    specs = {"Master": replicas(1)}
     if request.nodes > 1:
-        specs[constants.REPLICA_TYPE_WORKER] = replicas(request.nodes - 1)
-    job = v1.KubeflowOrgV1PyTorchJob(
-        api_version=constants.API_VERSION,
-        kind=constants.PYTORCHJOB_KIND,
-        metadata=client.V1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
-        spec=v1.KubeflowOrgV1PyTorchJobSpec(
-            nproc_per_node=str(request.gpus_per_node),
-            pytorch_replica_specs=specs,
-            run_policy=v1.KubeflowOrgV1RunPolicy(
-                backoff_limit=restarts(request), clean_pod_policy=CLEAN_POD_POLICY,
-                ttl_seconds_after_finished=_or(request.ttl_seconds_after_finished, DEFAULT_TTL_SECONDS_AFTER_FINISHED)),
-        ),
-    )
-    return client.ApiClient().sanitize_for_serialization(job)
+        specs["Worker"] = replicas(request.nodes - 1)
+    return _present({
+        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": request.namespace, "labels": labels},
+        "spec": {
+            "nprocPerNode": str(request.gpus_per_node),  # a string in v1's schema
+            "pytorchReplicaSpecs": specs,
+            "runPolicy": {"backoffLimit": restarts(request), "cleanPodPolicy": CLEAN_POD_POLICY,
+                          "ttlSecondsAfterFinished": _or(request.ttl_seconds_after_finished,
+                                                         DEFAULT_TTL_SECONDS_AFTER_FINISHED)},
+        },
+    })
 
 
 # ---------------------------------------------------------------- the documents
 
 
 def _configmap(name: str, request: JobRequest, labels: dict[str, str], bundle: Bundle) -> dict[str, Any]:
-    from kubeflow_trainer_api import models as v2
-
-    return v2.IoK8sApiCoreV1ConfigMap(
-        api_version="v1",
-        kind="ConfigMap",
-        metadata=v2.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=request.namespace, labels=labels),
-        data=bundle.files,
-    ).to_dict()
-
-
-def _require_models() -> None:
-    try:
-        import kubeflow.training  # noqa: F401
-        import kubeflow_trainer_api  # noqa: F401
-        import kubernetes  # noqa: F401
-    except ImportError as error:
-        raise SftkitError(f"sftkit k8s render needs Kubeflow's models ({error.name} is missing): "
-                          "pip install 'sftkit[k8s]'") from None
+    return _present({"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": name, "namespace": request.namespace, "labels": labels},
+                     "data": bundle.files})
 
 
 def render_documents(request: JobRequest) -> tuple[list[dict[str, Any]], list[str]]:
     """The ConfigMap and the job, as the API expects them, and notes for the user."""
-    _require_models()
     check_request(request)
     name = job_name(request)
     bundle = build_bundle(request.recipe, request.accelerate_config, request.nodes, request.gpus_per_node,
@@ -516,10 +470,7 @@ _Dumper.add_representer(str, _string)
 
 
 def to_yaml(documents: list[dict[str, Any]]) -> str:
-    # The models list fields alphabetically; a reader expects apiVersion, kind and metadata first.
-    ordered = [{**{key: document[key] for key in ("apiVersion", "kind", "metadata")}, **document}
-               for document in documents]
-    return yaml.dump_all(ordered, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def render(request: JobRequest, output: str | None) -> None:
