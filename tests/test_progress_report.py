@@ -263,7 +263,8 @@ def test_reports_wait_their_turn_and_the_latest_one_goes(stand_in):
     callback = TrainJobProgress(Endpoint.from_environment(stand_in.environment()), interval=0.5)
     run, control = state(), TrainerControl()
     callback.on_train_begin(None, run, control)
-    while not stand_in.reports:
+    deadline = time.monotonic() + 5
+    while not stand_in.reports and time.monotonic() < deadline:
         time.sleep(0.01)
     first = time.monotonic()
     for step in range(1, 5):
