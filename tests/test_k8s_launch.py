@@ -9,7 +9,9 @@ Then the proof on loopback: a 2-node job is rendered, and its container command 
 processes with the variables each pod would get (the operator's, read from the manifest, with the
 master address replaced by 127.0.0.1 and a free port). They form one world of 2, train the single
 process's per-step losses (relative 1e-5, as tests/test_distributed.py explains) and write one model
-that loads (logits within 1e-4).
+that loads (logits within 1e-4). And the rehearsal of a node lost mid-run: one "pod" is killed after a
+checkpoint, both start again as the rendered runtime's failure policy says, and the job ends with the
+losses of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -252,13 +257,95 @@ def on_loopback(pods: list[dict[str, str]], address: str, port: str) -> list[dic
 
 def test_trainjob_pods_form_one_world_and_train_the_single_process_losses(recipe_values, single, tmp_path):
     output, _, job = render_job(tmp_path, recipe_values)
-    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert job["spec"]["runtimeRef"]["name"] == "sft-loopback-runtime"
     pods = trainjob_pods(job)
     assert pods[1]["PET_MASTER_ADDR"] == "sft-loopback-node-0-0.sft-loopback"
     logs = run_pods(job["spec"]["trainer"]["command"], on_loopback(pods, "PET_MASTER_ADDR", "PET_MASTER_PORT"),
                     tmp_path / "etc-sftkit", tmp_path / "workdir")
     assert "--main_process_ip 127.0.0.1" in logs[1]
     assert_one_world_training_the_single_process_run(output, single, logs)
+
+
+def start_pods(command: list[str], pods: list[dict[str, str]], mounted: Path, workdir: Path) -> list[subprocess.Popen]:
+    command = [part.replace(MOUNT_DIR, str(mounted)) for part in command]
+    workdir.mkdir(exist_ok=True)
+    return [subprocess.Popen(command, cwd=workdir, env={**os.environ, **pod}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for pod in pods]
+
+
+def signal_pod(pod: subprocess.Popen, signum: int) -> None:
+    """Signal every process of a "pod", as the kubelet does its container's: the launcher and the training processes
+    (which torchrun starts in sessions of their own)."""
+    processes = [psutil.Process(pod.pid)]
+    processes += processes[0].children(recursive=True)
+    for process in processes:
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            continue
+
+
+@pytest.fixture(scope="module")
+def longer(recipe_values) -> dict:
+    """A run long enough to be killed in the middle: 12 steps, a checkpoint every 2."""
+    return {**recipe_values, "max_steps": 12}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(longer, tmp_path_factory) -> Path:
+    """The longer run in one process, never interrupted."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    recipe = write_recipe(output.parent / "uninterrupted.yaml", **longer, output_dir=str(output))
+    result = subprocess.run(["accelerate", "launch", "--num_processes", "1", "-m", "sftkit", "--config", str(recipe)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_a_killed_pod_restarts_as_its_runtime_says_and_the_job_ends_with_the_uninterrupted_losses(
+        longer, uninterrupted, tmp_path):
+    """The rehearsal of a node lost mid-run: node 1 is killed (SIGKILL, no chance to save) after the first
+    checkpoint; node 0 then fails too, and the JobSet does what the rendered TrainingRuntime says: every pod is
+    recreated, with the same command and variables, and resumes from the latest checkpoint (resume_from_checkpoint:
+    auto, written into the ConfigMap's recipe). The job ends with the per-step losses of an uninterrupted run."""
+    output, configmap, job = render_job(tmp_path, {**longer, "save_strategy": "steps", "save_steps": 2})
+    runtime = next(document for document in yaml.safe_load_all((tmp_path / "job.yaml").read_text())
+                   if document["kind"] == "TrainingRuntime")
+    assert job["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"]
+    jobset = runtime["spec"]["template"]["spec"]
+    allowed = jobset["failurePolicy"]["maxRestarts"]
+    job_spec = jobset["replicatedJobs"][0]["template"]["spec"]
+    # A failed pod fails its Job at once (no restart in place), and a failed Job restarts the whole JobSet.
+    assert job_spec["backoffLimit"] == 0 and job_spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert yaml.safe_load(configmap["data"]["recipe.yaml"])["resume_from_checkpoint"] == "auto"
+    mounted, command = tmp_path / "etc-sftkit", job["spec"]["trainer"]["command"]
+
+    pods = start_pods(command, on_loopback(trainjob_pods(job), "PET_MASTER_ADDR", "PET_MASTER_PORT"), mounted,
+                      tmp_path / "workdir")
+    deadline = time.monotonic() + 600
+    while not (output / "checkpoint-2").is_dir() and time.monotonic() < deadline and pods[1].poll() is None:
+        time.sleep(0.02)
+    signal_pod(pods[1], signal.SIGSTOP)  # the node is frozen at once, wherever it is, then lost
+    assert (output / "checkpoint-2").is_dir(), "no checkpoint before the job ended"
+    signal_pod(pods[1], signal.SIGKILL)
+    codes = []
+    for pod in pods:
+        try:
+            pod.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a survivor blocked on its lost peer is killed with its JobSet
+            signal_pod(pod, signal.SIGKILL)
+            pod.communicate()
+        codes.append(pod.returncode)
+    assert codes[1] == -signal.SIGKILL and codes != [0, 0]
+    assert not (output / "model.safetensors").exists()  # the job did not finish
+
+    assert allowed >= 1  # the JobSet is recreated: every pod starts again, a new pod on a new port here
+    logs = run_pods(command, on_loopback(trainjob_pods(job), "PET_MASTER_ADDR", "PET_MASTER_PORT"), mounted,
+                    tmp_path / "workdir-restarted")
+    assert "resum" in logs[0] and "checkpoint-" in logs[0]
+    assert len(losses(output)) == 12
+    assert losses(output) == pytest.approx(losses(uninterrupted), rel=LOSS_TOLERANCE)
+    torch.testing.assert_close(logits(output), logits(uninterrupted), atol=LOGIT_TOLERANCE, rtol=0)
 
 
 def pytorchjob_pods(job: dict) -> list[dict[str, str]]:
