@@ -53,6 +53,9 @@ def destination(name: str, args: SFTConfig) -> str:
             return f"trackio sends metrics to the server {server} (TRACKIO_SERVER_URL)"
         return (f"trackio writes project {args.project!r} to {trackio_directory()}; see it with: "
                 f"trackio show --project {args.project}")
+    if name == "kubeflow":  # set by transformers itself inside a TrainJob whose controller takes progress reports
+        return ("progress, remaining time and losses go to the TrainJob's status.trainerStatus (kubectl get trainjob "
+                "NAME -o jsonpath='{.status.trainerStatus}')")
     return f"{name} reports where its own settings say"
 
 
