@@ -117,6 +117,21 @@ def _plot(options: argparse.Namespace) -> None:
         print(f"  {directory}: {describe(run)}")
 
 
+def _export(options: argparse.Namespace) -> None:
+    from sftkit.export.job import export
+
+    exported = export(options.model, options.to, options.output, options.type)
+    print(f"sftkit: {options.model} exported for {exported.target} ({exported.type_name}) in {exported.output}: "
+          f"{len(exported.checks)} checks passed, report in {exported.report}")
+    for check in exported.checks:
+        print(f"  {check.name}: {check.detail}")
+    for note in exported.notes:
+        print(f"  not run: {note}")
+    print("run it:")
+    for command in exported.commands:
+        print(f"  {command}")
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"a whole number of tokens above 0, got {text!r}")
@@ -124,7 +139,7 @@ def _positive(text: str) -> int:
 
 
 def _output_commands(commands: Any) -> None:
-    """chat, merge and plot: what to do with a trained model and its history."""
+    """chat, merge, plot and export: what to do with a trained model and its history."""
     chat = commands.add_parser(
         "chat", help="talk to a trained model: a run's output_dir, a checkpoint, or a LoRA adapter on its base",
         description="Talk to a trained model through the chat template it was trained with, its answers streamed as "
@@ -155,6 +170,22 @@ def _output_commands(commands: Any) -> None:
     plot.add_argument("-o", "--output", default="loss.png", metavar="FILE", help="the picture (PNG; default "
                       "loss.png)")
     plot.set_defaults(run=_plot)
+    export = commands.add_parser(
+        "export", help="write a trained model for llama.cpp (GGUF), Ollama or vLLM, and prove it answers the same",
+        description="Write a run's model (a LoRA run merged into its base first) as a GGUF file for llama.cpp, a GGUF "
+                    "file and Modelfile for Ollama, or a Hugging Face folder for vLLM, with its tokenizer, chat "
+                    "template and stop tokens; then read it back with transformers (and llama.cpp, where "
+                    "llama-cpp-python is installed) and compare prompts, token ids, logits and greedy answers with "
+                    "the trained model on the run's held-out prompts. OUT/export_report.md holds the checks and the "
+                    "command that runs the model. GGUF needs pip install \"sftkit[export]\".")
+    export.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run's output_dir or checkpoint-* folder: a "
+                        "full model, or a LoRA adapter (merged into the base model its adapter_config.json names)")
+    export.add_argument("--to", required=True, choices=("gguf", "ollama", "vllm"), help="gguf: one .gguf file for "
+                        "llama.cpp; ollama: the .gguf file and a Modelfile; vllm: a Hugging Face folder")
+    export.add_argument("-o", "--output", required=True, metavar="OUT", help="a new directory for what is written")
+    export.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), help="the type of the weights (default: "
+                        "the type the model was saved in); q8_0 is GGUF's 8-bit quantisation")
+    export.set_defaults(run=_export)
 
 
 def _recipe_command(commands: Any, name: str, help: str, run: Callable) -> argparse.ArgumentParser:

@@ -18,17 +18,18 @@ PACKAGE = ROOT / "sftkit"
 # as long as no import loop forms.
 LAYERS = (
     ("sftkit.errors",),
-    ("sftkit.values", "sftkit.redaction", "sftkit.hardware", "sftkit.embedded"),
+    ("sftkit.values", "sftkit.redaction", "sftkit.hardware", "sftkit.embedded", "sftkit.caches"),
     ("sftkit.contract", "sftkit.hookspecs"),
     ("sftkit.records",),
     ("sftkit",),  # the names a plugin imports: ``from sftkit import Adapter, hookimpl``
     ("sftkit.plugins",),
     ("sftkit.adapters",),
-    ("sftkit.recipe",),
+    ("sftkit.recipe_keys", "sftkit.recipe"),
     ("sftkit.data",),
     ("sftkit.testing",),
     ("sftkit.train",),
     ("sftkit.outputs",),
+    ("sftkit.export",),
     ("sftkit.setup",),
     ("sftkit.jobs",),
     ("sftkit.k8s",),
