@@ -275,7 +275,8 @@ def test_standard_output_is_the_yaml_for_kubectl_and_notes_go_to_stderr(recipe):
         [sys.executable, "-m", "sftkit", "k8s", "render", "--config", str(recipe), "--nodes", "2", "--gpus-per-node",
          "8", "--image", IMAGE, "--volume", "sft-data:/data"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    assert [document["kind"] for document in yaml.safe_load_all(result.stdout)] == ["ConfigMap", "TrainJob"]
+    assert [document["kind"] for document in yaml.safe_load_all(result.stdout)] == ["ConfigMap", "TrainingRuntime",
+                                                                                  "TrainJob"]
     assert "global_batch_size 192 = 4 per device x 16 process(es) x 3 accumulation step(s)" in result.stderr
     assert "output_dir /data/runs/my-run is on the volume claim sft-data" in result.stderr
 
